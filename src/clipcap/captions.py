@@ -1,0 +1,59 @@
+"""Caption tokenisation and batching for training.
+
+Every caption ends with the LM's EOS token so the model learns to stop; batches are
+padded dynamically to their longest caption, and padding is masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of each caption, truncated to ``max_tokens - 1`` and ending with EOS."""
+    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    return [ids[: max_tokens - 1] + [tokenizer.eos_token_id] for ids in encoded]
+
+
+class CaptionPairs(Dataset):
+    """(embedding, caption tokens) pairs: one per caption, several per image."""
+
+    def __init__(self, embeddings: torch.Tensor, image_index: list[int], token_ids: list[list[int]]) -> None:
+        if len(image_index) != len(token_ids):
+            raise ValueError("one image index per caption expected")
+        self.embeddings, self.image_index, self.token_ids = embeddings, image_index, token_ids
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
+        return self.embeddings[self.image_index[index]], self.token_ids[index]
+
+
+@dataclass
+class CaptionBatch:
+    embedding: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> CaptionBatch:
+        return CaptionBatch(self.embedding.to(device), self.input_ids.to(device), self.attention_mask.to(device))
+
+
+class PadCollator:
+    """Pads token ids to the longest caption of the batch (not a global maximum)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[tuple[torch.Tensor, list[int]]]) -> CaptionBatch:
+        length = max(len(ids) for _, ids in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, (_, ids) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        return CaptionBatch(torch.stack([e for e, _ in items]), input_ids, mask)

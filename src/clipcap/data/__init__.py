@@ -1,0 +1,1 @@
+"""Data: sources of captioned images, the manifest, image loading and validation."""

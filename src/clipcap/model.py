@@ -1,0 +1,109 @@
+"""The ClipCap model: image embedding -> mapping network -> prefix of K LM embeddings -> LM.
+
+Two mappers after the paper:
+
+- ``transformer``: Linear(e -> clip_length*d), concatenated with K learned constants, a
+  pre-norm transformer (``num_layers`` x ``num_heads``, MLP ratio ``mlp_ratio``); only the
+  K constant positions are output. Used with a frozen LM.
+- ``mlp``: Linear(e -> d*K/2) -> Tanh -> Linear(-> d*K). Used with LM fine-tuning.
+
+``d`` is always read from the LM's input embeddings, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from clipcap.config import MapperConfig
+
+IGNORE_INDEX = -100
+
+
+class MLPMapper(nn.Module):
+    def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int) -> None:
+        super().__init__()
+        self.prefix_length, self.dim_lm = prefix_length, dim_lm
+        hidden = dim_lm * prefix_length // 2
+        self.net = nn.Sequential(
+            nn.Linear(dim_embedding, hidden), nn.Tanh(), nn.Linear(hidden, dim_lm * prefix_length)
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net(embedding).view(-1, self.prefix_length, self.dim_lm)
+
+
+class TransformerMapper(nn.Module):
+    def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int, clip_length: int,
+                 num_layers: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        if dim_lm % num_heads:
+            raise ValueError(f"mapper.num_heads={num_heads} must divide the LM width {dim_lm}")
+        self.prefix_length, self.clip_length, self.dim_lm = prefix_length, clip_length, dim_lm
+        self.linear = nn.Linear(dim_embedding, clip_length * dim_lm)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_lm))
+        layer = nn.TransformerEncoderLayer(
+            d_model=dim_lm, nhead=num_heads, dim_feedforward=int(dim_lm * mlp_ratio), dropout=0.0,
+            activation="relu", batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        x = self.linear(embedding).view(-1, self.clip_length, self.dim_lm)
+        const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.transformer(torch.cat([x, const], dim=1))[:, self.clip_length :]
+
+
+def build_mapper(cfg: MapperConfig, dim_embedding: int, dim_lm: int) -> nn.Module:
+    if cfg.type == "mlp":
+        return MLPMapper(dim_embedding, dim_lm, cfg.prefix_length)
+    return TransformerMapper(dim_embedding, dim_lm, cfg.prefix_length, cfg.clip_length,
+                             cfg.num_layers, cfg.num_heads, cfg.mlp_ratio)
+
+
+class ClipCap(nn.Module):
+    """Mapper + causal LM. ``finetune_lm=False`` freezes the LM with ``requires_grad_(False)``."""
+
+    def __init__(self, mapper_cfg: MapperConfig, dim_embedding: int, lm: PreTrainedModel,
+                 finetune_lm: bool = False) -> None:
+        super().__init__()
+        self.mapper_cfg, self.dim_embedding, self.finetune_lm = mapper_cfg, dim_embedding, finetune_lm
+        self.lm = lm
+        self.mapper = build_mapper(mapper_cfg, dim_embedding, lm.get_input_embeddings().embedding_dim)
+        self.lm.requires_grad_(finetune_lm)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.mapper_cfg.prefix_length
+
+    def train(self, mode: bool = True) -> ClipCap:
+        super().train(mode)
+        if not self.finetune_lm:
+            self.lm.eval()  # a frozen LM keeps dropout off
+        return self
+
+    def prefix(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The K prefix vectors in the LM's input-embedding space, shape (B, K, d)."""
+        if self.mapper_cfg.normalize_embedding:
+            embedding = F.normalize(embedding, dim=-1)
+        return self.mapper(embedding)
+
+    def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the caption tokens (padding ignored via -100 labels).
+
+        The LM head is applied only to the positions that predict caption tokens.
+        """
+        prefix = self.prefix(embedding)
+        tokens = self.lm.get_input_embeddings()(input_ids)
+        inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        length = input_ids.shape[1]
+        logits = self.lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=length + 1).logits[:, :-1]
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,243 @@
+"""The six pipeline stages as plain functions of the config: what ``clipcap <verb>`` runs.
+
+fetch -> validate -> embed -> train -> evaluate -> register. Each reads the files of the
+stage before it under ``paths.artifacts`` (see :class:`Layout`) and writes its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clipcap.config import Config, config_to_dict
+from clipcap.fileio import read_json, write_atomic, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage writes, under ``paths.artifacts``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> Layout:
+        return cls(Path(cfg.paths.artifacts))
+
+    manifest = property(lambda self: self.root / "manifest.parquet")
+    validation_dir = property(lambda self: self.root / "validation")
+    validation_report = property(lambda self: self.validation_dir / "report.json")
+    embeddings = property(lambda self: self.root / "embeddings")
+    model = property(lambda self: self.root / "model")
+    training_dir = property(lambda self: self.root / "training")
+    train_log = property(lambda self: self.training_dir / "loss.csv")
+    train_summary = property(lambda self: self.training_dir / "summary.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    predictions = property(lambda self: self.root / "evaluation" / "predictions.jsonl")
+    samples = property(lambda self: self.root / "evaluation" / "samples.md")
+    registered = property(lambda self: self.root / "registered.json")
+
+
+# ---------------------------------------------------------------- fetch
+def fetch(cfg: Config) -> pd.DataFrame:
+    from clipcap.data.manifest import build_manifest, collect_items, write_manifest
+
+    layout = Layout.of(cfg)
+    frame = build_manifest(collect_items(cfg.dataset), cfg.split)
+    write_manifest(frame, layout.manifest)
+    counts = frame["split"].value_counts().to_dict()
+    log.info("manifest: %d images (%s) -> %s", len(frame),
+             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), layout.manifest)
+    return frame
+
+
+# ---------------------------------------------------------------- validate
+def validate(cfg: Config) -> None:
+    from clipcap.data.manifest import read_manifest
+    from clipcap.data.validate import DataValidationError, validate_manifest
+
+    layout = Layout.of(cfg)
+    frame = read_manifest(layout.manifest)
+    report = validate_manifest(frame, cfg.validate)
+    write_json(layout.validation_report, report.to_dict())
+    write_text(layout.validation_dir / "report.md", report.to_markdown())
+    if not report.success:
+        raise DataValidationError(f"{report.summary()}\nFull report: {layout.validation_dir / 'report.md'}")
+    log.info("validation passed: %d rows -> %s", report.rows, layout.validation_report)
+
+
+# ---------------------------------------------------------------- embed
+def embed(cfg: Config) -> None:
+    from clipcap.data.manifest import read_manifest
+    from clipcap.embed import embed_manifest
+    from clipcap.embedding_store import EmbeddingStore
+    from clipcap.encoders import build_encoder
+
+    layout = Layout.of(cfg)
+    frame = read_manifest(layout.manifest)
+    encoder = build_encoder(cfg.encoder.name)
+    store = EmbeddingStore(layout.embeddings, encoder.key)
+    stats = embed_manifest(frame["image_id"].tolist(), frame["path"].tolist(), encoder, store,
+                           batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers)
+    log.info("embed: %d images, %d encoded, %d reused -> %s", stats.total, stats.encoded, stats.reused, store.dir)
+
+
+def _split_data(cfg: Config, split: str) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Manifest rows of ``split`` and their embeddings."""
+    from clipcap.data.manifest import read_manifest
+    from clipcap.embedding_store import EmbeddingStore
+    from clipcap.encoders import build_encoder
+
+    layout = Layout.of(cfg)
+    frame = read_manifest(layout.manifest)
+    rows = frame[frame["split"] == split].reset_index(drop=True)
+    store = EmbeddingStore(layout.embeddings, build_encoder(cfg.encoder.name).key)
+    return rows, store.get(rows["image_id"].tolist())
+
+
+def _pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int):
+    from clipcap.captions import CaptionPairs, tokenize_captions
+
+    image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
+    captions = [c for captions in rows["captions"] for c in captions]
+    return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens))
+
+
+# ---------------------------------------------------------------- train
+def train(cfg: Config) -> None:
+    from clipcap.captioner import save_captioner
+    from clipcap.lm import load_lm
+    from clipcap.model import ClipCap
+    from clipcap.train import train_model
+
+    layout = Layout.of(cfg)
+    train_rows, train_emb = _split_data(cfg, "train")
+    val_rows, val_emb = _split_data(cfg, "val")
+    if len(train_rows) == 0:
+        raise RuntimeError("the train split is empty: add data or lower split.test_fraction/val_fraction")
+    lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune)
+    history = train_model(model, _pairs(train_rows, train_emb, lm.tokenizer, cfg.train.max_caption_tokens),
+                          _pairs(val_rows, val_emb, lm.tokenizer, cfg.train.max_caption_tokens) if len(val_rows) else None,
+                          cfg.train, pad_token_id=lm.tokenizer.pad_token_id)
+    save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
+                   tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained)
+
+    def write_log(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(history.steps)
+
+    write_atomic(layout.train_log, write_log)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    write_json(layout.train_summary, {"trainable_parameters": trainable,
+                                      "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
+                                      "final_loss": history.steps[-1]["loss"]})
+    log.info("model saved to %s", layout.model)
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate(cfg: Config) -> dict:
+    from clipcap.captioner import load_captioner_model
+    from clipcap.decode import generate_captions
+    from clipcap.evaluate import most_frequent_caption, retrieval_captions, score_systems
+    from clipcap.metrics import spice_available
+    from clipcap.train import resolve_device
+
+    layout = Layout.of(cfg)
+    test_rows, test_emb = _split_data(cfg, "test")
+    train_rows, train_emb = _split_data(cfg, "train")
+    if len(test_rows) == 0:
+        raise RuntimeError("the test split is empty: add data or raise split.test_fraction")
+    model, tokenizer, _ = load_captioner_model(layout.model)
+    model.to(resolve_device(cfg.train.device))
+    ids = test_rows["image_id"].tolist()
+    log.info("captioning %d test images (beam %d)", len(ids), cfg.evaluate.num_beams)
+    predicted = generate_captions(model, tokenizer, test_emb, num_beams=cfg.evaluate.num_beams,
+                                  max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size)
+    train_captions = train_rows["captions"].tolist()
+    frequent = most_frequent_caption(train_captions)
+    retrieved = retrieval_captions(train_emb, train_captions, test_emb)
+    systems = {
+        "model": dict(zip(ids, predicted)),
+        "baseline_most_frequent": {i: frequent for i in ids},
+        "baseline_retrieval": dict(zip(ids, retrieved)),
+    }
+    references = dict(zip(ids, test_rows["captions"]))
+    scores = score_systems(references, systems)
+    metrics = {
+        **scores,
+        "test_images": len(ids),
+        "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
+    }
+    write_json(layout.metrics, metrics)
+    _write_samples(layout, test_rows, predicted, retrieved, cfg.evaluate.num_samples)
+    log.info("CIDEr: model %.3f | most frequent %.3f | retrieval %.3f -> %s", scores["model"]["CIDEr"],
+             scores["baseline_most_frequent"]["CIDEr"], scores["baseline_retrieval"]["CIDEr"], layout.metrics)
+    return metrics
+
+
+def _write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str], count: int) -> None:
+    records = [
+        {"image_id": i, "path": p, "references": list(r), "prediction": c, "retrieval": n}
+        for i, p, r, c, n in zip(rows["image_id"], rows["path"], rows["captions"], predicted, retrieved)
+    ]
+    write_text(layout.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    lines = ["# Sample captions (test split)", "", "| image | reference | model | retrieval baseline |", "|---|---|---|---|"]
+    for r in records[:count]:
+        cells = [f"`{r['path']}`", r["references"][0], r["prediction"], r["retrieval"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    write_text(layout.samples, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- register
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def register(cfg: Config) -> dict:
+    from clipcap.registry import log_and_register
+
+    layout = Layout.of(cfg)
+    metrics = read_json(layout.metrics)
+    numeric = {f"{system}_{name}": value
+               for system, scores in metrics.items() if isinstance(scores, dict)
+               for name, value in scores.items() if isinstance(value, (int, float))}
+    with layout.train_log.open() as handle:
+        steps = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(handle)]
+    params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
+    params["host.python"] = platform.python_version()
+    example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
+    registration = log_and_register(
+        cfg.register, cfg.dataset.name, layout.model, params, numeric, steps,
+        files=[layout.metrics, layout.samples, layout.validation_dir / "report.md", layout.train_summary],
+        example_image=example,
+    )
+    result = {
+        "name": registration.name,
+        "version": registration.version,
+        "model_uri": registration.uri,
+        "run_id": registration.run_id,
+        "metric": registration.metric,
+        "value": registration.value,
+        "promoted_to_champion": registration.promoted,
+        "previous_champion": registration.champion_before,
+        "tracking_uri": cfg.register.tracking_uri,
+    }
+    write_json(layout.registered, result)
+    return result

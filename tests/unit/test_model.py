@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipcap.captions import CaptionPairs, PadCollator
+from clipcap.config import TrainConfig
+from clipcap.decode import generate_token_ids
+from clipcap.train import train_model
+from conftest import EOS, PAD, tiny_clipcap
+
+
+@pytest.mark.parametrize("mapper", ["transformer", "mlp"])
+def test_prefix_shape_reads_width_from_lm(mapper):
+    model = tiny_clipcap(mapper)
+    prefix = model.prefix(torch.randn(3, 16))
+    assert prefix.shape == (3, 4, model.lm.config.n_embd)
+
+
+def test_loss_ignores_padding_and_prefix():
+    """The padded batch loss equals the token-weighted mean of the unpadded per-caption losses."""
+    model = tiny_clipcap().eval()
+    embedding = torch.randn(2, 16)
+    captions = [[5, 6, 7, 8, EOS], [9, 10, EOS]]
+    batch = PadCollator(PAD)([(embedding[0], captions[0]), (embedding[1], captions[1])])
+    assert batch.input_ids[1].tolist() == [9, 10, EOS, PAD, PAD]
+    padded = model(batch.embedding, batch.input_ids, batch.attention_mask)
+    singles = [model(embedding[i : i + 1], torch.tensor([c]), torch.ones(1, len(c), dtype=torch.long))
+               for i, c in enumerate(captions)]
+    expected = (singles[0] * 5 + singles[1] * 3) / 8
+    torch.testing.assert_close(padded, expected)
+
+
+def test_loss_scores_caption_tokens_only():
+    """Same value as full-vocabulary logits over every position with -100 on prefix and padding."""
+    model = tiny_clipcap().eval()
+    embedding = torch.randn(2, 16)
+    batch = PadCollator(PAD)([(embedding[0], [5, 6, EOS]), (embedding[1], [7, EOS])])
+    prefix = model.prefix(batch.embedding)
+    inputs = torch.cat([prefix, model.lm.get_input_embeddings()(batch.input_ids)], dim=1)
+    mask = torch.cat([torch.ones(2, 4, dtype=torch.long), batch.attention_mask], dim=1)
+    logits = model.lm(inputs_embeds=inputs, attention_mask=mask).logits
+    labels = torch.cat([torch.full((2, 4), -100), batch.input_ids.masked_fill(batch.attention_mask == 0, -100)], 1)
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                ignore_index=-100)
+    torch.testing.assert_close(model(batch.embedding, batch.input_ids, batch.attention_mask), reference)
+
+
+def test_frozen_lm_gets_no_gradients():
+    model = tiny_clipcap("transformer", finetune_lm=False)
+    batch = PadCollator(PAD)([(torch.randn(16), [5, 6, EOS]), (torch.randn(16), [7, EOS])])
+    model.train()
+    model(batch.embedding, batch.input_ids, batch.attention_mask).backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is not None for p in model.mapper.parameters())
+    assert not model.lm.training  # a frozen LM keeps dropout off in train mode
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.mapper.parameters()}
+
+
+def test_finetuned_lm_gets_gradients():
+    model = tiny_clipcap("mlp", finetune_lm=True)
+    batch = PadCollator(PAD)([(torch.randn(16), [5, 6, EOS])])
+    model(batch.embedding, batch.input_ids, batch.attention_mask).backward()
+    assert model.lm.get_input_embeddings().weight.grad is not None
+
+
+def test_overfit_model_learns_eos_and_generation_stops_there():
+    torch.manual_seed(0)
+    embeddings = torch.randn(2, 16)
+    captions = [[5, 6, 7, EOS], [8, 9, EOS]]
+    pairs = CaptionPairs(embeddings, [0, 1], captions)
+    model = tiny_clipcap("mlp", finetune_lm=True)
+    cfg = TrainConfig(seed=0, epochs=150, batch_size=2, lr=3e-3, warmup_steps=5, weight_decay=0.0, device="cpu")
+    history = train_model(model, pairs, None, cfg, pad_token_id=PAD)
+    assert history.steps[-1]["loss"] < 0.1 < 1.0 < history.steps[0]["loss"]
+    for beams in (1, 3):
+        out = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
+                                 max_new_tokens=12)
+        assert out.shape[1] < 12, "generation should stop once every caption emitted EOS"
+        assert out[0].tolist()[:4] == [5, 6, 7, EOS]
+        assert out[1].tolist()[:3] == [8, 9, EOS]
+        assert set(out[1].tolist()[3:]) <= {PAD, EOS}, out.tolist()  # nothing generated after EOS
