@@ -10,14 +10,8 @@ dvc repro "$@"
 echo "dvc repro took $(( $(date +%s) - start )) s"
 
 echo
-echo "== metrics (artifacts/metrics.json) =="
-dvc metrics show
+clipcap summary
 echo
-echo "== sample captions: artifacts/evaluation/samples.md =="
-head -n 12 artifacts/evaluation/samples.md
-echo
-echo "== registered model (artifacts/registered.json) =="
-cat artifacts/registered.json
-echo
+echo "Metrics: dvc metrics show | Loss curve: dvc plots show | Samples: artifacts/evaluation/samples.md"
 echo "Caption your own images:  source scripts/env.sh && clipcap caption IMAGE... --model models:/clipcap-tuxpaint@champion"
 echo "Browse runs:              source scripts/env.sh && mlflow ui --backend-store-uri sqlite:///mlflow.db"

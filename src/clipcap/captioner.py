@@ -20,6 +20,7 @@ from clipcap.config import MapperConfig
 from clipcap.data.images import load_rgb
 from clipcap.decode import generate_captions
 from clipcap.encoders import ImageEncoder, build_encoder
+from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, write_json
 from clipcap.lm import load_lm
 from clipcap.model import ClipCap
@@ -37,7 +38,7 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
         if save_lm:
             save_model(model, str(tmp))
         else:
-            save_file({k: v.contiguous() for k, v in model.mapper.state_dict().items()}, str(tmp))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm.")}, str(tmp))
     write_json(directory / CONFIG_FILE, {
         "format": FORMAT,
         "encoder": encoder,
@@ -58,14 +59,17 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
         raise FileNotFoundError(f"{directory}: not a clipcap captioner (no {CONFIG_FILE}); train one with 'clipcap train'")
     config = json.loads(config_path.read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
+        raise ClipcapError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"])
     model = ClipCap(MapperConfig(**config["mapper"]), config["dim_embedding"], lm.model,
                     finetune_lm=config["lm"]["finetuned"])
     if config["lm"]["weights_saved"]:
         load_model(model, str(directory / WEIGHTS_FILE))
     else:
-        model.mapper.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+        if unexpected or any(not key.startswith("lm.") for key in missing):
+            raise ClipcapError(f"{directory / WEIGHTS_FILE}: weights do not match {CONFIG_FILE} "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), lm.tokenizer, config
 
 

@@ -6,10 +6,12 @@ padded dynamically to their longest caption, and padding is masked out of the lo
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
@@ -31,6 +33,9 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
         return self.embeddings[self.image_index[index]], self.token_ids[index]
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
 
 @dataclass
@@ -57,3 +62,28 @@ class PadCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         return CaptionBatch(torch.stack([e for e, _ in items]), input_ids, mask)
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of captions of similar length, so dynamic padding wastes little compute.
+
+    Each epoch: shuffle, cut into groups of ``batch_size * group_batches``, sort each group by
+    length, cut it into batches, and shuffle the batch order. Seeded through ``generator``.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator,
+                 group_batches: int = 8) -> None:
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.group = batch_size * group_batches
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.group):
+            group = sorted(order[start : start + self.group], key=self.lengths.__getitem__)
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]

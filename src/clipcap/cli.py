@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from clipcap.environment import apply_offline_env
+from clipcap.errors import ClipcapError
 
 STAGES = ("fetch", "validate", "embed", "train", "evaluate", "register")
 
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for stage in STAGES:
         verbs.add_parser(stage, help=f"run the {stage} stage")
+    verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
     caption = verbs.add_parser("caption", help="caption images with a trained model")
     caption.add_argument("images", nargs="+", help="image files")
     caption.add_argument("--model", default="artifacts/model",
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from clipcap import stages
             from clipcap.config import load_config
 
-            getattr(stages, args.verb)(load_config(args.params))
-    except Exception as err:  # a readable message for the user; the traceback with -v
+            result = getattr(stages, args.verb)(load_config(args.params))
+            if args.verb == "summary":
+                print(result)
+    except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v
         if args.verbose:
             raise
         print(f"clipcap {args.verb}: error: {err}", file=sys.stderr)

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from clipcap.errors import ClipcapError
 
-class ConfigError(ValueError):
+
+class ConfigError(ClipcapError, ValueError):
     """A ``params.yaml`` key is missing, unknown or has a bad value."""
 
 
@@ -72,6 +74,7 @@ class MapperConfig:
     num_layers: int = 8
     num_heads: int = 8
     mlp_ratio: float = 2.0
+    center_embedding: bool = True
     normalize_embedding: bool = True
 
     def __post_init__(self) -> None:

@@ -16,7 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path
+
+
+class MissingEmbeddingError(ClipcapError, KeyError):
+    pass
 
 
 def _slug(key: str) -> str:
@@ -69,7 +74,7 @@ class EmbeddingStore:
         index = self.index()
         absent = [i for i in image_ids if i not in index]
         if absent:
-            raise KeyError(
+            raise MissingEmbeddingError(
                 f"{len(absent)} images have no embedding under {self.dir} (first: {absent[0]}); run 'clipcap embed'"
             )
         by_shard: dict[Path, list[tuple[int, int]]] = {}

@@ -21,8 +21,10 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from clipcap.errors import ClipcapError
 
-class EncoderSpecError(ValueError):
+
+class EncoderSpecError(ClipcapError, ValueError):
     pass
 
 

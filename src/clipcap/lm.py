@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from clipcap.environment import cache_dir
+from clipcap.errors import ClipcapError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ TINY_PREFIX = "tiny-gpt2"
 TINY_DEFAULTS = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128}
 
 
-class LMSpecError(ValueError):
+class LMSpecError(ClipcapError, ValueError):
     pass
 
 

@@ -42,11 +42,9 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
     scores: dict[str, float | None] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
-    meteor = Meteor()
-    try:
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    finally:
-        meteor.close() if hasattr(meteor, "close") else None
+    meteor = Meteor()  # a Java subprocess, stopped when the scorer is garbage-collected
+    scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    del meteor
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     scores["SPICE"] = None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from clipcap.config import MapperConfig
+from clipcap.config import ConfigError, MapperConfig
 
 IGNORE_INDEX = -100
 
@@ -36,11 +36,15 @@ class MLPMapper(nn.Module):
 
 
 class TransformerMapper(nn.Module):
+    """The paper's transformer mapper, plus a final LayerNorm whose gain starts at the LM's
+    token-embedding scale (``output_scale``): the prefix then enters the LM at the scale of real
+    tokens instead of ~7x larger, which on small data decides between learning and collapse."""
+
     def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int, clip_length: int,
-                 num_layers: int, num_heads: int, mlp_ratio: float) -> None:
+                 num_layers: int, num_heads: int, mlp_ratio: float, output_scale: float = 1.0) -> None:
         super().__init__()
         if dim_lm % num_heads:
-            raise ValueError(f"mapper.num_heads={num_heads} must divide the LM width {dim_lm}")
+            raise ConfigError(f"mapper.num_heads={num_heads} must divide the LM width {dim_lm}")
         self.prefix_length, self.clip_length, self.dim_lm = prefix_length, clip_length, dim_lm
         self.linear = nn.Linear(dim_embedding, clip_length * dim_lm)
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_lm))
@@ -49,18 +53,20 @@ class TransformerMapper(nn.Module):
             activation="relu", batch_first=True, norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim_lm)
+        nn.init.constant_(self.norm.weight, output_scale)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         x = self.linear(embedding).view(-1, self.clip_length, self.dim_lm)
         const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.transformer(torch.cat([x, const], dim=1))[:, self.clip_length :]
+        return self.norm(self.transformer(torch.cat([x, const], dim=1))[:, self.clip_length :])
 
 
-def build_mapper(cfg: MapperConfig, dim_embedding: int, dim_lm: int) -> nn.Module:
+def build_mapper(cfg: MapperConfig, dim_embedding: int, dim_lm: int, output_scale: float = 1.0) -> nn.Module:
     if cfg.type == "mlp":
         return MLPMapper(dim_embedding, dim_lm, cfg.prefix_length)
     return TransformerMapper(dim_embedding, dim_lm, cfg.prefix_length, cfg.clip_length,
-                             cfg.num_layers, cfg.num_heads, cfg.mlp_ratio)
+                             cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, output_scale)
 
 
 class ClipCap(nn.Module):
@@ -71,8 +77,12 @@ class ClipCap(nn.Module):
         super().__init__()
         self.mapper_cfg, self.dim_embedding, self.finetune_lm = mapper_cfg, dim_embedding, finetune_lm
         self.lm = lm
-        self.mapper = build_mapper(mapper_cfg, dim_embedding, lm.get_input_embeddings().embedding_dim)
+        token_embeddings = lm.get_input_embeddings().weight
+        self.mapper = build_mapper(mapper_cfg, dim_embedding, token_embeddings.shape[1],
+                                   output_scale=float(token_embeddings.detach().float().std()))
         self.lm.requires_grad_(finetune_lm)
+        # mean training embedding, set by fit_embedding_mean() and saved with the weights
+        self.register_buffer("embedding_mean", torch.zeros(dim_embedding))
 
     @property
     def prefix_length(self) -> int:
@@ -84,8 +94,19 @@ class ClipCap(nn.Module):
             self.lm.eval()  # a frozen LM keeps dropout off
         return self
 
+    @torch.no_grad()
+    def fit_embedding_mean(self, embeddings: torch.Tensor) -> None:
+        """Remember the mean training embedding (used when ``center_embedding`` is on).
+
+        Pooled CNN features are all positive and share a large common direction; without
+        centering, every image maps to nearly the same prefix and the captions collapse.
+        """
+        self.embedding_mean.copy_(embeddings.float().mean(dim=0))
+
     def prefix(self, embedding: torch.Tensor) -> torch.Tensor:
         """The K prefix vectors in the LM's input-embedding space, shape (B, K, d)."""
+        if self.mapper_cfg.center_embedding:
+            embedding = embedding - self.embedding_mean
         if self.mapper_cfg.normalize_embedding:
             embedding = F.normalize(embedding, dim=-1)
         return self.mapper(embedding)

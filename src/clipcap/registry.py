@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clipcap.config import RegisterConfig
+from clipcap.config import ConfigError, RegisterConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
     name = model_name(dataset)
     metric_key = f"model_{cfg.metric}"
     if metric_key not in metrics:
-        raise KeyError(f"register.metric: {cfg.metric!r} is not among the evaluated metrics "
+        raise ConfigError(f"register.metric: {cfg.metric!r} is not among the evaluated metrics "
                        f"({', '.join(k.removeprefix('model_') for k in metrics if k.startswith('model_'))})")
     with mlflow.start_run(run_name=f"{name}-train") as run:
         mlflow.log_params(params)

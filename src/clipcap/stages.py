@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from clipcap.config import Config, config_to_dict
+from clipcap.errors import ClipcapError
 from clipcap.fileio import read_json, write_atomic, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,11 @@ def train(cfg: Config) -> None:
     train_rows, train_emb = _split_data(cfg, "train")
     val_rows, val_emb = _split_data(cfg, "val")
     if len(train_rows) == 0:
-        raise RuntimeError("the train split is empty: add data or lower split.test_fraction/val_fraction")
+        raise ClipcapError("the train split is empty: add data or lower split.test_fraction/val_fraction")
     lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune)
+    model.fit_embedding_mean(train_emb)
     history = train_model(model, _pairs(train_rows, train_emb, lm.tokenizer, cfg.train.max_caption_tokens),
                           _pairs(val_rows, val_emb, lm.tokenizer, cfg.train.max_caption_tokens) if len(val_rows) else None,
                           cfg.train, pad_token_id=lm.tokenizer.pad_token_id)
@@ -158,7 +160,7 @@ def evaluate(cfg: Config) -> dict:
     test_rows, test_emb = _split_data(cfg, "test")
     train_rows, train_emb = _split_data(cfg, "train")
     if len(test_rows) == 0:
-        raise RuntimeError("the test split is empty: add data or raise split.test_fraction")
+        raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
     model, tokenizer, _ = load_captioner_model(layout.model)
     model.to(resolve_device(cfg.train.device))
     ids = test_rows["image_id"].tolist()
@@ -241,3 +243,28 @@ def register(cfg: Config) -> dict:
     }
     write_json(layout.registered, result)
     return result
+
+
+# ---------------------------------------------------------------- summary
+def summary(cfg: Config) -> str:
+    """A short human-readable account of the last run: metrics table, samples, registered model."""
+    layout = Layout.of(cfg)
+    lines = []
+    if layout.metrics.exists():
+        metrics = read_json(layout.metrics)
+        systems = [name for name, value in metrics.items() if isinstance(value, dict)]
+        names = list(metrics[systems[0]])
+        width = max(len(s) for s in systems)
+        lines.append(f"Test split: {metrics['test_images']} images (SPICE: {metrics['spice']})")
+        lines.append(" " * width + "".join(f"{n:>9}" for n in names))
+        for system in systems:
+            cells = "".join(f"{'n/a' if v is None else format(v, '.3f'):>9}" for v in metrics[system].values())
+            lines.append(f"{system:<{width}}{cells}")
+    if layout.samples.exists():
+        lines += ["", f"Sample captions: {layout.samples}"]
+    if layout.registered.exists():
+        reg = read_json(layout.registered)
+        champion = "champion" if reg["promoted_to_champion"] else f"challenger (champion stays v{reg['previous_champion']})"
+        lines += ["", f"MLflow: {reg['name']} version {reg['version']} -> {champion}; "
+                      f"{reg['metric']}={reg['value']:.3f}; run {reg['run_id']} in {reg['tracking_uri']}"]
+    return "\n".join(lines) if lines else "No results yet: run 'dvc repro'."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from clipcap.captions import CaptionPairs, PadCollator
+from clipcap.captions import CaptionPairs, LengthGroupedBatches, PadCollator
 from clipcap.config import TrainConfig
 from clipcap.model import ClipCap
 
@@ -51,13 +50,13 @@ def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPai
     model.to(device)
     collate = PadCollator(pad_token_id)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_pairs, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                        generator=generator, drop_last=False)
+    batches = LengthGroupedBatches(train_pairs.lengths(), cfg.batch_size, generator)
+    loader = DataLoader(train_pairs, batch_sampler=batches, collate_fn=collate)
     val_loader = (DataLoader(val_pairs, batch_size=cfg.batch_size, collate_fn=collate)
                   if val_pairs is not None and len(val_pairs) else None)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    total_steps = cfg.epochs * len(batches)
     scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
     log.info("training %s trainable parameters (%s total) on %d pairs for %d steps on %s",
              f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() for p in model.parameters()):,}",

@@ -80,3 +80,17 @@ def test_overfit_model_learns_eos_and_generation_stops_there():
         assert out[0].tolist()[:4] == [5, 6, 7, EOS]
         assert out[1].tolist()[:3] == [8, 9, EOS]
         assert set(out[1].tolist()[3:]) <= {PAD, EOS}, out.tolist()  # nothing generated after EOS
+
+
+def test_length_grouped_batches_cover_every_caption_once_per_epoch():
+    from clipcap.captions import LengthGroupedBatches
+
+    lengths = [3, 9, 4, 12, 5, 5, 8, 2, 7, 11, 6]
+    sampler = LengthGroupedBatches(lengths, batch_size=3, generator=torch.Generator().manual_seed(0),
+                                   group_batches=2)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 4
+    assert sorted(i for b in first for i in b) == list(range(len(lengths)))
+    assert first != second  # reshuffled each epoch
+    for batch in first:  # within a group, batches hold neighbouring lengths
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clipcap.config import DatasetConfig, SplitConfig
+from clipcap.config import ConfigError, DatasetConfig, SplitConfig
 from clipcap.data.sources import CaptionedImage, iter_batches, iter_folder, iter_tuxpaint
 
 SPLITS = ("train", "val", "test")
@@ -47,7 +47,7 @@ def collect_items(cfg: DatasetConfig) -> list[CaptionedImage]:
         items = list(iter_tuxpaint(cfg.root))
     else:
         if not cfg.root:
-            raise ValueError("dataset.root: the 'folder' source needs the folder holding captions.jsonl/csv")
+            raise ConfigError("dataset.root: the 'folder' source needs the folder holding captions.jsonl/csv")
         items = list(iter_folder(cfg.root, source="folder"))
     if cfg.limit is not None:
         items = items[: cfg.limit]

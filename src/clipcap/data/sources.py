@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipcap.errors import ClipcapError
+
 TUXPAINT_DEFAULT_ROOT = Path("/usr/share/tuxpaint/stamps")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
-class SourceError(ValueError):
+class SourceError(ClipcapError, ValueError):
     """A source folder or captions file cannot be read."""
 
 

@@ -15,11 +15,12 @@ from PIL import Image, UnidentifiedImageError
 
 from clipcap.config import ValidateConfig
 from clipcap.data.manifest import SPLITS
+from clipcap.errors import ClipcapError
 
 log = logging.getLogger(__name__)
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(ClipcapError, RuntimeError):
     """The data failed validation; the message names the failing rows."""
 
 

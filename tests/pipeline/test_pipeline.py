@@ -1,0 +1,146 @@
+"""All six stages on a small real subset, through real DVC, MLflow and a Prefect flow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+pytestmark = pytest.mark.pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+BATCH = ["vehicles/flight/planes/747.png", "food/cheese.png", "sports/soccer.png", "clothes/black_dress.png",
+         "people/cartoon/scarecrow.png", "animals/mammals/cats/tiger_sumatran.png"]
+
+TINY_PARAMS = {
+    "dataset": {"limit": 40},
+    "split": {"test_fraction": 0.25, "val_fraction": 0.1},
+    "encoder": {"batch_size": 16, "num_workers": 0},
+    "lm": {"name": "tiny-gpt2", "tokenizer": "smollm2-135m"},
+    "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 1, "num_heads": 2},
+    "train": {"epochs": 3, "batch_size": 8, "lr": 0.001, "warmup_steps": 2},
+    "evaluate": {"num_beams": 2, "max_new_tokens": 8, "num_samples": 5},
+}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _load_flow_module():
+    spec = importlib.util.spec_from_file_location("clipcap_retrain_flow", ROOT / "flows" / "retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh project: this repo's pipeline and code, tiny params, a user batch under data/."""
+    project = tmp_path_factory.mktemp("project")
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, project / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    batch = project / "data" / "batch-001"
+    batch.mkdir(parents=True)
+    rows = []
+    for relative in BATCH:
+        source = STAMPS / relative
+        shutil.copy(source, batch / source.name)
+        caption = source.with_suffix(".txt").read_text().splitlines()[0]
+        rows.append(json.dumps({"image": source.name, "caption": caption}))
+    (batch / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    _run(["git", "init", "-q"], project)
+    _run(["dvc", "init", "-q"], project)
+    _run(["dvc", "add", "-q", "data"], project)
+    return project
+
+
+@pytest.fixture(scope="module")
+def registered(project) -> dict:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        return _load_flow_module().retrain(str(project))
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[str]:
+    """Two photos the model never saw."""
+    from skimage import data
+
+    paths = []
+    for name in ("astronaut", "coffee"):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_flow_registers_a_champion(project, registered):
+    assert registered["name"] == "clipcap-tuxpaint" and registered["version"] == 1
+    assert registered["promoted_to_champion"] is True
+    manifest = pd.read_parquet(project / "artifacts" / "manifest.parquet")
+    assert len(manifest) == 40 + len(BATCH)
+    assert (manifest["source"] == "batch:batch-001").sum() == len(BATCH)
+
+
+def test_metrics_hold_model_and_both_baselines(project, registered):
+    metrics = json.loads((project / "artifacts" / "metrics.json").read_text())
+    for system in ("model", "baseline_most_frequent", "baseline_retrieval"):
+        for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+            assert isinstance(metrics[system][name], float), (system, name)
+            assert 0.0 <= metrics[system][name] <= 10.0
+        assert "SPICE" in metrics[system]
+    assert metrics["test_images"] >= 5
+    samples = (project / "artifacts" / "evaluation" / "samples.md").read_text()
+    assert samples.count("\n|") >= 5
+
+
+def test_mlflow_holds_run_loss_and_champion(project, registered):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
+    challenger = client.get_model_version_by_alias("clipcap-tuxpaint", "challenger")
+    assert int(champion.version) == int(challenger.version) == 1
+    run = client.get_run(champion.run_id)
+    assert "model_CIDEr" in run.data.metrics and "baseline_retrieval_CIDEr" in run.data.metrics
+    assert run.data.params["lm.name"] == "tiny-gpt2"
+    losses = client.get_metric_history(champion.run_id, "train_loss")
+    steps = len((project / "artifacts" / "training" / "loss.csv").read_text().splitlines()) - 1
+    assert len(losses) == steps > 0
+
+
+def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/clipcap-tuxpaint@champion")
+    captions = model.predict(pd.DataFrame({"image": photos}))
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_cli_captions_from_registry_uri(project, registered, photos):
+    out = _run(["clipcap", "caption", *photos, "--model", "models:/clipcap-tuxpaint@champion"], project)
+    lines = [line for line in out.splitlines() if "\t" in line]
+    assert [line.split("\t")[0] for line in lines] == photos
+
+
+def test_second_repro_is_up_to_date(project, registered):
+    out = _run(["dvc", "repro"], project)
+    assert "Running stage" not in out
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
