@@ -108,7 +108,9 @@ class ClipCap(nn.Module):
         if self.mapper_cfg.center_embedding:
             embedding = embedding - self.embedding_mean
         if self.mapper_cfg.normalize_embedding:
-            embedding = F.normalize(embedding, dim=-1)
+            # unit RMS per dimension (L2 norm sqrt(e)): a unit-norm 1280-d vector would feed the
+            # first layer inputs of ~0.03, so its image-dependent weights would barely learn
+            embedding = F.normalize(embedding, dim=-1) * embedding.shape[-1] ** 0.5
         return self.mapper(embedding)
 
     def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
