@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clipcap.config import ConfigError, RegisterConfig
+from clipcap.errors import ClipcapError
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +120,8 @@ def download_captioner(uri: str, tracking_uri: str) -> Path:
     """Download a registered model (``models:/name@alias``) and return its captioner folder."""
     mlflow.set_tracking_uri(tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return local / "artifacts" / "captioner" if (local / "artifacts" / "captioner").exists() else local
+    flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
+    captioner = flavor.get("artifacts", {}).get("captioner")
+    if captioner is None:
+        raise ClipcapError(f"{uri} is not a clipcap model (its MLmodel has no 'captioner' artifact)")
+    return local / captioner["path"]

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 STAMPS = Path("/usr/share/tuxpaint/stamps")
-BATCH = ["vehicles/flight/planes/747.png", "food/cheese.png", "sports/soccer.png", "clothes/black_dress.png",
-         "people/cartoon/scarecrow.png", "animals/mammals/cats/tiger_sumatran.png"]
+BATCH = ["vehicles/flight/planes/747.png", "food/pizza.png", "sports/soccer.png", "clothes/t_baseballcap.png",
+         "people/cartoon/mermaid.png", "animals/mammals/cats/tiger_sumatran.png"]
 
 TINY_PARAMS = {
     "dataset": {"limit": 40},
