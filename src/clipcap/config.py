@@ -95,7 +95,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_caption_tokens: int = 40
     device: str = "auto"
-    log_every: int = 10
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -124,7 +123,6 @@ class RegisterConfig:
 @dataclass(frozen=True)
 class PathsConfig:
     artifacts: str = "artifacts"
-    cache: str | None = None
 
 
 @dataclass(frozen=True)
