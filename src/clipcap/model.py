@@ -84,10 +84,6 @@ class ClipCap(nn.Module):
         # mean training embedding, set by fit_embedding_mean() and saved with the weights
         self.register_buffer("embedding_mean", torch.zeros(dim_embedding))
 
-    @property
-    def prefix_length(self) -> int:
-        return self.mapper_cfg.prefix_length
-
     def train(self, mode: bool = True) -> ClipCap:
         super().train(mode)
         if not self.finetune_lm:
