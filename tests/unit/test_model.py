@@ -94,3 +94,19 @@ def test_length_grouped_batches_cover_every_caption_once_per_epoch():
     assert first != second  # reshuffled each epoch
     for batch in first:  # within a group, batches hold neighbouring lengths
         assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+
+
+def test_batched_greedy_equals_one_image_at_a_time():
+    model = tiny_clipcap("mlp").eval()
+    torch.manual_seed(1)
+    for weight in model.lm.transformer.h.parameters():  # a random LM whose greedy output depends on the image
+        torch.nn.init.normal_(weight, std=0.5)
+    embeddings = torch.randn(5, 16) * 3
+    batched = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, num_beams=1,
+                                 max_new_tokens=8)
+    for row in range(5):
+        single = generate_token_ids(model, embeddings[row : row + 1], eos_token_id=EOS, pad_token_id=PAD,
+                                    num_beams=1, max_new_tokens=8)[0].tolist()
+        assert batched[row].tolist()[: len(single)] == single
+        assert set(batched[row].tolist()[len(single):]) <= {PAD, EOS}
+    assert len({tuple(row) for row in batched.tolist()}) > 1, "captions should differ between images"
