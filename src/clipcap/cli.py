@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             from clipcap import stages
             from clipcap.config import load_config
 
-            result = getattr(stages, args.verb)(load_config(args.params))
+            cfg = load_config(args.params)
             if args.verb == "summary":
-                print(result)
+                print(stages.summary(cfg))
+            else:
+                getattr(stages, args.verb)(cfg)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v
         if args.verbose:
             raise
