@@ -9,6 +9,7 @@ reproducible from its name (tiny random test LMs).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from clipcap.config import MapperConfig
-from clipcap.data.images import load_rgb
+from clipcap.config import DecodingConfig, MapperConfig
 from clipcap.decode import generate_captions
+from clipcap.embed import encode_images
 from clipcap.encoders import ImageEncoder, build_encoder
 from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, write_json
@@ -85,19 +86,21 @@ class Captioner:
         encoder = build_encoder(config["encoder"])
         return cls(model.to(device), tokenizer, encoder.to(device), config)
 
-    @torch.inference_mode()
-    def embed(self, images: list[str | Path | Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([
-            self.encoder.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image))
-            for image in images
-        ])
-        return self.encoder(pixels.to(next(self.encoder.parameters()).device)).float()
+    def embed(self, images: list[str | Path | Image.Image], batch_size: int = 32, num_workers: int = 0) -> torch.Tensor:
+        return torch.cat(list(encode_images(self.encoder, images, batch_size, num_workers)))
 
-    def caption(self, images: list[str | Path | Image.Image], num_beams: int = 5, max_new_tokens: int = 20,
+    def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
+                      batch_size: int = 16, num_workers: int = 0, progress: bool = False) -> Iterator[list[str]]:
+        """``decoding.num_captions`` captions per image, image by image, encoding and decoding in
+        batches of ``batch_size`` (images are decoded in ``num_workers`` processes)."""
+        for embeddings in encode_images(self.encoder, images, batch_size, num_workers, progress=progress):
+            yield from generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size)
+
+    def captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
+                 batch_size: int = 16) -> list[list[str]]:
+        return list(self.iter_captions(images, decoding, batch_size))
+
+    def caption(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                 batch_size: int = 16) -> list[str]:
-        captions: list[str] = []
-        for start in range(0, len(images), batch_size):
-            embeddings = self.embed(images[start : start + batch_size])
-            captions += generate_captions(self.model, self.tokenizer, embeddings, num_beams=num_beams,
-                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
-        return captions
+        """The best caption of each image."""
+        return [found[0] for found in self.iter_captions(images, decoding, batch_size)]

@@ -44,8 +44,12 @@ class CaptionBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
-    def to(self, device: torch.device | str) -> CaptionBatch:
-        return CaptionBatch(self.embedding.to(device), self.input_ids.to(device), self.attention_mask.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CaptionBatch:
+        return CaptionBatch(*(t.to(device, non_blocking=non_blocking)
+                              for t in (self.embedding, self.input_ids, self.attention_mask)))
+
+    def pin_memory(self) -> CaptionBatch:  # called by DataLoader(pin_memory=True)
+        return CaptionBatch(self.embedding.pin_memory(), self.input_ids.pin_memory(), self.attention_mask.pin_memory())
 
 
 class PadCollator:
@@ -68,22 +72,34 @@ class LengthGroupedBatches(Sampler[list[int]]):
     """Batches of captions of similar length, so dynamic padding wastes little compute.
 
     Each epoch: shuffle, cut into groups of ``batch_size * group_batches``, sort each group by
-    length, cut it into batches, and shuffle the batch order. Seeded through ``generator``.
+    length, cut it into batches, and shuffle the batch order. The order depends only on
+    ``seed`` and the epoch (:meth:`set_epoch`), so every process of a distributed run draws the
+    same order and takes its own share (``rank::world_size``, equal counts), and a resumed run
+    can skip the batches it has already seen.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator,
-                 group_batches: int = 8) -> None:
-        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 8,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.group = batch_size * group_batches
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw the order of ``epoch`` and leave out its first ``skip`` batches (of this process)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        """Batches per epoch for this process."""
+        return math.ceil(len(self.lengths) / self.batch_size) // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches = []
         for start in range(0, len(order), self.group):
             group = sorted(order[start : start + self.group], key=self.lengths.__getitem__)
             batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
-        for index in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[index]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        mine = batches[: len(self) * self.world_size][self.rank :: self.world_size]
+        yield from mine[self.skip :]

@@ -1,20 +1,45 @@
 """``clipcap <verb>``: the one command line for the pipeline stages and for inference.
 
-Stages (what ``dvc.yaml`` runs): fetch, validate, embed, train, evaluate, register.
-Inference: ``clipcap caption IMAGE... --model PATH_OR_MODELS_URI``.
+Stages (what ``dvc.yaml`` runs): fetch, validate, embed, train [--resume], evaluate, register.
+Inference: ``clipcap caption IMAGE_OR_FOLDER... --model PATH_OR_MODELS_URI``;
+``clipcap interpret IMAGE --model ...`` shows the prefix as its nearest vocabulary tokens.
+Multi-GPU training: ``torchrun --nproc_per_node N -m clipcap.cli train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
+from clipcap.config import DecodingConfig
 from clipcap.environment import apply_offline_env
 from clipcap.errors import ClipcapError
 
 STAGES = ("fetch", "validate", "embed", "train", "evaluate", "register")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """One option per DecodingConfig field (``--num-beams``...), defaults from the dataclass."""
+    group = parser.add_argument_group("decoding")
+    hints = typing.get_type_hints(DecodingConfig)
+    for field in dataclasses.fields(DecodingConfig):
+        hint = hints[field.name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default,
+                           type=str if choices else hint, choices=choices, help=f"(default: {field.default})")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="artifacts/model",
+                        help="captioner folder or MLflow URI such as models:/clipcap-tuxpaint@champion")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (default: cpu)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,19 +49,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for stage in STAGES:
-        verbs.add_parser(stage, help=f"run the {stage} stage")
+        stage_parser = verbs.add_parser(stage, help=f"run the {stage} stage")
+        if stage == "train":
+            stage_parser.add_argument("--resume", action="store_true",
+                                      help="continue from the newest checkpoint of an interrupted run")
     verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
-    caption = verbs.add_parser("caption", help="caption images with a trained model")
-    caption.add_argument("images", nargs="+", help="image files")
-    caption.add_argument("--model", default="artifacts/model",
-                         help="captioner folder or MLflow URI such as models:/clipcap-tuxpaint@champion")
-    caption.add_argument("--num-beams", type=int, default=5)
-    caption.add_argument("--max-new-tokens", type=int, default=20)
-    caption.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    caption = verbs.add_parser("caption", help="caption images (files or folders) with a trained model")
+    caption.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    _add_model_options(caption)
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--workers", type=int, default=2, help="processes decoding images (default: 2)")
+    caption.add_argument("--format", choices=("tsv", "jsonl"), default="tsv",
+                         help="tsv: 'path<TAB>caption' per caption; jsonl: one object per image")
+    caption.add_argument("--seed", type=int, default=0, help="random seed (strategy 'sample')")
+    _add_decoding_options(caption)
+    interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
+    interpret.add_argument("image")
+    _add_model_options(interpret)
+    interpret.add_argument("--top-k", type=int, default=5)
     return parser
 
 
-def _caption(args: argparse.Namespace) -> None:
+def image_files(items: list[str]) -> list[str]:
+    """Files as given, folders expanded to their images (sorted); a missing one is an error."""
+    found: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise ClipcapError(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += images
+        elif path.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"image not found: {item}")
+    return found
+
+
+def _load_captioner(args: argparse.Namespace):
     from clipcap.captioner import Captioner
 
     model = args.model
@@ -46,13 +97,38 @@ def _caption(args: argparse.Namespace) -> None:
 
         tracking_uri = args.tracking_uri or load_config(args.params).register.tracking_uri
         model = download_captioner(model, tracking_uri)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image not found: {missing[0]}")
-    captioner = Captioner.load(model)
-    for path, text in zip(args.images, captioner.caption(args.images, num_beams=args.num_beams,
-                                                          max_new_tokens=args.max_new_tokens)):
-        print(f"{path}\t{text}")
+    return Captioner.load(model, device=args.device)
+
+
+def _caption(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipcap.config import config_from_mapping
+
+    decoding = config_from_mapping(
+        DecodingConfig, {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)}, "caption")
+    paths = image_files(args.images)
+    captioner = _load_captioner(args)
+    torch.manual_seed(args.seed)
+    found = captioner.iter_captions(paths, decoding, batch_size=args.batch_size, num_workers=args.workers,
+                                    progress=len(paths) > args.batch_size)
+    for path, captions in zip(paths, found):
+        if args.format == "jsonl":
+            print(json.dumps({"image": path, "captions": captions}, ensure_ascii=False), flush=True)
+        else:
+            for text in captions:
+                print(f"{path}\t{text}", flush=True)
+
+
+def _interpret(args: argparse.Namespace) -> None:
+    from clipcap.interpret import nearest_tokens
+
+    path = image_files([args.image])[0]
+    captioner = _load_captioner(args)
+    embedding = captioner.embed([path])[0]
+    print(f"{path}: {captioner.caption([path])[0]}")
+    for position, tokens in enumerate(nearest_tokens(captioner.model, captioner.tokenizer, embedding, args.top_k)):
+        print(f"prefix {position + 1:2d}: " + "  ".join(f"{t.token!r} {t.cosine:.2f}" for t in tokens))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "caption":
             _caption(args)
+        elif args.verb == "interpret":
+            _interpret(args)
         else:
             from clipcap import stages
             from clipcap.config import load_config
@@ -72,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.params)
             if args.verb == "summary":
                 print(stages.summary(cfg))
+            elif args.verb == "train":
+                stages.train(cfg, resume=args.resume)
             else:
                 getattr(stages, args.verb)(cfg)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v

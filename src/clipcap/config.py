@@ -88,27 +88,61 @@ class MapperConfig:
 class TrainConfig:
     seed: int = 0
     epochs: int = 10
-    batch_size: int = 40
+    batch_size: int = 40                # per process and per micro-step
+    grad_accum_steps: int = 1           # optimizer step every N micro-batches
     lr: float = 2e-5
-    warmup_steps: int = 5000
+    warmup_steps: int = 5000            # optimizer steps
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0              # max gradient norm; 0 = off
     max_caption_tokens: int = 40
+    early_stopping_patience: int = 0    # stop after N epochs without a better val loss; 0 = off
+    checkpoint_every: int = 0           # also checkpoint every N optimizer steps; 0 = epoch ends only
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False               # torch.compile the model
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("train.epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("train.batch_size must be >= 1")
+        for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1")
+        for key in ("warmup_steps", "early_stopping_patience", "checkpoint_every", "grad_clip", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    num_beams: int = 5
+class DecodingConfig:
+    """How captions are generated (transformers ``generate`` with the KV cache)."""
+
+    strategy: Literal["beam", "greedy", "sample"] = "beam"
+    num_beams: int = 5                  # beam only
     max_new_tokens: int = 20
+    length_penalty: float = 1.0         # beam only: >1 favours longer captions, <1 shorter
+    no_repeat_ngram_size: int = 0       # forbid repeating any n-gram of this size; 0 = off
+    top_p: float = 0.9                  # sample only: nucleus
+    temperature: float = 1.0            # sample only
+    num_captions: int = 1               # captions returned per image (<= num_beams for beam)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("decoding.max_new_tokens must be >= 1")
+        if self.num_beams < 1 or self.num_captions < 1:
+            raise ConfigError("decoding.num_beams and decoding.num_captions must be >= 1")
+        if self.strategy == "beam" and self.num_captions > self.num_beams:
+            raise ConfigError(f"decoding.num_captions={self.num_captions} exceeds num_beams={self.num_beams}: "
+                              "beam search returns at most one caption per beam")
+        if self.strategy == "greedy" and self.num_captions > 1:
+            raise ConfigError("decoding.num_captions > 1 needs strategy 'beam' or 'sample' (greedy gives one)")
+        if not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise ConfigError("decoding.top_p must be in (0, 1] and decoding.temperature > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     batch_size: int = 16
     num_samples: int = 20
 
@@ -200,6 +234,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         else:
             kwargs[name] = _check_value(key, value, hint)
     return cls(**kwargs)
+
+
+def config_from_mapping(cls: type, data: Any, prefix: str) -> Any:
+    """One config dataclass ``cls`` from a mapping, checked like ``params.yaml`` (errors name ``prefix.key``)."""
+    return _build(cls, data, prefix)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

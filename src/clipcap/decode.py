@@ -1,37 +1,58 @@
-"""Caption generation through transformers ``generate(inputs_embeds=...)`` (beam search or
-greedy, batched, with the KV cache), stopping at the LM's EOS token."""
+"""Caption generation through transformers ``generate(inputs_embeds=...)``: batched greedy, beam
+search or nucleus sampling with the KV cache, stopping at the LM's EOS token."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from clipcap.config import DecodingConfig
 from clipcap.model import ClipCap
+
+GREEDY = DecodingConfig(strategy="greedy")
+
+
+def generate_kwargs(decoding: DecodingConfig) -> dict:
+    """The ``generate()`` arguments for one decoding configuration."""
+    kwargs = {"max_new_tokens": decoding.max_new_tokens, "num_return_sequences": decoding.num_captions,
+              "no_repeat_ngram_size": decoding.no_repeat_ngram_size or None}
+    if decoding.strategy == "beam":
+        return {**kwargs, "num_beams": decoding.num_beams, "do_sample": False,
+                "length_penalty": decoding.length_penalty}
+    if decoding.strategy == "sample":
+        return {**kwargs, "num_beams": 1, "do_sample": True, "top_p": decoding.top_p,
+                "temperature": decoding.temperature, "top_k": 0}
+    return {**kwargs, "num_beams": 1, "do_sample": False}
 
 
 @torch.inference_mode()
 def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
-                       num_beams: int = 5, max_new_tokens: int = 20) -> torch.Tensor:
-    """New token ids per image, shape (B, <= max_new_tokens); finished rows are padded."""
+                       decoding: DecodingConfig = GREEDY) -> torch.Tensor:
+    """New token ids, shape (B * num_captions, <= max_new_tokens): the captions of image i are rows
+    i*num_captions ... (i+1)*num_captions-1, best first for beam search; finished rows are padded."""
     model.eval()
     device = next(model.parameters()).device
-    prefix = model.prefix(embeddings.to(device))
-    return model.lm.generate(
-        inputs_embeds=prefix,
-        attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
-        num_beams=num_beams,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    prefix = model.prefix(embeddings.to(device)).to(model.lm.dtype)
+    with warnings.catch_warnings():  # the prefix holds no tokens, so n-gram blocking covers the caption only
+        warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*inputs_embeds")
+        return model.lm.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **generate_kwargs(decoding),
+        )
 
 
-def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, num_beams: int = 5,
-                      max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
-    captions: list[str] = []
+def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decoding: DecodingConfig = GREEDY,
+                      batch_size: int = 32) -> list[list[str]]:
+    """``decoding.num_captions`` captions for each embedding, in batches of ``batch_size`` images."""
+    captions: list[list[str]] = []
     for start in range(0, embeddings.shape[0], batch_size):
         ids = generate_token_ids(model, embeddings[start : start + batch_size], eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, num_beams=num_beams,
-                                 max_new_tokens=max_new_tokens)
-        captions.extend(text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True))
+                                 pad_token_id=tokenizer.pad_token_id, decoding=decoding)
+        texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        n = decoding.num_captions
+        captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -18,16 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Decodes and preprocesses images in DataLoader workers."""
+    """Decodes and preprocesses images (paths or PIL images) in DataLoader workers."""
 
-    def __init__(self, paths: list[str], preprocess) -> None:
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, images: list[str | Path | Image.Image], preprocess) -> None:
+        self.images, self.preprocess = images, preprocess
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(load_rgb(self.paths[index]))
+        image = self.images[index]
+        return self.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image))
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,13 @@ class EmbedStats:
 
 
 @torch.inference_mode()
-def encode_paths(encoder: ImageEncoder, paths: list[str], batch_size: int, num_workers: int = 0,
-                 progress: bool = False) -> Iterator[torch.Tensor]:
-    """Yield embeddings batch by batch for ``paths`` (in order)."""
-    loader = DataLoader(ImageDataset(paths, encoder.preprocess), batch_size=batch_size,
+def encode_images(encoder: ImageEncoder, images: list[str | Path | Image.Image], batch_size: int,
+                  num_workers: int = 0, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Yield embeddings batch by batch for ``images`` (in order), decoding in ``num_workers`` processes."""
+    loader = DataLoader(ImageDataset(images, encoder.preprocess), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
     device = next(encoder.parameters()).device
-    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(images), desc="embed", unit="img", disable=not progress) as bar:
         for pixels in loader:
             yield encoder(pixels.to(device)).float().cpu()
             bar.update(pixels.shape[0])
@@ -59,7 +62,7 @@ def embed_manifest(image_ids: list[str], paths: list[str], encoder: ImageEncoder
              len(path_of), len(path_of) - len(todo), store.encoder_key, len(todo))
     for start in range(0, len(todo), shard_size):
         chunk = todo[start : start + shard_size]
-        vectors = torch.cat(list(encode_paths(encoder, [path_of[i] for i in chunk], batch_size, num_workers,
+        vectors = torch.cat(list(encode_images(encoder, [path_of[i] for i in chunk], batch_size, num_workers,
                                               progress=True)))
         store.add(chunk, vectors)
     return EmbedStats(total=len(path_of), encoded=len(todo), reused=len(path_of) - len(todo))

@@ -1,8 +1,11 @@
 """The MLflow pyfunc wrapper of a captioner, logged as "models from code" (no pickle).
 
 Input: a DataFrame with an ``image`` column (file paths, or base64-encoded image bytes for
-HTTP serving), or a plain list of paths. Output: one caption per image.
-Params: ``num_beams`` and ``max_new_tokens``.
+HTTP serving), or a plain list of paths. Output: one caption per image, or a list of
+``num_captions`` captions per image when that param is above 1.
+Params: the fields of :class:`clipcap.config.DecodingConfig` (``strategy``, ``num_beams``,
+``max_new_tokens``, ``length_penalty``, ``no_repeat_ngram_size``, ``top_p``, ``temperature``,
+``num_captions``).
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
         else:
             values = list(model_input)
         images = [_as_image(v) for v in values]
-        return self.captioner.caption(images, num_beams=int(params.get("num_beams", 5)),
-                                      max_new_tokens=int(params.get("max_new_tokens", 20)))
+        from clipcap.config import DecodingConfig, config_from_mapping
+
+        decoding = config_from_mapping(DecodingConfig, dict(params), "params")
+        found = self.captioner.captions(images, decoding)
+        return [c[0] for c in found] if decoding.num_captions == 1 else found
 
 
 mlflow.models.set_model(ClipCapPyfunc())

@@ -126,3 +126,27 @@ class ClipCap(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def weights(self, include_lm: bool | None = None) -> dict[str, torch.Tensor]:
+        """The state to save: mapper + buffers, and the LM's weights when ``include_lm``
+        (default: when the LM is fine-tuned, i.e. when they differ from the base LM)."""
+        include_lm = self.finetune_lm if include_lm is None else include_lm
+        return {k: v for k, v in self.state_dict().items() if include_lm or not k.startswith("lm.")}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`weights` returned: without the LM's weights for a frozen LM, and
+        possibly without the aliases of tied LM weights (which share a loaded tensor)."""
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        state = self.state_dict()
+        loaded = {state[k].data_ptr() for k in weights if k in state}
+        lm_saved = any(k.startswith("lm.") for k in weights)
+        lost = [k for k in missing if not (k.startswith("lm.") and (not lm_saved or state[k].data_ptr() in loaded))]
+        if unexpected or lost:
+            raise ValueError(f"weights do not match the model (missing {lost[:3]}, unexpected {unexpected[:3]})")
+
+    def parameter_summary(self) -> str:
+        """E.g. ``41,765,376 trainable of 166,205,952 (transformer mapper; LM frozen)``."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return (f"{trainable:,} trainable of {total:,} ({self.mapper_cfg.type} mapper; "
+                f"LM {'fine-tuned' if self.finetune_lm else 'frozen'})")

@@ -8,7 +8,7 @@ its test metric beats the champion's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clipcap.config import ConfigError, RegisterConfig
+from clipcap.config import ConfigError, DecodingConfig, RegisterConfig
 from clipcap.errors import ClipcapError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
         for path in files:
             mlflow.log_artifact(str(path))
         signature = mlflow.models.infer_signature(
-            pd.DataFrame({"image": [example_image]}), ["a caption"], params={"num_beams": 5, "max_new_tokens": 20}
+            pd.DataFrame({"image": [example_image]}), ["a caption"], params=asdict(DecodingConfig())
         )
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -7,6 +7,8 @@ stage before it under ``paths.artifacts`` (see :class:`Layout`) and writes its o
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -38,6 +40,7 @@ class Layout:
     validation_report = property(lambda self: self.validation_dir / "report.json")
     embeddings = property(lambda self: self.root / "embeddings")
     model = property(lambda self: self.root / "model")
+    checkpoints = property(lambda self: self.root / "checkpoints")
     training_dir = property(lambda self: self.root / "training")
     train_log = property(lambda self: self.training_dir / "loss.csv")
     train_summary = property(lambda self: self.training_dir / "summary.json")
@@ -116,8 +119,11 @@ def _pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: 
 
 
 # ---------------------------------------------------------------- train
-def train(cfg: Config) -> None:
+def train(cfg: Config, resume: bool = False) -> None:
+    """Train on the train split (validation loss on val); under ``torchrun`` every process runs
+    this and rank 0 writes. ``resume`` continues from ``artifacts/checkpoints``."""
     from clipcap.captioner import save_captioner
+    from clipcap.distributed import current_context
     from clipcap.lm import load_lm
     from clipcap.model import ClipCap
     from clipcap.train import train_model
@@ -132,7 +138,10 @@ def train(cfg: Config) -> None:
     model.fit_embedding_mean(train_emb)
     history = train_model(model, _pairs(train_rows, train_emb, lm.tokenizer, cfg.train.max_caption_tokens),
                           _pairs(val_rows, val_emb, lm.tokenizer, cfg.train.max_caption_tokens) if len(val_rows) else None,
-                          cfg.train, pad_token_id=lm.tokenizer.pad_token_id)
+                          cfg.train, pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints,
+                          resume=resume, fingerprint=_training_fingerprint(cfg, train_rows, val_rows))
+    if not current_context().is_main:
+        return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
                    tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained)
 
@@ -144,10 +153,21 @@ def train(cfg: Config) -> None:
 
     write_atomic(layout.train_log, write_log)
     trainable = sum(p.numel() for p in model.trainable_parameters())
-    write_json(layout.train_summary, {"trainable_parameters": trainable,
+    write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
                                       "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
-                                      "final_loss": history.steps[-1]["loss"]})
+                                      "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"]})
     log.info("model saved to %s", layout.model)
+
+
+def _training_fingerprint(cfg: Config, *splits: pd.DataFrame) -> str:
+    """What a checkpoint must have been trained on to be resumed: params and data."""
+    from clipcap.encoders import encoder_key
+
+    train_cfg = {k: v for k, v in config_to_dict(cfg.train).items()
+                 if k not in ("device", "checkpoint_every", "keep_checkpoints")}
+    described = {"lm": config_to_dict(cfg.lm), "mapper": config_to_dict(cfg.mapper), "train": train_cfg,
+                 "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- evaluate
@@ -165,9 +185,9 @@ def evaluate(cfg: Config) -> dict:
     model, tokenizer, _ = load_captioner_model(layout.model)
     model.to(resolve_device(cfg.train.device))
     ids = test_rows["image_id"].tolist()
-    log.info("captioning %d test images (beam %d)", len(ids), cfg.evaluate.num_beams)
-    predicted = generate_captions(model, tokenizer, test_emb, num_beams=cfg.evaluate.num_beams,
-                                  max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size)
+    decoding = dataclasses.replace(cfg.evaluate.decoding, num_captions=1)
+    log.info("captioning %d test images (%s)", len(ids), decoding)
+    predicted = [c[0] for c in generate_captions(model, tokenizer, test_emb, decoding, cfg.evaluate.batch_size)]
     train_captions = train_rows["captions"].tolist()
     frequent = most_frequent_caption(train_captions)
     retrieved = retrieval_captions(train_emb, train_captions, test_emb)

@@ -1,96 +1,268 @@
-"""The training loop: AdamW, linear warm-up then linear decay, gradient clipping, per-step loss."""
+"""The training loop.
+
+AdamW (fused where available), linear warm-up then linear decay, gradient clipping and
+accumulation, validation loss each epoch with optional early stopping, bf16 autocast on CUDA,
+optional ``torch.compile``, data-parallel under ``torchrun`` (rank 0 logs and saves), and
+checkpoints from which a killed run resumes to the same final weights as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from clipcap.captions import CaptionPairs, LengthGroupedBatches, PadCollator
+from clipcap.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, remove_checkpoints, restore_rng,
+                                rng_state, save_checkpoint)
 from clipcap.config import TrainConfig
+from clipcap.distributed import DistContext, current_context, init_distributed, process_device
+from clipcap.errors import ClipcapError
 from clipcap.model import ClipCap
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class TrainHistory:
+    steps: list[dict] = field(default_factory=list)  # one record per optimizer step
+    epochs: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 @dataclass
-class TrainHistory:
-    steps: list[dict] = field(default_factory=list)
-    epochs: list[dict] = field(default_factory=list)
+class Progress:
+    """Where the run is: restored from a checkpoint on resume."""
+
+    step: int = 0             # optimizer steps done
+    epoch: int = 0            # epochs completed
+    batch_in_epoch: int = 0   # micro-batches of the current epoch done (this process)
+    best_val: float = math.inf
+    bad_epochs: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    return process_device(name, DistContext())
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"  # the fused CUDA kernel: one launch for all parameters
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 @torch.no_grad()
-def mean_loss(model: ClipCap, loader: DataLoader, device: torch.device) -> float:
+def mean_loss(model: ClipCap, loader: DataLoader, device: torch.device, context: DistContext = DistContext(),
+              bf16: bool = False) -> float:
+    """Token-weighted mean loss over ``loader`` (summed over all processes)."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         batch = batch.to(device)
         tokens = int(batch.attention_mask.sum())
-        total += float(model(batch.embedding, batch.input_ids, batch.attention_mask)) * tokens
+        with _autocast(bf16, device):
+            total += float(model(batch.embedding, batch.input_ids, batch.attention_mask)) * tokens
         count += tokens
+    total, count = context.sum([total, count])
     return total / max(count, 1)
 
 
-def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPairs | None, cfg: TrainConfig,
-                pad_token_id: int, on_step: Callable[[dict], None] | None = None) -> TrainHistory:
-    """Train ``model`` in place and return its loss history."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model.to(device)
-    collate = PadCollator(pad_token_id)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = LengthGroupedBatches(train_pairs.lengths(), cfg.batch_size, generator)
-    loader = DataLoader(train_pairs, batch_sampler=batches, collate_fn=collate)
-    val_loader = (DataLoader(val_pairs, batch_size=cfg.batch_size, collate_fn=collate)
-                  if val_pairs is not None and len(val_pairs) else None)
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * len(batches)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
-    log.info("training %s trainable parameters (%s total) on %d pairs for %d steps on %s",
-             f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() for p in model.parameters()):,}",
-             len(train_pairs), total_steps, device)
-    history = TrainHistory()
-    step = 0
-    bar = tqdm(total=total_steps, desc="train", unit="step")
-    for epoch in range(cfg.epochs):
-        model.train()
-        for batch in loader:
-            batch = batch.to(device)
-            loss = model(batch.embedding, batch.input_ids, batch.attention_mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            record = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-            history.steps.append(record)
+class Trainer:
+    """One training run of ``model`` on ``pairs``; :meth:`fit` runs it (or finishes it on resume)."""
+
+    def __init__(self, model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPairs | None, cfg: TrainConfig,
+                 pad_token_id: int, checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> None:
+        self.cfg, self.fingerprint = cfg, fingerprint
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.device = process_device(cfg.device, current_context())
+        self.context = init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device)
+        self.bf16 = use_bf16(cfg, self.device)
+        collate = PadCollator(pad_token_id)
+        self.batches = LengthGroupedBatches(train_pairs.lengths(), cfg.batch_size, seed=cfg.seed,
+                                            rank=self.context.rank, world_size=self.context.world_size)
+        if len(self.batches) == 0:
+            raise ClipcapError(f"{len(train_pairs)} training captions make no batch of {cfg.batch_size} per "
+                               f"process for {self.context.world_size} processes: lower train.batch_size")
+        # a private generator: the loader must not draw from the global RNG (dropout's), or a
+        # resumed run would see different dropout masks than an uninterrupted one
+        self.loader = DataLoader(train_pairs, batch_sampler=self.batches, collate_fn=collate,
+                                 generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        self.val_loader = None
+        if val_pairs is not None and len(val_pairs):
+            sampler = (DistributedSampler(val_pairs, self.context.world_size, self.context.rank, shuffle=False)
+                       if self.context.enabled else None)
+            self.val_loader = DataLoader(val_pairs, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
+        self.steps_per_epoch = math.ceil(len(self.batches) / cfg.grad_accum_steps)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.params = model.trainable_parameters()
+        self.optimizer = _optimizer(self.params, cfg, self.device)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
+                                                         self.total_steps)
+        forward = model
+        if self.context.enabled:
+            forward = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = forward if self.context.enabled else None
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.progress = Progress()
+        self.history = TrainHistory()
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"step": self.progress.step, "progress": asdict(self.progress), "fingerprint": self.fingerprint,
+                "world_size": self.context.world_size, "scheduler": self.scheduler.state_dict(),
+                "history": asdict(self.history)}
+
+    def save(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if self.context.is_main:
+            weights = {**self.model.weights(), **{f"best.{k}": v for k, v in self.best_weights.items()}}
+            path = save_checkpoint(self.checkpoint_dir, Checkpoint(weights, self.optimizer.state_dict(), rng_state(),
+                                                                   self._state()), keep=self.cfg.keep_checkpoints)
+            log.debug("checkpoint %s", path)
+        self.context.barrier()
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in ``checkpoint_dir``; False when there is none."""
+        path = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if path is None:
+            log.info("no checkpoint in %s: training from the start", self.checkpoint_dir)
+            return False
+        checkpoint = load_checkpoint(path)
+        state = checkpoint.state
+        if state["fingerprint"] != self.fingerprint or state["world_size"] != self.context.world_size:
+            raise ClipcapError(
+                f"{path} was written by a run with other parameters, data or process count; resume needs the "
+                f"same ones (or delete {self.checkpoint_dir} to start over)")
+        weights = {k: v for k, v in checkpoint.model.items() if not k.startswith("best.")}
+        self.best_weights = {k.removeprefix("best."): v for k, v in checkpoint.model.items() if k.startswith("best.")}
+        self.model.load_weights(weights)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        self.history = TrainHistory(**state["history"])
+        restore_rng(checkpoint.rng)
+        log.info("resumed from %s (step %d of %d)", path, self.progress.step, self.total_steps)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, on_step: Callable[[dict], None] | None = None) -> TrainHistory:
+        cfg, progress, main = self.cfg, self.progress, self.context.is_main
+        if main:
+            log.info("parameters: %s", self.model.parameter_summary())
+            log.info("%d optimizer steps (%d epochs x %d) of %d x %d captions x %d processes on %s%s%s",
+                     self.total_steps, cfg.epochs, self.steps_per_epoch, cfg.batch_size, cfg.grad_accum_steps,
+                     self.context.world_size, self.device, ", bf16 autocast" if self.bf16 else "",
+                     ", torch.compile" if cfg.compile else "")
+        bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step", disable=not main)
+        while progress.epoch < cfg.epochs and not self.history.stopped_early:
+            self._run_epoch(bar, on_step)
+            self._end_epoch()
+            self.save()
+        bar.close()
+        if self.history.stopped_early and self.best_weights:
+            self.model.load_weights(self.best_weights)
+            log.info("restored the weights of the best epoch (val loss %.4f)", progress.best_val)
+        self.model.eval()
+        return self.history
+
+    def _run_epoch(self, bar: tqdm, on_step: Callable[[dict], None] | None) -> None:
+        cfg, progress = self.cfg, self.progress
+        epoch_batches, accum = len(self.batches), cfg.grad_accum_steps
+        self.batches.set_epoch(progress.epoch, skip=progress.batch_in_epoch)
+        self.model.train()
+        step_loss = 0.0
+        for batch in self.loader:
+            micro = progress.batch_in_epoch
+            group_start = micro - micro % accum
+            group_size = min(accum, epoch_batches - group_start)  # the epoch's last step may be shorter
+            last = micro + 1 == group_start + group_size
+            batch = batch.to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with _autocast(self.bf16, self.device):
+                    loss = self.forward(batch.embedding, batch.input_ids, batch.attention_mask) / group_size
+                loss.backward()
+            step_loss += loss.detach()
+            progress.batch_in_epoch += 1
+            if not last:
+                continue
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            value = self.context.sum([float(step_loss)])[0] / self.context.world_size
+            step_loss = 0.0
+            record = {"step": progress.step, "epoch": progress.epoch + 1, "loss": value,
+                      "lr": self.scheduler.get_last_lr()[0]}
+            self.history.steps.append(record)
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.3f}")
-            if on_step is not None:
+            bar.set_postfix(epoch=progress.epoch + 1, loss=f"{value:.3f}")
+            if on_step is not None and self.context.is_main:
                 on_step(record)
-        epoch_record = {"epoch": epoch + 1, "train_loss": mean_of_epoch(history, epoch + 1)}
-        if val_loader is not None:
-            epoch_record["val_loss"] = mean_loss(model, val_loader, device)
-        history.epochs.append(epoch_record)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in epoch_record.items() if k != "epoch"))
-    bar.close()
-    model.eval()
-    return history
+            if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch_in_epoch < epoch_batches:
+                self.save()
+
+    def _end_epoch(self) -> None:
+        cfg, progress = self.cfg, self.progress
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        losses = [s["loss"] for s in self.history.steps if s["epoch"] == progress.epoch]
+        record = {"epoch": progress.epoch, "train_loss": sum(losses) / max(len(losses), 1)}
+        if self.val_loader is not None:
+            record["val_loss"] = val = mean_loss(self.model, self.val_loader, self.device, self.context, self.bf16)
+            if val < progress.best_val:
+                progress.best_val, progress.bad_epochs = val, 0
+                if cfg.early_stopping_patience:
+                    self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.weights().items()}
+            else:
+                progress.bad_epochs += 1
+            if cfg.early_stopping_patience and progress.bad_epochs >= cfg.early_stopping_patience:
+                self.history.stopped_early = True
+                record["stopped_early"] = True
+        self.history.epochs.append(record)
+        if self.context.is_main:
+            log.info("epoch %d: %s%s", progress.epoch, ", ".join(
+                f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
+                f" (no better val loss for {progress.bad_epochs} epochs: stopping early)"
+                if self.history.stopped_early else "")
 
 
-def mean_of_epoch(history: TrainHistory, epoch: int) -> float:
-    losses = [s["loss"] for s in history.steps if s["epoch"] == epoch]
-    return sum(losses) / max(len(losses), 1)
+def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPairs | None, cfg: TrainConfig,
+                pad_token_id: int, on_step: Callable[[dict], None] | None = None, *,
+                checkpoint_dir: str | Path | None = None, resume: bool = False, fingerprint: str = "") -> TrainHistory:
+    """Train ``model`` in place and return its loss history.
+
+    With ``checkpoint_dir``, checkpoints are written every ``cfg.checkpoint_every`` steps and at
+    each epoch end; ``resume=True`` continues from the newest one (whose ``fingerprint``, a digest
+    of the params and data, must match) and ends with the weights an uninterrupted run would have.
+    """
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(model, train_pairs, val_pairs, cfg, pad_token_id, checkpoint_dir, fingerprint)
+    if resume:
+        trainer.resume()
+    elif checkpoint_dir is not None and trainer.context.is_main and remove_checkpoints(checkpoint_dir):
+        log.info("a fresh run: removed the checkpoints of an earlier run from %s", checkpoint_dir)
+    return trainer.fit(on_step)

@@ -1,3 +1,8 @@
+import json
+
+import pytest
+import torch
+
 from clipcap.cli import main
 
 
@@ -13,3 +18,71 @@ def test_bad_params_exit_with_a_message_naming_the_key(tmp_path, capsys):
 def test_caption_of_a_missing_image_names_it(tmp_path, capsys):
     assert main(["caption", str(tmp_path / "nope.png"), "--model", str(tmp_path)]) == 1
     assert "nope.png" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def captioner_dir(tmp_path_factory):
+    from clipcap.captioner import save_captioner
+    from clipcap.config import MapperConfig
+    from clipcap.lm import load_lm
+    from clipcap.model import ClipCap
+
+    lm = load_lm("tiny-gpt2:n_layer=1,n_embd=32", "smollm2-135m", seed=1)
+    model = ClipCap(MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2), 1280, lm.model)
+    return save_captioner(tmp_path_factory.mktemp("captioner") / "m", model, encoder="efficientnet-lite0:random",
+                          lm_name="tiny-gpt2:n_layer=1,n_embd=32", tokenizer_name="smollm2-135m", lm_pretrained=False)
+
+
+@pytest.fixture
+def image_folder(make_image):
+    for name, color in [("b.png", (200, 0, 0)), ("a.jpg", (0, 200, 0)), ("nested/c.png", (0, 0, 200))]:
+        make_image(f"photos/{name}", color=color)
+    (make_image("photos/a.jpg").parent / "notes.txt").write_text("not an image")
+    return make_image("photos/a.jpg").parent
+
+
+def test_caption_a_folder_with_several_captions_each(captioner_dir, image_folder, capsys):
+    args = ["caption", str(image_folder), "--model", str(captioner_dir), "--num-beams", "3", "--num-captions", "2",
+            "--max-new-tokens", "4", "--workers", "0"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    paths = [line.split("\t")[0] for line in lines]
+    expected = [str(image_folder / n) for n in ("a.jpg", "b.png", "nested/c.png")]
+    assert paths == [p for p in expected for _ in range(2)]  # sorted, recursive, images only, 2 each
+
+    assert main([*args, "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in records] == expected
+    assert all(len(r["captions"]) == 2 for r in records)
+
+
+def test_caption_refuses_impossible_options_by_name(captioner_dir, image_folder, capsys):
+    args = ["caption", str(image_folder), "--model", str(captioner_dir), "--num-beams", "2", "--num-captions", "3"]
+    assert main(args) == 1
+    assert "num_captions=3 exceeds num_beams=2" in capsys.readouterr().err
+
+
+def test_interpret_prints_each_prefix_vector_as_tokens(captioner_dir, image_folder, capsys):
+    assert main(["interpret", str(image_folder / "b.png"), "--model", str(captioner_dir), "--top-k", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prefix_lines = [line for line in lines if line.startswith("prefix")]
+    assert len(prefix_lines) == 3  # K = 3
+    assert all(line.count("'") >= 8 for line in prefix_lines)  # four quoted tokens each
+
+
+def test_nearest_tokens_finds_the_token_a_prefix_vector_equals():
+    from clipcap.interpret import nearest_tokens
+    from conftest import tiny_clipcap
+
+    model = tiny_clipcap()
+    vocabulary = model.lm.get_input_embeddings().weight.detach()
+    model.prefix = lambda embedding: vocabulary[[7, 3, 11, 5]].unsqueeze(0) * 2.5  # cosine ignores the scale
+
+    class Tokens:
+        def convert_ids_to_tokens(self, token_id):
+            return f"t{token_id}"
+
+    found = nearest_tokens(model, Tokens(), torch.zeros(16), top_k=2)
+    assert [row[0].token_id for row in found] == [7, 3, 11, 5]
+    assert all(row[0].token == f"t{row[0].token_id}" and row[0].cosine == pytest.approx(1.0) for row in found)
+    assert all(row[1].cosine < row[0].cosine for row in found)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from clipcap.captions import CaptionPairs, PadCollator
-from clipcap.config import TrainConfig
+from clipcap.config import DecodingConfig, TrainConfig
 from clipcap.decode import generate_token_ids
 from clipcap.train import train_model
 from conftest import EOS, PAD, tiny_clipcap
@@ -74,8 +74,8 @@ def test_overfit_model_learns_eos_and_generation_stops_there():
     history = train_model(model, pairs, None, cfg, pad_token_id=PAD)
     assert history.steps[-1]["loss"] < 0.1 < 1.0 < history.steps[0]["loss"]
     for beams in (1, 3):
-        out = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, num_beams=beams,
-                                 max_new_tokens=12)
+        decoding = DecodingConfig(strategy="beam" if beams > 1 else "greedy", num_beams=beams, max_new_tokens=12)
+        out = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=decoding)
         assert out.shape[1] < 12, "generation should stop once every caption emitted EOS"
         assert out[0].tolist()[:4] == [5, 6, 7, EOS]
         assert out[1].tolist()[:3] == [8, 9, EOS]
@@ -86,9 +86,11 @@ def test_length_grouped_batches_cover_every_caption_once_per_epoch():
     from clipcap.captions import LengthGroupedBatches
 
     lengths = [3, 9, 4, 12, 5, 5, 8, 2, 7, 11, 6]
-    sampler = LengthGroupedBatches(lengths, batch_size=3, generator=torch.Generator().manual_seed(0),
-                                   group_batches=2)
-    first, second = list(sampler), list(sampler)
+    sampler = LengthGroupedBatches(lengths, batch_size=3, seed=0, group_batches=2)
+    first = list(sampler)
+    assert first == list(sampler)  # the order is a function of (seed, epoch)
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert len(first) == len(sampler) == 4
     assert sorted(i for b in first for i in b) == list(range(len(lengths)))
     assert first != second  # reshuffled each epoch
@@ -102,11 +104,11 @@ def test_batched_greedy_equals_one_image_at_a_time():
     for weight in model.lm.transformer.h.parameters():  # a random LM whose greedy output depends on the image
         torch.nn.init.normal_(weight, std=0.5)
     embeddings = torch.randn(5, 16) * 3
-    batched = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, num_beams=1,
-                                 max_new_tokens=8)
+    greedy = DecodingConfig(strategy="greedy", max_new_tokens=8)
+    batched = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=greedy)
     for row in range(5):
         single = generate_token_ids(model, embeddings[row : row + 1], eos_token_id=EOS, pad_token_id=PAD,
-                                    num_beams=1, max_new_tokens=8)[0].tolist()
+                                    decoding=greedy)[0].tolist()
         assert batched[row].tolist()[: len(single)] == single
         assert set(batched[row].tolist()[len(single):]) <= {PAD, EOS}
     assert len({tuple(row) for row in batched.tolist()}) > 1, "captions should differ between images"

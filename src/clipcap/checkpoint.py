@@ -1,0 +1,147 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder ``step-00000123/`` holding ``tensors.safetensors`` (model, optimizer
+state, RNG states) and ``state.json`` (step, epoch, position in the epoch, scheduler, history).
+It is written under a temporary name and renamed into place, so a run killed at any moment
+leaves either the previous checkpoints or the new one complete - never a half-written one.
+No pickle: both files load without executing code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipcap.errors import ClipcapError
+from clipcap.fileio import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+TENSORS, STATE = "tensors.safetensors", "state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]  # JSON-serialisable: step, epoch, scheduler, history...
+
+
+def _flatten_optimizer(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in optimizer_state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop aliases of tied weights (safetensors refuses shared storage); loading restores them."""
+    seen, out = set(), {}
+    for key, value in state_dict.items():
+        pointer = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if pointer not in seen:
+            seen.add(pointer)
+            out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["rng.cpu"])
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
+    """Write ``checkpoint`` atomically as ``directory/step-<step>`` and keep the newest ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    step = int(checkpoint.state["step"])
+    target = directory / f"step-{step:08d}"
+    staging = directory / f".step-{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    optim_tensors, optim_meta = _flatten_optimizer(checkpoint.optimizer)
+    tensors = {**{f"model.{k}": v for k, v in _unique_tensors(checkpoint.model).items()}, **optim_tensors,
+               **checkpoint.rng}
+    save_file(tensors, str(staging / TENSORS))
+    write_json(staging / STATE, {**checkpoint.state, "optimizer": optim_meta})
+    for path in staging.iterdir():  # durable before it becomes visible
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staging, target)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.partial`` folders are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        tensors = load_file(str(path / TENSORS))
+        state = read_json(path / STATE)
+    except (OSError, ValueError) as err:
+        raise ClipcapError(f"{path}: unreadable checkpoint ({err}); delete it to resume from an older one") from err
+    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    optimizer = _unflatten_optimizer(optim, state.pop("optimizer"))
+    return Checkpoint(model, optimizer, rng, state)
+
+
+def remove_checkpoints(directory: str | Path) -> int:
+    """Delete every checkpoint (complete or half-written) in ``directory``; returns how many."""
+    directory = Path(directory)
+    found = [p for p in directory.iterdir() if p.is_dir() and "step-" in p.name] if directory.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None

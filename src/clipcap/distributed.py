@@ -1,0 +1,67 @@
+"""Data-parallel training under ``torchrun``: the process group, rank-0-only work, reductions.
+
+``torchrun --nproc_per_node N -m clipcap.cli train`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+without them everything here is a no-op and training runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all processes (identity in one process)."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64,
+                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment (idempotent)."""
+    context = current_context()
+    if context.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return context
+
+
+def process_device(name: str, context: DistContext) -> torch.device:
+    """``auto`` = this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", context.local_rank)
+    return device
+
+
+def current_context() -> DistContext:
+    """The context of this process as ``torchrun`` describes it (no process group needed)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    return DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
