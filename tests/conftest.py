@@ -38,6 +38,30 @@ def tiny_clipcap(mapper: str = "transformer", finetune_lm: bool = False, dim_emb
     return ClipCap(cfg, dim_embedding, lm, finetune_lm=finetune_lm)
 
 
+def scramble_lm(model: ClipCap, seed: int = 1) -> ClipCap:
+    """Large random LM weights, so that (greedy) output depends strongly on the image."""
+    torch.manual_seed(seed)
+    for weight in model.lm.transformer.h.parameters():
+        torch.nn.init.normal_(weight, std=0.5)
+    return model
+
+
+def assert_batched_greedy_equals_sequential(model: ClipCap, embeddings: torch.Tensor,
+                                            max_new_tokens: int = 8) -> torch.Tensor:
+    """Greedy on the whole batch gives, token for token, what one image at a time gives."""
+    from clipcap.config import DecodingConfig
+    from clipcap.decode import generate_token_ids
+
+    greedy = DecodingConfig(strategy="greedy", max_new_tokens=max_new_tokens)
+    batched = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=greedy)
+    for row in range(embeddings.shape[0]):
+        single = generate_token_ids(model, embeddings[row : row + 1], eos_token_id=EOS, pad_token_id=PAD,
+                                    decoding=greedy)[0].tolist()
+        assert batched[row].tolist()[: len(single)] == single
+        assert set(batched[row].tolist()[len(single) :]) <= {PAD, EOS}  # finished rows are only padded
+    return batched
+
+
 @pytest.fixture
 def make_image(tmp_path):
     """Write a small real PNG and return its path."""

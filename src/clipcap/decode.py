@@ -33,7 +33,8 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
     i*num_captions ... (i+1)*num_captions-1, best first for beam search; finished rows are padded."""
     model.eval()
     device = next(model.parameters()).device
-    prefix = model.prefix(embeddings.to(device)).to(model.lm.dtype)
+    dtype = next(model.mapper.parameters()).dtype  # a bf16 model takes fp32 embeddings too
+    prefix = model.prefix(embeddings.to(device, dtype)).to(model.lm.dtype)
     with warnings.catch_warnings():  # the prefix holds no tokens, so n-gram blocking covers the caption only
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*inputs_embeds")
         return model.lm.generate(

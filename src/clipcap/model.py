@@ -110,19 +110,19 @@ class ClipCap(nn.Module):
         return self.mapper(embedding)
 
     def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the caption tokens (padding ignored via -100 labels).
-
-        The LM head is applied only to the positions that predict caption tokens.
-        """
+        """Mean cross-entropy of the caption tokens: labels are -100 on padding (and the prefix
+        predicts nothing), and the LM head - the largest matrix - is applied only to the hidden
+        states that predict a real caption token, not to prefix or padding positions."""
         prefix = self.prefix(embedding)
         tokens = self.lm.get_input_embeddings()(input_ids)
         inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        length = input_ids.shape[1]
-        logits = self.lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=length + 1).logits[:, :-1]
+        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        keep = labels != IGNORE_INDEX
+        predicting = hidden[:, prefix.shape[1] - 1 : -1][keep]  # position K-1+i predicts caption token i
+        logits = self.lm.get_output_embeddings()(predicting)
+        return F.cross_entropy(logits.float(), labels[keep])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -5,16 +5,12 @@ import torch
 
 from clipcap.config import ConfigError, DecodingConfig
 from clipcap.decode import generate_token_ids
-from conftest import EOS, PAD, tiny_clipcap
+from conftest import EOS, PAD, scramble_lm, tiny_clipcap
 
 
 @pytest.fixture(scope="module")
 def model():
-    model = tiny_clipcap("mlp").eval()
-    torch.manual_seed(1)
-    for weight in model.lm.transformer.h.parameters():  # a random LM whose output depends on the image
-        torch.nn.init.normal_(weight, std=0.5)
-    return model
+    return scramble_lm(tiny_clipcap("mlp").eval())
 
 
 def _generate(model, embeddings, **options):
@@ -62,10 +58,7 @@ def test_no_repeat_ngram_blocks_repeats(model):
 
 
 def test_length_penalty_changes_what_beam_search_prefers():
-    model = tiny_clipcap("mlp").eval()
-    torch.manual_seed(1)
-    for weight in model.lm.transformer.h.parameters():
-        torch.nn.init.normal_(weight, std=0.5)
+    model = scramble_lm(tiny_clipcap("mlp").eval())
     direction = torch.randn(model.lm.config.n_embd)
     with torch.no_grad():  # EOS a strong candidate at every step: finished beams compete with longer ones
         model.lm.transformer.ln_f.bias.copy_(direction)

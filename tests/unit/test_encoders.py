@@ -5,12 +5,13 @@ from PIL import Image
 from clipcap.encoders import EncoderSpecError, build_encoder, encoder_key
 
 
-def test_open_clip_tower_by_name_reads_its_embedding_size():
-    encoder = build_encoder("open_clip:ViT-B-32")  # no pretrained tag: random weights, offline
+@pytest.mark.parametrize(("model", "dim"), [("ViT-B-32", 512), ("RN50", 1024)])
+def test_open_clip_tower_by_name_reads_its_embedding_size(model, dim):
+    encoder = build_encoder(f"open_clip:{model}")  # no pretrained tag: random weights, offline
     pixels = encoder.preprocess(Image.new("RGB", (300, 200), (10, 200, 30))).unsqueeze(0)
-    assert encoder.dim == 512
-    assert encoder(pixels).shape == (1, 512)
-    assert encoder.key == encoder_key("open_clip:ViT-B-32") == "open_clip:ViT-B-32@random"
+    assert encoder.dim == dim
+    assert encoder(pixels).shape == (1, dim)
+    assert encoder.key == encoder_key(f"open_clip:{model}") == f"open_clip:{model}@random"
     assert not any(p.requires_grad for p in encoder.parameters())
 
 

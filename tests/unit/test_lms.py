@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from clipcap.captions import PadCollator
 from clipcap.config import DecodingConfig, MapperConfig
 from clipcap.decode import generate_token_ids
 from clipcap.model import ClipCap
-from conftest import EOS, PAD, TINY_VOCAB
+from conftest import EOS, PAD, TINY_VOCAB, assert_batched_greedy_equals_sequential
 
 SPECIAL = {"vocab_size": TINY_VOCAB, "eos_token_id": EOS, "bos_token_id": EOS, "pad_token_id": PAD}
 
@@ -43,13 +44,18 @@ def test_any_causal_lm(build, width, mapper):
     assert all(p.grad is not None for p in model.mapper.parameters() if p.requires_grad)
     assert all(p.grad is None for p in lm.parameters())
 
+    # the head on caption positions only == full-vocabulary logits everywhere with -100 on prefix and padding
+    model.eval()
+    prefix = model.prefix(batch.embedding)
+    inputs = torch.cat([prefix, lm.get_input_embeddings()(batch.input_ids)], dim=1)
+    mask = torch.cat([torch.ones(2, 3, dtype=torch.long), batch.attention_mask], dim=1)
+    logits = lm(inputs_embeds=inputs, attention_mask=mask).logits[:, :-1]
+    labels = torch.cat([torch.full((2, 3), -100), batch.input_ids.masked_fill(batch.attention_mask == 0, -100)], 1)
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model(batch.embedding, batch.input_ids, batch.attention_mask), reference)
+
     embeddings = torch.randn(4, 16) * 3
-    greedy = DecodingConfig(strategy="greedy", max_new_tokens=6)
-    batched = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=greedy)
-    for row in range(4):
-        single = generate_token_ids(model, embeddings[row : row + 1], eos_token_id=EOS, pad_token_id=PAD,
-                                    decoding=greedy)[0].tolist()
-        assert batched[row].tolist()[: len(single)] == single
+    assert_batched_greedy_equals_sequential(model, embeddings, max_new_tokens=6)
     beams = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD,
                                decoding=DecodingConfig(num_beams=3, num_captions=2, max_new_tokens=6))
     assert beams.shape[0] == 8

@@ -155,3 +155,14 @@ def test_distributed_batches_split_one_order_between_ranks():
     resumed = LengthGroupedBatches(lengths, 2, seed=3)
     resumed.set_epoch(0, skip=4)
     assert list(resumed) == one[4:]
+
+
+@pytest.mark.pipeline  # compiling takes a while on 2 cores
+def test_torch_compile_trains_like_eager():
+    pairs = _pairs(8, 0)
+    losses = []
+    for compile_model in (False, True):
+        cfg = TrainConfig(seed=0, epochs=2, batch_size=4, lr=3e-3, warmup_steps=0, compile=compile_model, device="cpu")
+        losses.append([s["loss"] for s in train_model(tiny_clipcap(), pairs, None, cfg, pad_token_id=PAD).steps])
+    eager, compiled = losses
+    assert compiled == pytest.approx(eager, rel=1e-3)

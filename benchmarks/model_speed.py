@@ -1,0 +1,399 @@
+"""Speed of clipcap's model core against a 2021-reference-style baseline, on this machine, in one run.
+
+Both sides use the same sizes: GPT-2 small (random weights), K = clip_length = 10, 512-d image
+embeddings (CLIP ViT-B/32). Four comparisons:
+
+- training, transformer mapper + frozen LM, and MLP mapper + LM tuning (samples/s = pairs/s):
+  ``clipcap.train.train_model`` vs the reference loop of ``reference.py``;
+- greedy and beam-5 decoding of 20 new tokens (captions/s = images/s): batched
+  ``clipcap.decode.generate_token_ids`` vs the reference's one image at a time without KV cache.
+
+Usage (from the repository root, in the project's environment)::
+
+    python benchmarks/model_speed.py            # full size, --device auto
+    python benchmarks/model_speed.py --smoke    # tiny LM, checks the script end to end
+
+Results go to ``benchmarks/results/<device>.json`` and ``.md`` (``-smoke`` files for --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clipcap.environment import apply_offline_env
+
+apply_offline_env()
+
+import reference  # noqa: E402  (benchmarks/reference.py)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from clipcap.captions import CaptionPairs  # noqa: E402
+from clipcap.config import DecodingConfig, MapperConfig, TrainConfig  # noqa: E402
+from clipcap.decode import generate_token_ids  # noqa: E402
+from clipcap.model import ClipCap  # noqa: E402
+from clipcap.train import train_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE_LM = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, "vocab_size": 1000, "bos_token_id": 999,
+            "eos_token_id": 999}
+DEVICE_DEFAULTS = {  # flags left unset
+    "cpu": {"batch_size": 40, "warmup_steps": 1, "steps": 3, "images": 4, "decode_batch_size": 64,
+            "decode_batches": 1, "compile": False},
+    "cuda": {"batch_size": 256, "warmup_steps": 10, "steps": 30, "images": 16, "decode_batch_size": 256,
+             "decode_batches": 4, "compile": True},
+}
+SMOKE_DEFAULTS = {"batch_size": 8, "warmup_steps": 1, "steps": 2, "images": 2, "decode_batch_size": 8,
+                  "decode_batches": 1}
+HEADER = ["what", "unit", "baseline", "clipcap", "ratio", "target", "result"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed-up over the baseline (``ratio``) or an absolute rate (``absolute``)."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f">= {self.value:g}x" if self.kind == "ratio" else f">= {self.value:,.0f}/s"
+
+
+TARGETS = {  # the project's speed targets; CUDA ones measured on one H100
+    "cpu": {"train transformer+frozen": Target("ratio", 3), "train mlp+tuning": Target("ratio", 2),
+            "greedy": Target("ratio", 20)},
+    "cuda": {"train transformer+frozen": Target("absolute", 11_000), "train mlp+tuning": Target("absolute", 12_000),
+             "greedy": Target("absolute", 2_000), "beam-5": Target("absolute", 500)},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str
+    smoke: bool
+    lm: dict                    # GPT2Config overrides ({} = GPT-2 small); EOS must be the last id
+    batch_size: int             # clipcap training
+    warmup_steps: int           # untimed training steps, both sides
+    steps: int                  # timed training steps, both sides
+    images: int                 # timed images of the one-at-a-time baseline decoding
+    decode_batch_size: int      # clipcap decoding
+    decode_batches: int         # timed clipcap decoding batches
+    precision: str              # clipcap: resolved "fp32" | "bf16" (the baseline is always fp32)
+    compile: bool               # clipcap training: TrainConfig.compile
+    baseline_batch_size: int = 40
+    prefix_length: int = 10
+    clip_length: int = 10
+    dim_embedding: int = 512
+    new_tokens: int = 20
+    num_beams: int = 5
+    lr: float = 2e-5
+    seed: int = 0
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+@dataclass
+class Row:
+    what: str
+    unit: str
+    baseline: float
+    clipcap: float
+    target: Target | None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.clipcap / self.baseline
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        return (self.ratio if self.target.kind == "ratio" else self.clipcap) >= self.target.value
+
+    def cells(self) -> list[str]:
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[self.passed]
+        return [self.what, self.unit, f"{self.baseline:,.1f}", f"{self.clipcap:,.1f}", f"{self.ratio:.1f}x",
+                str(self.target or "-"), verdict]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class StepTimer:
+    """Wall time of the steps after the first ``warmup``; call ``tick`` after every step
+    (it is also a ``train_model`` ``on_step`` callback)."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup, self.step = device, warmup, 0
+        self.start = self.end = 0.0
+
+    def tick(self, record: dict | None = None) -> None:
+        synchronize(self.device)
+        self.step = record["step"] if record else self.step + 1
+        self.end = time.perf_counter()
+        if self.step == self.warmup:
+            self.start = self.end
+
+    def rate(self, items_per_step: int) -> float:
+        return (self.step - self.warmup) * items_per_step / (self.end - self.start)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def build_lm(s: Settings) -> GPT2LMHeadModel:
+    torch.manual_seed(s.seed)
+    return GPT2LMHeadModel(GPT2Config(**s.lm))
+
+
+def synthetic_pairs(s: Settings, count: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Random image embeddings and captions of COCO-like GPT-2 BPE lengths (~11.5 tokens + EOS)."""
+    generator = torch.Generator().manual_seed(s.seed)
+    eos = GPT2Config(**s.lm).eos_token_id
+    lengths = (torch.randn(count, generator=generator) * 2.5 + 11.5).round().clamp(7, 39).long().tolist()
+    token_ids = [[*torch.randint(1, eos, (n,), generator=generator).tolist(), eos] for n in lengths]
+    return torch.randn(count, s.dim_embedding, generator=generator), token_ids
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_baseline(s: Settings, mapper: str, finetune: bool) -> tuple[float, int]:
+    """(samples/s, parameters updated by the optimizer)"""
+    lm = build_lm(s)
+    model = reference.ReferenceClipCap(
+        reference.mapper(mapper, s.dim_embedding, lm.config.n_embd, s.prefix_length, s.clip_length), lm,
+        s.prefix_length, frozen_lm=not finetune).to(s.torch_device)
+    params = model.optimized_parameters()
+    optimizer = torch.optim.AdamW(params, lr=s.lr)
+    batch, total = s.baseline_batch_size, s.warmup_steps + s.steps
+    embeddings, token_ids = synthetic_pairs(s, batch * total)
+    tokens, mask = reference.pad_tokens(token_ids, s.prefix_length)
+    timer = StepTimer(s.torch_device, s.warmup_steps)
+    model.train()
+    for start in tqdm(range(0, batch * total, batch), desc="reference train", unit="step"):
+        part = slice(start, start + batch)
+        reference.train_step(model, optimizer, tokens[part].to(s.device), embeddings[part].to(s.device),
+                             mask[part].to(s.device))
+        timer.tick()
+    return timer.rate(batch), sum(p.numel() for p in params)
+
+
+def train_clipcap(s: Settings, mapper: str, finetune: bool) -> tuple[float, int]:
+    """(samples/s, parameters updated by the optimizer)"""
+    model = ClipCap(MapperConfig(type=mapper, prefix_length=s.prefix_length, clip_length=s.clip_length),
+                    s.dim_embedding, build_lm(s), finetune_lm=finetune)
+    total = s.warmup_steps + s.steps
+    embeddings, token_ids = synthetic_pairs(s, s.batch_size * total)
+    pairs = CaptionPairs(embeddings, list(range(len(token_ids))), token_ids)
+    cfg = TrainConfig(seed=s.seed, epochs=1, batch_size=s.batch_size, lr=s.lr, warmup_steps=0, device=s.device,
+                      precision=s.precision, compile=s.compile)
+    timer = StepTimer(s.torch_device, s.warmup_steps)
+    train_model(model, pairs, None, cfg, pad_token_id=model.lm.config.eos_token_id, on_step=timer.tick)
+    if timer.step != total:
+        raise RuntimeError(f"train_model ran {timer.step} steps, expected {total}")
+    return timer.rate(s.batch_size), sum(p.numel() for p in model.trainable_parameters())
+
+
+def measure_training(s: Settings, mapper: str, finetune: bool) -> Row:
+    what = f"train {mapper}+{'tuning' if finetune else 'frozen'}"
+    print(f"\n== {what}", flush=True)
+    baseline, baseline_params = train_baseline(s, mapper, finetune)
+    free_memory()
+    ours, our_params = train_clipcap(s, mapper, finetune)
+    free_memory()
+    return Row(what, "samples/s", baseline, ours, TARGETS[s.torch_device.type].get(what),
+               {"baseline_params_updated": baseline_params, "clipcap_params_updated": our_params})
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_baseline(s: Settings, model: reference.ReferenceClipCap, decode_one: Callable) -> float:
+    prefixes = torch.randn(s.images + 1, s.dim_embedding, device=s.device)
+    decode_one(model, prefixes[:1], s.new_tokens)  # warm-up
+    images = tqdm(prefixes[1:].split(1), desc="reference decode", unit="image")
+    return s.images / seconds(lambda: [decode_one(model, prefix, s.new_tokens) for prefix in images], s.torch_device)
+
+
+def decode_clipcap(s: Settings, model: ClipCap, decoding: DecodingConfig) -> tuple[float, int]:
+    """(captions/s, fewest new tokens of a batch): the EOS id is outside the vocabulary, so every
+    caption runs the full ``max_new_tokens`` like the baseline."""
+    config = model.lm.config
+    dtype = next(model.parameters()).dtype
+    embeddings = torch.randn(s.decode_batches, s.decode_batch_size, s.dim_embedding, device=s.device, dtype=dtype)
+
+    def run(batch: torch.Tensor) -> int:
+        return generate_token_ids(model, batch, eos_token_id=config.vocab_size, pad_token_id=config.eos_token_id,
+                                  decoding=decoding).shape[1]
+
+    run(embeddings[0, :8])  # warm-up
+    new_tokens: list[int] = []
+    elapsed = seconds(lambda: new_tokens.extend(map(run, tqdm(embeddings, desc="clipcap decode", unit="batch"))),
+                      s.torch_device)
+    return s.decode_batches * s.decode_batch_size / elapsed, min(new_tokens)
+
+
+def measure_decoding(s: Settings) -> list[Row]:
+    """Greedy and beam-5 on the paper's default model (transformer mapper, frozen LM)."""
+    dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+    lm = build_lm(s)
+    baseline = reference.ReferenceClipCap(
+        reference.mapper("transformer", s.dim_embedding, lm.config.n_embd, s.prefix_length, s.clip_length), lm,
+        s.prefix_length, frozen_lm=True).to(s.device).eval()
+    ours = ClipCap(MapperConfig(prefix_length=s.prefix_length, clip_length=s.clip_length), s.dim_embedding,
+                   build_lm(s)).to(s.device, dtype).eval()
+    strategies = [
+        ("greedy", reference.greedy, DecodingConfig(strategy="greedy", max_new_tokens=s.new_tokens)),
+        (f"beam-{s.num_beams}", reference.beam,
+         DecodingConfig(strategy="beam", num_beams=s.num_beams, max_new_tokens=s.new_tokens)),
+    ]
+    rows = []
+    for what, decode_one, decoding in strategies:
+        print(f"\n== {what}", flush=True)
+        baseline_rate = decode_baseline(s, baseline, decode_one)
+        our_rate, new_tokens = decode_clipcap(s, ours, decoding)
+        if new_tokens != s.new_tokens:
+            print(f"WARNING: clipcap generated only {new_tokens} new tokens, not {s.new_tokens}", flush=True)
+        rows.append(Row(what, "captions/s", baseline_rate, our_rate, TARGETS[s.torch_device.type].get(what),
+                        {"baseline_new_tokens": s.new_tokens, "clipcap_new_tokens": new_tokens}))
+    return rows
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def slug(name: str) -> str:
+    name = re.sub(r"\((R|TM)\)|@.*|\bCPU\b|\bProcessor\b|\b\d+-Core\b", " ", name, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def machine_info(device: torch.device) -> dict:
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "commit": commit or None,
+    }
+
+
+def result_stem(machine: dict, smoke: bool) -> str:
+    stem = f"cuda-{slug(machine['gpu'])}" if machine["gpu"] else f"cpu-{slug(machine['cpu'])}-{machine['cores']}c"
+    return stem + ("-smoke" if smoke else "")
+
+
+def markdown(rows: list[Row], machine: dict, s: Settings, date: str) -> str:
+    lines = [f"# clipcap model speed vs the 2021 reference ({date})", "",
+             "machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None), "",
+             "settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()), "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    lines += ["", *(f"- {row.what}: " + ", ".join(f"{k} {v:,}" for k, v in row.details.items()) for row in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[Row], machine: dict, s: Settings) -> Path:
+    date = datetime.now(UTC).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / result_stem(machine, s.smoke)
+    results = [dataclasses.asdict(row) | {"ratio": row.ratio, "passed": row.passed} for row in rows]
+    payload = {"date": date, "machine": machine, "settings": dataclasses.asdict(s), "results": results}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows, machine, s, date))
+    return stem
+
+
+def print_table(rows: list[Row]) -> None:
+    table = [HEADER, *(row.cells() for row in rows)]
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    for line in table:
+        first, *rest = line
+        print(first.ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(rest, widths[1:], strict=True)), sep="  ")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_settings() -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 and sizes: checks the script in seconds")
+    parser.add_argument("--batch-size", type=int, help="clipcap training batch (cpu 40, cuda 256)")
+    parser.add_argument("--warmup-steps", type=int, help="untimed training steps (cpu 1, cuda 10)")
+    parser.add_argument("--steps", type=int, help="timed training steps (cpu 3, cuda 30)")
+    parser.add_argument("--images", type=int, help="timed images of the per-image baseline decoding (cpu 4, cuda 16)")
+    parser.add_argument("--decode-batch-size", type=int, help="clipcap decoding batch (cpu 64, cuda 256)")
+    parser.add_argument("--decode-batches", type=int, help="timed clipcap decoding batches (cpu 1, cuda 4)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="clipcap training (TrainConfig.precision) and decoding weights; auto: bf16 on CUDA")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="TrainConfig.compile (default: on for CUDA, off for CPU)")
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    sizes = DEVICE_DEFAULTS[device] | (SMOKE_DEFAULTS if args.smoke else {})
+    chosen = {key: getattr(args, key) for key in sizes if getattr(args, key) is not None}
+    precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    return Settings(device=device, smoke=args.smoke, lm=SMOKE_LM if args.smoke else {}, precision=precision,
+                    **(sizes | chosen))
+
+
+def main() -> None:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    s = parse_settings()
+    machine = machine_info(s.torch_device)
+    print(f"machine: {machine}\nsettings: {dataclasses.asdict(s)}", flush=True)
+    rows = [measure_training(s, "transformer", finetune=False), measure_training(s, "mlp", finetune=True),
+            *measure_decoding(s)]
+    print()
+    print_table(rows)
+    stem = write_results(rows, machine, s)
+    print(f"\nwrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
