@@ -43,26 +43,34 @@ class EmbedStats:
 @torch.inference_mode()
 def encode_images(encoder: ImageEncoder, images: list[str | Path | Image.Image], batch_size: int,
                   num_workers: int = 0, progress: bool = False) -> Iterator[torch.Tensor]:
-    """Yield embeddings batch by batch for ``images`` (in order), decoding in ``num_workers`` processes."""
-    loader = DataLoader(ImageDataset(images, encoder.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    """Yield embeddings batch by batch for ``images`` (in order). Images are decoded and resized
+    in ``num_workers`` DataLoader processes, a few batches ahead, while the encoder runs."""
     device = next(encoder.parameters()).device
-    with tqdm(total=len(images), desc="embed", unit="img", disable=not progress) as bar:
+    loader = DataLoader(ImageDataset(images, encoder.preprocess), batch_size=batch_size, num_workers=num_workers,
+                        shuffle=False, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    with tqdm(total=len(images), desc="embed", unit="img", disable=not progress, smoothing=0.05) as bar:
         for pixels in loader:
-            yield encoder(pixels.to(device)).float().cpu()
+            yield encoder(pixels.to(device, non_blocking=True)).float().cpu()
             bar.update(pixels.shape[0])
 
 
 def embed_manifest(image_ids: list[str], paths: list[str], encoder: ImageEncoder, store: EmbeddingStore,
                    batch_size: int = 32, num_workers: int = 0, shard_size: int = 1024) -> EmbedStats:
-    """Encode the images whose ids the store lacks, writing a shard every ``shard_size`` images."""
+    """Encode the images whose ids the store lacks, in one pass over one DataLoader, writing a
+    shard every ``shard_size`` images: memory holds one shard of vectors, never the images, and
+    a killed run loses at most the shard in progress."""
     path_of = dict(zip(image_ids, paths))
     todo = store.missing(image_ids)
     log.info("%d images, %d already embedded with %s, %d to encode",
              len(path_of), len(path_of) - len(todo), store.encoder_key, len(todo))
-    for start in range(0, len(todo), shard_size):
-        chunk = todo[start : start + shard_size]
-        vectors = torch.cat(list(encode_images(encoder, [path_of[i] for i in chunk], batch_size, num_workers,
-                                              progress=True)))
-        store.add(chunk, vectors)
+    pending: list[torch.Tensor] = []
+    done = 0
+    for vectors in encode_images(encoder, [path_of[i] for i in todo], batch_size, num_workers, progress=bool(todo)):
+        pending.append(vectors)
+        done += len(vectors)
+        if sum(len(v) for v in pending) >= shard_size or done == len(todo):
+            block = torch.cat(pending)  # whole batches: a shard holds shard_size images, rounded up to a batch
+            store.add(todo[done - len(block) : done], block)
+            pending = []
     return EmbedStats(total=len(path_of), encoded=len(todo), reused=len(path_of) - len(todo))

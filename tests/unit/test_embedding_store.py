@@ -1,8 +1,21 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
 
 from clipcap.embed import embed_manifest
-from clipcap.embedding_store import EmbeddingStore
+from clipcap.embedding_store import INDEX, EmbeddingStore
 from clipcap.encoders import build_encoder
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "embed_images.py"
 
 
 def test_store_roundtrip_order_and_missing(tmp_path):
@@ -10,24 +23,81 @@ def test_store_roundtrip_order_and_missing(tmp_path):
     a, b = torch.randn(3, 4), torch.randn(2, 4)
     store.add(["x", "y", "z"], a)
     store.add(["u", "v"], b)
-    fresh = EmbeddingStore(tmp_path, "enc@1")  # reads shard metadata from disk
+    fresh = EmbeddingStore(tmp_path, "enc@1")  # reads the index from disk
     torch.testing.assert_close(fresh.get(["v", "x", "z"]), torch.stack([b[1], a[0], a[2]]))
     assert fresh.missing(["x", "new", "u", "new"]) == ["new"]
     assert EmbeddingStore(tmp_path, "enc@2").missing(["x"]) == ["x"]  # another encoder, another store
 
 
-def test_embedding_is_incremental(make_image, tmp_path):
-    encoder = build_encoder("efficientnet-lite0:random")
+def test_stale_or_missing_index_is_rebuilt_from_the_shards(tmp_path):
+    store = EmbeddingStore(tmp_path, "enc@1")
+    store.add(["a", "b"], torch.randn(2, 4))
+    stale = (store.dir / INDEX).read_text()  # what a kill between the next shard and its index leaves
+    store.add(["c"], torch.randn(1, 4))
+    (store.dir / INDEX).write_text(stale)
+    assert EmbeddingStore(tmp_path, "enc@1").missing(["a", "b", "c", "d"]) == ["d"]
+    (store.dir / INDEX).unlink()
+    reopened = EmbeddingStore(tmp_path, "enc@1")
+    assert len(reopened) == 3 and reopened.get(["c"]).shape == (1, 4)
+    reopened.add(["d"], torch.randn(1, 4))  # the next write brings the index up to date
+    assert len(json.loads((store.dir / INDEX).read_text())["ids"]) == 4
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def _embed(paths, store_dir, encoder, **kwargs):
+    return embed_manifest([Path(p).stem for p in paths], paths, encoder, EmbeddingStore(store_dir, encoder.key),
+                          batch_size=2, **kwargs)
+
+
+def test_embedding_is_incremental_and_keyed_by_encoder(images, tmp_path):
+    paths = sorted(str(p) for p in images.glob("*.png"))
+    random, imagenet = build_encoder("efficientnet-lite0:random"), build_encoder("efficientnet-lite0")
     store_dir = tmp_path / "store"
-    paths = [str(make_image(f"i{i}.png", color=(40 * i, 0, 0))) for i in range(3)]
-    ids = [f"id{i}" for i in range(3)]
-    first = embed_manifest(ids, paths, encoder, EmbeddingStore(store_dir, encoder.key), batch_size=2)
+    first = _embed(paths[:3], store_dir, random)
     assert (first.encoded, first.reused) == (3, 0)
-    again = embed_manifest(ids, paths, encoder, EmbeddingStore(store_dir, encoder.key), batch_size=2)
-    assert (again.encoded, again.reused) == (0, 3)
-    paths.append(str(make_image("i3.png", color=(0, 90, 0))))
-    ids.append("id3")
-    more = embed_manifest(ids, paths, encoder, EmbeddingStore(store_dir, encoder.key), batch_size=2)
-    assert (more.encoded, more.reused) == (1, 3)
-    vectors = EmbeddingStore(store_dir, encoder.key).get(ids)
-    assert vectors.shape == (4, 1280) and torch.isfinite(vectors).all()
+    again = _embed(paths[:3], store_dir, random)
+    assert (again.encoded, again.reused) == (0, 3)  # the same data: nothing encoded
+    more = _embed(paths[:7], store_dir, random)
+    assert (more.encoded, more.reused) == (4, 3)  # N new images: exactly N encoded
+    other = _embed(paths[:7], store_dir, imagenet)
+    assert (other.encoded, other.reused) == (7, 0)  # another encoder: everything again, in its own store
+    assert len(EmbeddingStore(store_dir, random.key)) == 7  # the first store is kept
+    vectors = EmbeddingStore(store_dir, random.key).get([Path(p).stem for p in paths[:7]])
+    assert vectors.shape == (7, 1280) and torch.isfinite(vectors).all()
+
+
+def test_sigkill_mid_run_resumes_without_reencoding_finished_shards(images, tmp_path):
+    paths = sorted(str(p) for p in images.glob("*.png"))
+    store_dir = tmp_path / "store"
+    job = subprocess.Popen([sys.executable, str(JOB), str(images), str(store_dir), "--shard-size", "4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    encoder = build_encoder("efficientnet-lite0:random")
+    store = EmbeddingStore(store_dir, encoder.key)
+    deadline = time.monotonic() + 240
+    while len(store.shards()) < 2 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, "the job finished before it could be killed"
+    finished = {p.name: p.read_bytes() for p in store.shards()}
+    assert 2 <= len(finished) < 10
+
+    resumed = _embed(paths, store_dir, encoder, shard_size=4)
+    assert resumed.encoded == 40 - 4 * len(finished)  # finished shards are not encoded again
+    assert all((store_dir / store.dir.name / name).read_bytes() == data for name, data in finished.items())
+    for shard in EmbeddingStore(store_dir, encoder.key).shards():  # every shard readable: nothing corrupt
+        with safe_open(shard, framework="pt") as handle:
+            assert handle.get_tensor("embeddings").shape[1] == 1280
+    ids = [Path(p).stem for p in paths]
+    uninterrupted = tmp_path / "uninterrupted"
+    _embed(paths, uninterrupted, encoder, shard_size=4)
+    torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids),
+                               EmbeddingStore(uninterrupted, encoder.key).get(ids))
