@@ -8,11 +8,13 @@ params fail at load time rather than deep inside a stage.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 
@@ -23,13 +25,85 @@ class ConfigError(ClipcapError, ValueError):
     """A ``params.yaml`` key is missing, unknown or has a bad value."""
 
 
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+ANNOTATED_SOURCES = ("karpathy", "nocaps")
+
+
+def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
+    """Where the captioned images come from (the ``fetch`` stage).
+
+    ``karpathy`` and ``nocaps`` read an annotations JSON (``annotations``, or downloaded from
+    ``annotations_url``) and images under ``root`` (or downloaded archives from ``images_url``).
+    """
+
     name: str = "tuxpaint"
-    source: Literal["tuxpaint", "folder"] = "tuxpaint"
+    source: Literal["tuxpaint", "folder", "karpathy", "nocaps"] = "tuxpaint"
     root: str | None = None
+    annotations: str | None = None
+    annotations_url: str | None = None
+    annotations_sha256: str | None = None
+    images_url: str | tuple[str, ...] | None = None
+    images_sha256: str | tuple[str, ...] | None = None
     batches_dir: str = "data"
     limit: int | None = None
+
+    @property
+    def image_urls(self) -> tuple[str, ...]:
+        return _as_tuple(self.images_url)
+
+    @property
+    def image_sha256s(self) -> tuple[str | None, ...]:
+        """One digest (or None) per entry of :attr:`image_urls`."""
+        digests = _as_tuple(self.images_sha256)
+        return digests or (None,) * len(self.image_urls)
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("dataset.limit must be >= 1 (or null for all items)")
+        for key in ("annotations_url", "images_url"):
+            for url in _as_tuple(getattr(self, key)):
+                parsed = urlparse(url)
+                if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                    raise ConfigError(f"dataset.{key}: expected an http(s) URL, got {url!r}")
+        for key in ("annotations_sha256", "images_sha256"):
+            for digest in _as_tuple(getattr(self, key)):
+                if not _SHA256.match(digest):
+                    raise ConfigError(f"dataset.{key}: expected 64 hex digits (the output of sha256sum), "
+                                      f"got {digest!r}")
+        if self.annotations_sha256 and not self.annotations_url:
+            raise ConfigError("dataset.annotations_sha256: set without dataset.annotations_url; remove it or add the URL")
+        if self.images_sha256 and len(_as_tuple(self.images_sha256)) != len(self.image_urls):
+            raise ConfigError(f"dataset.images_sha256: {len(_as_tuple(self.images_sha256))} checksum(s) for "
+                              f"{len(self.image_urls)} URL(s) in dataset.images_url; give one per URL, in the same "
+                              "order (or null to skip the check)")
+        if self.source not in ANNOTATED_SOURCES:
+            for key in ("annotations", "annotations_url", "images_url"):
+                if getattr(self, key):
+                    raise ConfigError(f"dataset.{key}: only the karpathy and nocaps sources read it "
+                                      f"(dataset.source is {self.source!r}); remove it or change dataset.source")
+        if self.source == "folder" and not self.root:
+            raise ConfigError("dataset.root: the 'folder' source needs the folder holding the images and "
+                              "captions.jsonl/captions.csv")
+        if self.source in ANNOTATED_SOURCES:
+            example = "dataset_coco.json" if self.source == "karpathy" else "nocaps_val_4500_captions.json"
+            if not self.annotations and not self.annotations_url:
+                raise ConfigError(f"dataset.annotations: the {self.source} source needs its annotations file "
+                                  f"(e.g. {example}): set dataset.annotations to a local path, or "
+                                  "dataset.annotations_url to download it")
+            if self.image_urls and self.root:
+                raise ConfigError("dataset.root: leave it null when dataset.images_url is set (the archives are "
+                                  "downloaded and extracted under $CLIPCAP_CACHE/downloads and read from there)")
+            if not self.image_urls and not self.root:
+                raise ConfigError(f"dataset.root: the {self.source} source needs the folder holding the images "
+                                  "(for COCO the one with train2014/ and val2014/), or dataset.images_url to "
+                                  "download image archives")
 
 
 @dataclass(frozen=True)
@@ -47,9 +121,28 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    """The ``validate`` stage: bad rows are quarantined; the stage fails only above ``max_bad_fraction``."""
+
     min_caption_chars: int = 2
     max_caption_chars: int = 300
     min_image_side: int = 16
+    max_image_pixels: int = 50_000_000   # width x height from the header; larger images are never decoded
+    max_bad_fraction: float = 0.05       # quarantined rows / input rows above which the stage fails
+    num_workers: int = 2                 # threads decoding images for the checks; 0 = in the calling thread
+
+    def __post_init__(self) -> None:
+        if self.min_caption_chars < 1:
+            raise ConfigError("validate.min_caption_chars must be >= 1")
+        if self.max_caption_chars < self.min_caption_chars:
+            raise ConfigError("validate.max_caption_chars must be >= validate.min_caption_chars")
+        if self.min_image_side < 1:
+            raise ConfigError("validate.min_image_side must be >= 1")
+        if self.max_image_pixels < self.min_image_side ** 2:
+            raise ConfigError("validate.max_image_pixels must be >= validate.min_image_side squared")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("validate.max_bad_fraction must be between 0 and 1")
+        if self.num_workers < 0:
+            raise ConfigError("validate.num_workers must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -194,6 +287,11 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_check_value(f"{key}[{index}]", item, inner) for index, item in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

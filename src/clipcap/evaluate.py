@@ -3,6 +3,9 @@
 - ``most_frequent``: the most frequent training caption, for every image.
 - ``retrieval``: the caption of the nearest training image by cosine similarity of the
   image embeddings (a strong baseline when the data has near-duplicates).
+
+:func:`score_by_group` scores the same systems per value of a manifest column (the nocaps
+``domain``: in-, near- and out-of-domain).
 """
 
 from __future__ import annotations
@@ -32,3 +35,19 @@ def retrieval_captions(train_embeddings: torch.Tensor, train_captions: list[list
 def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]]) -> dict[str, dict]:
     """Scores of each named system's predictions ({image id: caption})."""
     return {name: score_captions(references, predictions) for name, predictions in systems.items()}
+
+
+def score_by_group(references: dict[str, list[str]], systems: dict[str, dict[str, str]],
+                   groups: dict[str, str]) -> dict[str, dict]:
+    """Scores of each system on each group of images (``groups``: image id -> group, e.g. the nocaps
+    domain), as ``{group: {"images": n, system: scores}}``; ids without a group are left out.
+
+    Each group is scored on its own (CIDEr's document frequencies come from that group), the
+    way nocaps reports in-, near- and out-of-domain results.
+    """
+    out: dict[str, dict] = {}
+    for group in sorted(set(groups.values())):
+        ids = [i for i, g in groups.items() if g == group]
+        out[group] = {"images": len(ids), **score_systems(
+            {i: references[i] for i in ids}, {name: {i: p[i] for i in ids} for name, p in systems.items()})}
+    return out

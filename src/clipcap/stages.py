@@ -1,7 +1,9 @@
 """The six pipeline stages as plain functions of the config: what ``clipcap <verb>`` runs.
 
 fetch -> validate -> embed -> train -> evaluate -> register. Each reads the files of the
-stage before it under ``paths.artifacts`` (see :class:`Layout`) and writes its own.
+stage before it under ``paths.artifacts`` (see :class:`Layout`) and writes its own. ``fetch``
+writes every input row (``raw_manifest.parquet``); ``validate`` quarantines the bad ones and
+writes the clean ``manifest.parquet`` that every later stage reads.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ class Layout:
     def of(cls, cfg: Config) -> Layout:
         return cls(Path(cfg.paths.artifacts))
 
-    manifest = property(lambda self: self.root / "manifest.parquet")
+    raw_manifest = property(lambda self: self.root / "raw_manifest.parquet")  # fetch: every input row
+    manifest = property(lambda self: self.root / "manifest.parquet")  # validate: the clean manifest, read downstream
     validation_dir = property(lambda self: self.root / "validation")
     validation_report = property(lambda self: self.validation_dir / "report.json")
+    validation_markdown = property(lambda self: self.validation_dir / "report.md")
+    quarantine = property(lambda self: self.validation_dir / "quarantine.jsonl")
     embeddings = property(lambda self: self.root / "embeddings")
     model = property(lambda self: self.root / "model")
     checkpoints = property(lambda self: self.root / "checkpoints")
@@ -52,30 +57,41 @@ class Layout:
 
 # ---------------------------------------------------------------- fetch
 def fetch(cfg: Config) -> pd.DataFrame:
-    from clipcap.data.manifest import build_manifest, collect_items, write_manifest
+    """Read the configured source and the user batches (downloading what is configured) into the
+    records table: one row per input row, unreadable rows included with their problem."""
+    from clipcap.data.manifest import build_records, collect_records, write_records
 
     layout = Layout.of(cfg)
-    frame = build_manifest(collect_items(cfg.dataset), cfg.split)
-    write_manifest(frame, layout.manifest)
-    counts = frame["split"].value_counts().to_dict()
-    log.info("manifest: %d images (%s) -> %s", len(frame),
-             ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), layout.manifest)
-    return frame
+    records = build_records(collect_records(cfg.dataset), cfg.split)
+    write_records(records, layout.raw_manifest)
+    problems = records.loc[records["problem"] != "", "problem"].value_counts().to_dict()
+    log.info("fetch: %d input rows, %d image files%s -> %s", len(records), records["path"].nunique(),
+             "; unreadable rows: " + ", ".join(f"{k} {v}" for k, v in problems.items()) if problems else "",
+             layout.raw_manifest)
+    return records
 
 
 # ---------------------------------------------------------------- validate
 def validate(cfg: Config) -> None:
-    from clipcap.data.manifest import read_manifest
-    from clipcap.data.validate import DataValidationError, validate_manifest
+    """Quarantine the bad input rows (one reason each), write the clean manifest and the reports;
+    fail only when the quarantined fraction exceeds ``validate.max_bad_fraction``."""
+    from clipcap.data.manifest import read_records, write_manifest
+    from clipcap.data.validate import DataValidationError, validate_records, write_quarantine
 
     layout = Layout.of(cfg)
-    frame = read_manifest(layout.manifest)
-    report = validate_manifest(frame, cfg.validate)
-    write_json(layout.validation_report, report.to_dict())
-    write_text(layout.validation_dir / "report.md", report.to_markdown())
-    if not report.success:
-        raise DataValidationError(f"{report.summary()}\nFull report: {layout.validation_dir / 'report.md'}")
-    log.info("validation passed: %d rows -> %s", report.rows, layout.validation_report)
+    result = validate_records(read_records(layout.raw_manifest), cfg.validate)
+    write_quarantine(result.quarantine, layout.quarantine)
+    write_json(layout.validation_report, result.to_dict())
+    write_text(layout.validation_markdown, result.to_markdown(layout.quarantine))
+    if not result.success:
+        layout.manifest.unlink(missing_ok=True)  # later stages must not run on a stale manifest
+        raise DataValidationError(result.failure_message(layout.quarantine, layout.validation_markdown))
+    write_manifest(result.manifest, layout.manifest)
+    counts = result.manifest["split"].value_counts().to_dict()
+    log.info("validate: %d clean rows in %d images (%s) -> %s; %d quarantined (%.1f%%%s) -> %s",
+             result.clean_records, len(result.manifest), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+             layout.manifest, result.quarantined, 100 * result.bad_fraction,
+             f": {result.reasons_text()}" if result.quarantined else "", layout.quarantine)
 
 
 # ---------------------------------------------------------------- embed
@@ -95,7 +111,7 @@ def embed(cfg: Config) -> None:
 
 
 def _split_data(cfg: Config, *splits: str) -> list[tuple[pd.DataFrame, torch.Tensor]]:
-    """For each split: its manifest rows and their embeddings."""
+    """For each split: its rows of the clean manifest (written by ``validate``) and their embeddings."""
     from clipcap.data.manifest import read_manifest
     from clipcap.embedding_store import EmbeddingStore
     from clipcap.encoders import encoder_key
@@ -174,7 +190,7 @@ def _training_fingerprint(cfg: Config, *splits: pd.DataFrame) -> str:
 def evaluate(cfg: Config) -> dict:
     from clipcap.captioner import load_captioner_model
     from clipcap.decode import generate_captions
-    from clipcap.evaluate import most_frequent_caption, retrieval_captions, score_systems
+    from clipcap.evaluate import most_frequent_caption, retrieval_captions, score_by_group, score_systems
     from clipcap.metrics import spice_available
     from clipcap.train import resolve_device
 
@@ -203,6 +219,11 @@ def evaluate(cfg: Config) -> dict:
         "test_images": len(ids),
         "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
     }
+    if "domain" in test_rows and test_rows["domain"].notna().any():  # nocaps: in-, near-, out-of-domain
+        domains = {i: d for i, d in zip(ids, test_rows["domain"]) if isinstance(d, str) and d}
+        metrics["by_domain"] = score_by_group(references, systems, domains)
+        log.info("CIDEr of the model by domain: %s", ", ".join(
+            f"{d} {m['model']['CIDEr']:.3f} ({m['images']} images)" for d, m in metrics["by_domain"].items()))
     write_json(layout.metrics, metrics)
     _write_samples(layout, test_rows, predicted, retrieved, cfg.evaluate.num_samples)
     log.info("CIDEr: model %.3f | most frequent %.3f | retrieval %.3f -> %s", scores["model"]["CIDEr"],
@@ -239,8 +260,12 @@ def register(cfg: Config) -> dict:
     layout = Layout.of(cfg)
     metrics = read_json(layout.metrics)
     numeric = {f"{system}_{name}": value
-               for system, scores in metrics.items() if isinstance(scores, dict)
+               for system, scores in metrics.items() if isinstance(scores, dict) and system != "by_domain"
                for name, value in scores.items() if isinstance(value, (int, float))}
+    numeric.update({f"{system}_{name}_{domain}": value
+                    for domain, systems in metrics.get("by_domain", {}).items()
+                    for system, scores in systems.items() if isinstance(scores, dict)
+                    for name, value in scores.items() if isinstance(value, (int, float))})
     with layout.train_log.open() as handle:
         steps = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(handle)]
     params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
@@ -248,7 +273,7 @@ def register(cfg: Config) -> dict:
     example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
     registration = log_and_register(
         cfg.register, cfg.dataset.name, layout.model, params, numeric, steps,
-        files=[layout.metrics, layout.samples, layout.validation_dir / "report.md", layout.train_summary],
+        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary],
         example_image=example,
     )
     result = {
@@ -273,7 +298,7 @@ def summary(cfg: Config) -> str:
     lines = []
     if layout.metrics.exists():
         metrics = read_json(layout.metrics)
-        systems = [name for name, value in metrics.items() if isinstance(value, dict)]
+        systems = [name for name, value in metrics.items() if isinstance(value, dict) and name != "by_domain"]
         names = list(metrics[systems[0]])
         width = max(len(s) for s in systems)
         lines.append(f"Test split: {metrics['test_images']} images (SPICE: {metrics['spice']})")
@@ -281,6 +306,9 @@ def summary(cfg: Config) -> str:
         for system in systems:
             cells = "".join(f"{'n/a' if v is None else format(v, '.3f'):>9}" for v in metrics[system].values())
             lines.append(f"{system:<{width}}{cells}")
+        if metrics.get("by_domain"):
+            lines.append("model CIDEr by domain: " + ", ".join(
+                f"{d} {m['model']['CIDEr']:.3f} ({m['images']} images)" for d, m in metrics["by_domain"].items()))
     if layout.samples.exists():
         lines += ["", f"Sample captions: {layout.samples}"]
     if layout.registered.exists():

@@ -1,26 +1,49 @@
-"""The manifest: one row per distinct image, keyed by its content hash.
+"""The two tables of the data stages.
 
-Columns: ``image_id`` (sha256 of the file's bytes, so the same picture is one item however
-often it is listed), ``path``, ``captions`` (list), ``category``, ``source``, ``split``.
+**Records** (written by ``fetch`` to ``artifacts/raw_manifest.parquet``): one row per input row,
+that is per (image, caption) pair read from a source, plus one per row that could not be read.
+Columns: ``record`` (where it was read), ``image_id``, ``path``, ``caption``, ``category``,
+``source``, ``split``, ``domain``, ``problem`` (a reason code, "" when readable) and ``detail``.
 
-The split is a pure function of (seed, image_id): adding data never moves an existing
-image between train, val and test.
+**Manifest** (written by ``validate`` to ``artifacts/manifest.parquet`` from the records that
+passed every check): one row per distinct image. Columns: ``image_id`` (sha256 of the file's
+bytes, so the same picture is one item however often it is listed), ``path``, ``captions``
+(list), ``category``, ``source``, ``split``, ``domain`` (nocaps; null otherwise).
+
+The split is the dataset's own when it has one (Karpathy, nocaps), otherwise a pure function of
+(seed, image_id): adding data never moves an existing image between train, val and test.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from clipcap.config import ConfigError, DatasetConfig, SplitConfig
-from clipcap.data.sources import CaptionedImage, iter_batches, iter_folder, iter_tuxpaint
+from clipcap.config import DatasetConfig, SplitConfig
+from clipcap.data.sources import (
+    SourceRecord,
+    has_surrogates,
+    iter_batches,
+    iter_folder,
+    iter_tuxpaint,
+    limit_images,
+    shown,
+)
 from clipcap.fileio import file_sha256, write_atomic
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["image_id", "path", "captions", "category", "source", "split"]
+RECORD_COLUMNS = ["record", "image_id", "path", "caption", "category", "source", "split", "domain", "problem",
+                  "detail"]
+MANIFEST_COLUMNS = ["image_id", "path", "captions", "category", "source", "split", "domain"]
+UNREADABLE_FILE = "unreadable_file"
+# An image listed in several splits goes to the first of these: a test image never leaks into training.
+SPLIT_PRECEDENCE = ("test", "val", "train")
 
 
 def assign_split(image_id: str, cfg: SplitConfig) -> str:
@@ -34,41 +57,90 @@ def assign_split(image_id: str, cfg: SplitConfig) -> str:
     return "train"
 
 
-def collect_items(cfg: DatasetConfig) -> list[CaptionedImage]:
-    """The configured source plus every user batch under ``cfg.batches_dir``."""
+def iter_source(cfg: DatasetConfig) -> Iterator[SourceRecord]:
+    """The records of the configured source (``dataset.limit`` images at most), downloading what is configured."""
     if cfg.source == "tuxpaint":
-        items = list(iter_tuxpaint(cfg.root))
+        yield from limit_images(iter_tuxpaint(cfg.root), cfg.limit)
+    elif cfg.source == "folder":
+        yield from limit_images(iter_folder(cfg.root or "", source="folder"), cfg.limit)
     else:
-        if not cfg.root:
-            raise ConfigError("dataset.root: the 'folder' source needs the folder holding captions.jsonl/csv")
-        items = list(iter_folder(cfg.root, source="folder"))
-    if cfg.limit is not None:
-        items = items[: cfg.limit]
-    return items + list(iter_batches(cfg.batches_dir))
+        from clipcap.data.formats import iter_karpathy, iter_nocaps
+        from clipcap.data.remote import dataset_files
+
+        files = dataset_files(cfg)
+        reader = iter_karpathy if cfg.source == "karpathy" else iter_nocaps
+        yield from reader(files.annotations, files.image_roots, cfg.limit)
 
 
-def build_manifest(items: Iterable[CaptionedImage], split_cfg: SplitConfig) -> pd.DataFrame:
-    """Group items by content hash (captions of identical images are merged) and assign splits.
+def collect_records(cfg: DatasetConfig) -> Iterator[SourceRecord]:
+    """The configured source, then every user batch under ``cfg.batches_dir``."""
+    yield from iter_source(cfg)
+    yield from iter_batches(cfg.batches_dir)
 
-    A missing image file is kept with an empty id so that validation can name it.
+
+def _printable(text: str | None) -> str:
+    """Strings parquet can store (no lone surrogates); they only occur in rows already marked bad."""
+    text = text or ""
+    return shown(text, limit=len(text) + 1) if has_surrogates(text) else text
+
+
+def build_records(records: Iterable[SourceRecord], split_cfg: SplitConfig) -> pd.DataFrame:
+    """The records table: each image file hashed once (its ``image_id``), splits assigned.
+
+    A missing image keeps an empty ``image_id`` so that validation can name it; a file that
+    cannot be read gets the problem ``unreadable_file``.
     """
+    ids: dict[str, str | tuple[str, str]] = {}
+    rows = []
+    for record in records:
+        row = {k: _printable(v) if isinstance(v, str) else v for k, v in vars(record).items()}
+        row["record"] = row.pop("origin")
+        row["problem"] = row["problem"] or ""
+        image_id = ""
+        if not row["problem"] and row["path"]:
+            if row["path"] not in ids:
+                path = Path(row["path"])
+                try:
+                    ids[row["path"]] = file_sha256(path) if path.is_file() else ""
+                except OSError as err:
+                    ids[row["path"]] = (UNREADABLE_FILE, f"cannot read {path}: {err.strerror or err}")
+            found = ids[row["path"]]
+            if isinstance(found, tuple):
+                row["problem"], row["detail"] = found
+            else:
+                image_id = found
+        row["image_id"] = image_id
+        row["split"] = row["split"] or (assign_split(image_id, split_cfg) if image_id else "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS).astype({"domain": object})
+
+
+def group_records(records: pd.DataFrame) -> pd.DataFrame:
+    """The manifest from good records: one row per image id, its captions in input order.
+
+    Path, category, source and domain are the first record's; an image listed in several splits
+    takes the first of :data:`SPLIT_PRECEDENCE` (so a test image is never trained on).
+    """
+    rank = {split: index for index, split in enumerate(SPLIT_PRECEDENCE)}
     rows: dict[str, dict] = {}
-    for item in items:
-        path = Path(item.path)
-        image_id = file_sha256(path) if path.is_file() else f"missing:{path}"
-        row = rows.get(image_id)
+    conflicts = 0
+    for record in records.itertuples(index=False):
+        row = rows.get(record.image_id)
+        domain = record.domain if isinstance(record.domain, str) and record.domain else None
         if row is None:
-            rows[image_id] = {
-                "image_id": image_id,
-                "path": str(path),
-                "captions": list(item.captions),
-                "category": item.category,
-                "source": item.source,
-                "split": assign_split(image_id, split_cfg),
-            }
-        else:
-            row["captions"].extend(c for c in item.captions if c not in row["captions"])
-    frame = pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS)
+            rows[record.image_id] = {"image_id": record.image_id, "path": record.path, "captions": [record.caption],
+                                     "category": record.category, "source": record.source, "split": record.split,
+                                     "domain": domain}
+            continue
+        row["captions"].append(record.caption)
+        row["domain"] = row["domain"] or domain
+        if record.split != row["split"]:
+            conflicts += 1
+            row["split"] = min(row["split"], record.split, key=lambda s: rank.get(s, len(rank)))
+    if conflicts:
+        log.warning("%d records list an image already seen in another split; each such image goes to the first "
+                    "of %s", conflicts, "/".join(SPLIT_PRECEDENCE))
+    frame = pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS).astype({"domain": object})
     return frame.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
@@ -80,3 +152,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def read_records(path: str | Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    return frame.astype({"domain": object}).reset_index(drop=True)
+
+
+write_records = write_manifest

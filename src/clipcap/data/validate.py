@@ -1,168 +1,390 @@
-"""Validation of the manifest: a Great Expectations 1.x suite plus per-image checks.
+"""Validation: every input row is either kept (clean manifest) or quarantined with one reason.
 
-:func:`validate_manifest` returns a :class:`ValidationReport` naming every failing row and
-the reason; the ``validate`` stage writes it (JSON + Markdown) and fails when it is not clean.
+:func:`validate_records` checks the records table written by ``fetch`` (one row per input
+row, see :mod:`clipcap.data.manifest`) in this order, the first failing check giving the row's
+reason:
+
+1. problems met while reading (``invalid_utf8``, ``invalid_json``, ``invalid_csv``,
+   ``missing_field``, ``unsafe_path``, ``bad_split``, ``unreadable_file``);
+2. the image, checked once per distinct file (:func:`check_image`): ``missing_file``,
+   ``empty_file``, ``not_an_image``, ``too_large`` (width x height from the header above
+   ``validate.max_image_pixels``: never decoded), ``too_small``, ``corrupt_image`` (does not
+   decode, e.g. truncated), ``unsupported_mode`` (cannot become RGB);
+3. a Great Expectations 1.x suite on the captions and splits: ``control_characters``,
+   ``empty_caption``, ``caption_too_short``, ``caption_too_long``, ``bad_split``;
+4. ``duplicate``: the same image (by content) with the same caption again; the first one stays.
+
+Captions are kept with their whitespace normalised (runs of spaces, tabs and newlines become
+one space; leading and trailing whitespace dropped). The good rows are grouped into the clean
+manifest (one row per image), which a second suite checks (unique ids, known splits). The stage
+fails only when the quarantined fraction exceeds ``validate.max_bad_fraction``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from clipcap.config import ValidateConfig
-from clipcap.data.manifest import SPLITS
+from clipcap.data import sources
+from clipcap.data.images import ImageTooLargeError, apply_orientation, open_image, to_rgb
+from clipcap.data.manifest import SPLITS, UNREADABLE_FILE, group_records
 from clipcap.errors import ClipcapError
+from clipcap.fileio import write_text
 
 log = logging.getLogger(__name__)
 
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+TOO_LARGE = "too_large"
+TOO_SMALL = "too_small"
+CORRUPT_IMAGE = "corrupt_image"
+UNSUPPORTED_MODE = "unsupported_mode"
+CONTROL_CHARACTERS = "control_characters"
+EMPTY_CAPTION = "empty_caption"
+CAPTION_TOO_SHORT = "caption_too_short"
+CAPTION_TOO_LONG = "caption_too_long"
+DUPLICATE = "duplicate"
+
+# Every reason a row can be quarantined for, and how to fix it (the report prints these).
+REASONS = {
+    sources.INVALID_UTF8: "save the captions file as UTF-8",
+    sources.INVALID_JSON: 'make each line one JSON object: {"image": "a.jpg", "caption": "..."}',
+    sources.INVALID_CSV: "quote CSV fields that hold commas or quotes; one row per line",
+    sources.MISSING_FIELD: "give every row an image path and a caption",
+    sources.UNSAFE_PATH: "give image paths relative to the dataset folder, without '..', a leading '/' or "
+                         "symlinks pointing outside it",
+    sources.BAD_SPLIT: "use one of the splits train, val, test (Karpathy: also restval)",
+    UNREADABLE_FILE: "make the image file readable (permissions)",
+    MISSING_FILE: "add the image file, or remove its row",
+    EMPTY_FILE: "the file is empty (0 bytes): copy or download it again",
+    NOT_AN_IMAGE: "the file is not an image (text, HTML error page...): replace it with the real image",
+    TOO_LARGE: "downscale the image, or raise validate.max_image_pixels",
+    TOO_SMALL: "use a larger image, or lower validate.min_image_side",
+    CORRUPT_IMAGE: "the image is truncated or damaged: copy, export or download it again",
+    UNSUPPORTED_MODE: "convert the image to RGB (or grayscale) and save it again",
+    CONTROL_CHARACTERS: "remove control characters (escape codes, NUL, bell...) from the caption",
+    EMPTY_CAPTION: "write a caption, or remove the row",
+    CAPTION_TOO_SHORT: "write a longer caption, or lower validate.min_caption_chars",
+    CAPTION_TOO_LONG: "shorten the caption, or raise validate.max_caption_chars",
+    DUPLICATE: "the same image with the same caption appears earlier: remove the repeated row",
+}
+CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # C0 and C1 controls except tab, newline, return
+QUARANTINE_COLUMNS = ["record", "reason", "detail", "path", "caption", "source"]
+
 
 class DataValidationError(ClipcapError, RuntimeError):
-    """The data failed validation; the message names the failing rows."""
+    """Too much of the data failed validation; the message says how much, where it is listed and how to fix it."""
 
 
-@dataclass
-class RowFailure:
-    row: int
-    image_id: str
-    path: str
-    reasons: list[str]
+def normalize_caption(text: str) -> str:
+    """Whitespace runs (spaces, tabs, newlines) become one space; the ends are stripped."""
+    return " ".join(text.split())
 
 
-@dataclass
-class ValidationReport:
-    rows: int
-    expectations: list[dict] = field(default_factory=list)
-    failures: list[RowFailure] = field(default_factory=list)
+# ---------------------------------------------------------------- images
+def check_image(path: str | Path, cfg: ValidateConfig) -> tuple[str, str] | None:
+    """``(reason, detail)`` when the image at ``path`` is unusable, None when it is fine.
 
-    @property
-    def success(self) -> bool:
-        return not self.failures and all(e["success"] for e in self.expectations)
-
-    def to_dict(self) -> dict:
-        return {
-            "success": self.success,
-            "rows": self.rows,
-            "failed_rows": len(self.failures),
-            "expectations": self.expectations,
-            "failures": [asdict(f) for f in self.failures],
-        }
-
-    def summary(self, max_rows: int = 20) -> str:
-        lines = [f"{len(self.failures)} of {self.rows} manifest rows failed validation:"]
-        for failure in self.failures[:max_rows]:
-            lines.append(f"  row {failure.row} ({failure.path}): {'; '.join(failure.reasons)}")
-        if len(self.failures) > max_rows:
-            lines.append(f"  ... and {len(self.failures) - max_rows} more (see the report)")
-        lines.append("Fix or remove these images/captions (user batches live under data/), then re-run.")
-        return "\n".join(lines)
-
-    def to_markdown(self) -> str:
-        status = "PASSED" if self.success else "FAILED"
-        lines = [f"# Data validation: {status}", "", f"Rows checked: {self.rows}", "", "## Expectations", ""]
-        lines += ["| expectation | column | result | failing rows |", "|---|---|---|---|"]
-        for exp in self.expectations:
-            lines.append(
-                f"| {exp['expectation']} | {exp['column']} | {'ok' if exp['success'] else 'FAIL'} "
-                f"| {', '.join(map(str, exp['failing_rows'][:10]))} |"
-            )
-        lines += ["", "## Failing rows", ""]
-        if not self.failures:
-            lines.append("None.")
-        for failure in self.failures:
-            lines.append(f"- row {failure.row} `{failure.path}`: {'; '.join(failure.reasons)}")
-        return "\n".join(lines) + "\n"
+    The header is read first: an image over ``cfg.max_image_pixels`` pixels or under
+    ``cfg.min_image_side`` is refused without decoding. Then the image is decoded and converted
+    exactly as :func:`clipcap.data.images.load_rgb` does for training and inference.
+    """
+    file = Path(path)
+    try:
+        if not file.exists():
+            return MISSING_FILE, f"image file not found: {file}"
+        if not file.is_file():
+            return MISSING_FILE, f"{file} is not a regular file"
+        if file.stat().st_size == 0:
+            return EMPTY_FILE, f"{file} is empty (0 bytes)"
+    except OSError as err:
+        return UNREADABLE_FILE, f"cannot read {file}: {err}"
+    try:
+        image = open_image(file, cfg.max_image_pixels)
+    except ImageTooLargeError as err:
+        return TOO_LARGE, str(err)
+    except UnidentifiedImageError:
+        return NOT_AN_IMAGE, f"{file} is not an image format PIL can read"
+    except Exception as err:  # PIL raises many types on damaged headers
+        return CORRUPT_IMAGE, f"{file}: header does not parse ({type(err).__name__}: {err})"
+    with image:
+        width, height = image.size
+        if min(width, height) < cfg.min_image_side:
+            return TOO_SMALL, f"{file} is {width}x{height}, smaller than validate.min_image_side={cfg.min_image_side}"
+        try:
+            image.load()
+        except Exception as err:
+            return CORRUPT_IMAGE, f"{file} does not decode ({type(err).__name__}: {err})"
+        try:
+            to_rgb(apply_orientation(image))
+        except Exception as err:
+            return UNSUPPORTED_MODE, (f"{file} (mode {image.mode}) cannot be converted to RGB "
+                                      f"({type(err).__name__}: {err})")
+    return None
 
 
-def _caption_stats(frame: pd.DataFrame) -> pd.DataFrame:
-    lengths = frame["captions"].map(lambda cs: [len(str(c).strip()) for c in cs] or [0])
-    return frame.assign(
-        n_captions=frame["captions"].map(len),
-        min_caption_chars=lengths.map(min),
-        max_caption_chars=lengths.map(max),
-    )
+def check_images(paths: list[str], cfg: ValidateConfig) -> list[tuple[str, str] | None]:
+    """:func:`check_image` for each path, in ``cfg.num_workers`` threads (PIL decodes without the GIL)."""
+    check: Callable[[str], tuple[str, str] | None] = lambda p: check_image(p, cfg)  # noqa: E731
+    if cfg.num_workers == 0 or len(paths) < 2:
+        return [check(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="validate") as pool:
+        return list(pool.map(check, paths))
 
 
-def _expectations(cfg: ValidateConfig) -> list:
+# ---------------------------------------------------------------- Great Expectations
+def _record_expectations(cfg: ValidateConfig) -> list:
     import great_expectations as gx
 
     e = gx.expectations
     return [
-        *(e.ExpectColumnValuesToNotBeNull(column=c) for c in ("image_id", "path", "category", "split")),
+        e.ExpectColumnValuesToNotMatchRegex(column="caption_raw", regex=CONTROL_REGEX,
+                                            meta={"reason": CONTROL_CHARACTERS}),
+        e.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1, meta={"reason": EMPTY_CAPTION}),
+        e.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=cfg.min_caption_chars,
+                                              meta={"reason": CAPTION_TOO_SHORT}),
+        e.ExpectColumnValueLengthsToBeBetween(column="caption", max_value=cfg.max_caption_chars,
+                                              meta={"reason": CAPTION_TOO_LONG}),
+        e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), meta={"reason": sources.BAD_SPLIT}),
+    ]
+
+
+def _manifest_expectations() -> list:
+    import great_expectations as gx
+
+    e = gx.expectations
+    return [
+        *(e.ExpectColumnValuesToNotBeNull(column=c) for c in ("image_id", "path", "category", "source", "split")),
         e.ExpectColumnValuesToBeUnique(column="image_id"),
         e.ExpectColumnValuesToMatchRegex(column="image_id", regex=r"^[0-9a-f]{64}$"),
         e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         e.ExpectColumnValuesToBeBetween(column="n_captions", min_value=1),
-        e.ExpectColumnValuesToBeBetween(column="min_caption_chars", min_value=cfg.min_caption_chars),
-        e.ExpectColumnValuesToBeBetween(column="max_caption_chars", max_value=cfg.max_caption_chars),
     ]
 
 
-def run_expectations(frame: pd.DataFrame, cfg: ValidateConfig) -> list[dict]:
-    """Run the GX suite on the manifest; one dict per expectation with its failing row indices."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+class _Suites:
+    """One ephemeral GX context running named suites on pandas frames."""
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_definition = (
-        context.data_sources.add_pandas("clipcap")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("manifest")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
-    for expectation in _expectations(cfg):
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest", data=batch_definition, suite=suite)
-    )
-    table = _caption_stats(frame).drop(columns=["captions"])
-    result = definition.run(batch_parameters={"dataframe": table}, result_format="COMPLETE")
-    out = []
-    for item in result.results:
-        config = item.expectation_config
-        out.append(
-            {
-                "expectation": config.type,
-                "column": config.kwargs.get("column"),
-                "success": bool(item.success),
-                "failing_rows": [int(i) for i in (item.result.get("unexpected_index_list") or [])],
-            }
-        )
-    return out
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.gx = gx
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.source = self.context.data_sources.add_pandas("clipcap")
+
+    def run(self, name: str, frame: pd.DataFrame, expectations: list) -> list[dict]:
+        """One dict per expectation: its type, column, reason (meta), success and failing index labels."""
+        gx = self.gx
+        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = self.context.suites.add(gx.ExpectationSuite(name=name))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        result = definition.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
+        out = []
+        for item in result.results:
+            config = item.expectation_config
+            failing = [int(i) for i in (item.result.get("unexpected_index_list") or [])]
+            out.append({"suite": name, "expectation": config.type, "column": config.kwargs.get("column"),
+                        "reason": (config.meta or {}).get("reason"), "success": bool(item.success),
+                        "failing_rows": len(failing), "failing_index": failing})
+        return out
 
 
-def check_image(path: str | Path, min_side: int) -> list[str]:
-    """Reasons the image at ``path`` is unusable (empty when it is fine)."""
-    path = Path(path)
-    if not path.is_file():
-        return [f"image file not found: {path}"]
-    try:
-        with Image.open(path) as image:
-            image.load()
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return [f"image does not decode ({type(err).__name__}: {err})"]
-    if min(width, height) < min_side:
-        return [f"image is {width}x{height}, smaller than validate.min_image_side={min_side}"]
-    return []
+# ---------------------------------------------------------------- the result
+@dataclass
+class ValidationResult:
+    records: int                    # input rows
+    manifest: pd.DataFrame          # the clean manifest: one row per image
+    quarantine: pd.DataFrame        # one row per rejected input row, with its reason
+    max_bad_fraction: float
+    expectations: list[dict] = field(default_factory=list)
+
+    @property
+    def quarantined(self) -> int:
+        return len(self.quarantine)
+
+    @property
+    def clean_records(self) -> int:
+        return self.records - self.quarantined
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.quarantined / self.records if self.records else 0.0
+
+    @property
+    def reason_counts(self) -> dict[str, int]:
+        return dict(Counter(self.quarantine["reason"]).most_common())
+
+    @property
+    def manifest_ok(self) -> bool:
+        return all(e["success"] for e in self.expectations if e["suite"] == "manifest")
+
+    @property
+    def success(self) -> bool:
+        return len(self.manifest) > 0 and self.bad_fraction <= self.max_bad_fraction and self.manifest_ok
+
+    def reasons_text(self) -> str:
+        return ", ".join(f"{reason} {count}" for reason, count in self.reason_counts.items()) or "none"
+
+    def failure_message(self, quarantine_path: str | Path, report_path: str | Path) -> str:
+        where = (f"The quarantined rows, one reason each, are in {quarantine_path} (summary: {report_path}).")
+        if self.records == 0:
+            return "No input rows at all: the dataset source and data/ yielded nothing; check dataset.* in params.yaml."
+        if not self.manifest_ok:
+            failed = [f"{e['expectation']} on {e['column']}" for e in self.expectations
+                      if e["suite"] == "manifest" and not e["success"]]
+            return f"The clean manifest failed its expectations ({'; '.join(failed)}). {where}"
+        if len(self.manifest) == 0:
+            return (f"All {self.records} input rows were quarantined ({self.reasons_text()}). {where} "
+                    "Fix the data (or the dataset.* paths in params.yaml) and run again.")
+        return (f"{self.quarantined} of {self.records} input rows ({self.bad_fraction:.1%}) were quarantined, more "
+                f"than validate.max_bad_fraction={self.max_bad_fraction:g} ({self.max_bad_fraction:.1%}). "
+                f"By reason: {self.reasons_text()}. {where} Fix or remove those rows and images (user batches live "
+                "under data/: then 'dvc add data'), or raise validate.max_bad_fraction in params.yaml to accept "
+                "the loss; then run again.")
+
+    def to_dict(self) -> dict:
+        return {
+            "success": self.success,
+            "input_rows": self.records,
+            "clean_rows": self.clean_records,
+            "clean_images": len(self.manifest),
+            "quarantined_rows": self.quarantined,
+            "bad_fraction": round(self.bad_fraction, 6),
+            "max_bad_fraction": self.max_bad_fraction,
+            "reasons": self.reason_counts,
+            "splits": {s: int((self.manifest["split"] == s).sum()) for s in SPLITS},
+            "expectations": [{k: v for k, v in e.items() if k != "failing_index"} for e in self.expectations],
+        }
+
+    def to_markdown(self, quarantine_path: str | Path = "quarantine.jsonl", max_rows: int = 50) -> str:
+        status = "PASSED" if self.success else "FAILED"
+        splits = ", ".join(f"{s} {int((self.manifest['split'] == s).sum())}" for s in SPLITS)
+        lines = [
+            f"# Data validation: {status}", "",
+            f"- input rows: {self.records}",
+            f"- clean rows: {self.clean_records}, grouped into {len(self.manifest)} images ({splits})",
+            f"- quarantined rows: {self.quarantined} ({self.bad_fraction:.2%}; the stage fails above "
+            f"validate.max_bad_fraction = {self.max_bad_fraction:.2%})",
+            f"- quarantine file (one JSON object per row, with its reason): `{quarantine_path}`", "",
+            "## Quarantined rows by reason", "",
+        ]
+        if self.quarantined:
+            lines += ["| reason | rows | how to fix |", "|---|---|---|"]
+            lines += [f"| {r} | {n} | {REASONS.get(r, '')} |" for r, n in self.reason_counts.items()]
+        else:
+            lines.append("None.")
+        lines += ["", "## Expectations (Great Expectations)", "",
+                  "| suite | expectation | column | result | failing rows |", "|---|---|---|---|---|"]
+        for e in self.expectations:
+            lines.append(f"| {e['suite']} | {e['expectation']} | {e['column']} | {'ok' if e['success'] else 'FAIL'} "
+                         f"| {e['failing_rows']} |")
+        if self.quarantined:
+            lines += ["", f"## Quarantined rows (first {min(max_rows, self.quarantined)} of {self.quarantined})", "",
+                      "| row | reason | detail | caption |", "|---|---|---|---|"]
+            for row in self.quarantine.head(max_rows).itertuples(index=False):
+                cells = [f"`{row.record}`", row.reason, sources.shown(row.detail, 160), sources.shown(row.caption, 60)]
+                lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        return "\n".join(lines) + "\n"
 
 
-def validate_manifest(frame: pd.DataFrame, cfg: ValidateConfig) -> ValidationReport:
-    report = ValidationReport(rows=len(frame))
-    report.expectations = run_expectations(frame, cfg)
-    reasons: dict[int, list[str]] = {}
-    for exp in report.expectations:
-        for row in exp["failing_rows"]:
-            reasons.setdefault(row, []).append(f"{exp['expectation']} failed on column {exp['column']}")
-    for row, path in enumerate(frame["path"]):
-        if problems := check_image(path, cfg.min_image_side):
-            reasons.setdefault(row, []).extend(problems)
-    for row in sorted(reasons):
-        record = frame.iloc[row]
-        report.failures.append(RowFailure(row, str(record["image_id"]), str(record["path"]), reasons[row]))
-    log.info("validated %d rows: %d failing", len(frame), len(report.failures))
-    return report
+def _cell(text: str) -> str:
+    return sources.visible(text).replace("|", "\\|")
+
+
+def write_quarantine(frame: pd.DataFrame, path: str | Path) -> None:
+    """One JSON object per quarantined row: record, reason, detail, path, caption, source."""
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in frame[QUARANTINE_COLUMNS].to_dict("records"))
+    write_text(path, "".join(lines))
+
+
+# ---------------------------------------------------------------- validation
+def validate_records(records: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
+    """Quarantine the bad input rows (one reason each) and group the good ones into the clean manifest."""
+    records = records.reset_index(drop=True)
+    reason = records["problem"].fillna("").astype(str).tolist()
+    detail = records["detail"].fillna("").astype(str).tolist()
+
+    def mark(index: int, code: str, text: str) -> None:
+        if not reason[index]:
+            reason[index], detail[index] = code, text
+
+    # 2. images, once per distinct file (by content id, or by path when it has none)
+    readable = [i for i in range(len(records)) if not reason[i]]
+    keys: dict[str, str] = {}
+    for i in readable:
+        keys.setdefault(records.at[i, "image_id"] or records.at[i, "path"], records.at[i, "path"])
+    log.info("checking %d images (%d threads)", len(keys), cfg.num_workers)
+    found = dict(zip(keys, check_images(list(keys.values()), cfg)))
+    for i in readable:
+        problem = found[records.at[i, "image_id"] or records.at[i, "path"]]
+        if problem:
+            mark(i, *problem)
+
+    # 3. captions and splits of the rows still clean: the record suite
+    captions = records["caption"].fillna("").astype(str)
+    normalized = captions.map(normalize_caption)
+    suites = _Suites()
+    expectations: list[dict] = []
+    remaining = [i for i in readable if not reason[i]]
+    if remaining:
+        table = pd.DataFrame({"caption_raw": captions, "caption": normalized, "split": records["split"]}).loc[remaining]
+        expectations = suites.run("records", table, _record_expectations(cfg))
+        for e in expectations:
+            for i in e["failing_index"]:
+                mark(i, e["reason"], _caption_detail(e["reason"], normalized[i], captions[i], cfg,
+                                                      records.at[i, "split"]))
+
+    # 4. duplicates among what is left: same image content, same normalised caption
+    first_seen: dict[tuple[str, str], str] = {}
+    for i in range(len(records)):
+        if reason[i]:
+            continue
+        key = (records.at[i, "image_id"], normalized[i])
+        if key in first_seen:
+            mark(i, DUPLICATE, f"same image and caption as {first_seen[key]}")
+        else:
+            first_seen[key] = records.at[i, "record"]
+
+    bad = pd.Series(reason).astype(bool).to_numpy()
+    quarantine = records.loc[bad].assign(reason=[r for r, b in zip(reason, bad) if b],
+                                         detail=[d for d, b in zip(detail, bad) if b])[QUARANTINE_COLUMNS]
+    good = records.loc[~bad].assign(caption=normalized[~bad])
+    manifest = group_records(good)
+    if len(manifest):
+        table = manifest.drop(columns=["captions", "domain"]).assign(n_captions=manifest["captions"].map(len))
+        expectations += suites.run("manifest", table, _manifest_expectations())
+    result = ValidationResult(len(records), manifest, quarantine.reset_index(drop=True), cfg.max_bad_fraction,
+                              expectations)
+    assert result.clean_records == len(good) and sum(map(len, manifest["captions"])) == len(good)
+    log.info("validated %d input rows: %d clean (%d images), %d quarantined (%.1f%%): %s", result.records,
+             result.clean_records, len(manifest), result.quarantined, 100 * result.bad_fraction, result.reasons_text())
+    return result
+
+
+def _caption_detail(code: str, caption: str, raw: str, cfg: ValidateConfig, split: str) -> str:
+    if code == CONTROL_CHARACTERS:
+        return f"caption holds control characters: {sources.visible(sources.shown(raw, 120))}"
+    if code == EMPTY_CAPTION:
+        return "caption is empty"
+    if code == CAPTION_TOO_SHORT:
+        return (f"caption {caption!r} has {len(caption)} characters, fewer than "
+                f"validate.min_caption_chars={cfg.min_caption_chars}")
+    if code == CAPTION_TOO_LONG:
+        return f"caption has {len(caption)} characters, more than validate.max_caption_chars={cfg.max_caption_chars}"
+    if code == sources.BAD_SPLIT:
+        return f"split {split!r} is not one of {', '.join(SPLITS)}"
+    return code
