@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,11 +25,13 @@ from imagefiles import (
 )
 
 from clipcap import stages
-from clipcap.config import Config, DatasetConfig, PathsConfig, SplitConfig, ValidateConfig
+from clipcap.config import Config, DatasetConfig, EncoderConfig, PathsConfig, SplitConfig, ValidateConfig
 from clipcap.data.images import load_rgb
 from clipcap.data.manifest import build_records, read_manifest, read_records
 from clipcap.data.sources import iter_folder
 from clipcap.data.validate import DataValidationError, validate_records
+from clipcap.embedding_store import EmbeddingStore
+from clipcap.encoders import encoder_key
 
 CHECKS = ValidateConfig(min_image_side=8, max_image_pixels=10_000_000, max_bad_fraction=0.9, num_workers=2)
 
@@ -195,6 +198,14 @@ def test_stages_write_clean_manifest_quarantine_and_report(batch, tmp_path):
     assert report["reasons"]["corrupt_image"] == 2 and report["reasons"]["unsafe_path"] == 3
     markdown = layout.validation_markdown.read_text()
     assert "PASSED" in markdown and "| unsafe_path | 3 |" in markdown and str(layout.quarantine) in markdown
+
+    # every good image is embedded (the unusual but valid ones included), nothing else
+    embed_cfg = dataclasses.replace(cfg, encoder=EncoderConfig(name="efficientnet-lite0:random", batch_size=4,
+                                                               num_workers=0))
+    stages.embed(embed_cfg)
+    store = EmbeddingStore(layout.embeddings, encoder_key(embed_cfg.encoder.name))
+    assert set(store.index()) == set(manifest["image_id"])
+    assert store.get(manifest["image_id"].tolist()).isfinite().all()
 
 
 def test_stage_fails_above_the_bad_fraction_and_says_why(batch, tmp_path):
