@@ -121,12 +121,14 @@ def _caption(args: argparse.Namespace) -> None:
 
 
 def _interpret(args: argparse.Namespace) -> None:
+    from clipcap.decode import generate_captions
     from clipcap.interpret import nearest_tokens
 
     path = image_files([args.image])[0]
     captioner = _load_captioner(args)
     embedding = captioner.embed([path])[0]
-    print(f"{path}: {captioner.caption([path])[0]}")
+    caption = generate_captions(captioner.model, captioner.tokenizer, embedding[None], DecodingConfig())[0][0]
+    print(f"{path}: {caption}")
     for position, tokens in enumerate(nearest_tokens(captioner.model, captioner.tokenizer, embedding, args.top_k)):
         print(f"prefix {position + 1:2d}: " + "  ".join(f"{t.token!r} {t.cosine:.2f}" for t in tokens))
 
