@@ -311,7 +311,8 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover - programming error
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def config_from_mapping(cls: type, data: Any, prefix: str) -> Any:
+    """One config dataclass ``cls`` from a mapping, checked like ``params.yaml`` (errors name ``prefix.key``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -328,15 +329,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         hint = hints[name]
         key = f"{prefix}.{name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
+            kwargs[name] = config_from_mapping(hint, value, key)
         else:
             kwargs[name] = _check_value(key, value, hint)
     return cls(**kwargs)
-
-
-def config_from_mapping(cls: type, data: Any, prefix: str) -> Any:
-    """One config dataclass ``cls`` from a mapping, checked like ``params.yaml`` (errors name ``prefix.key``)."""
-    return _build(cls, data, prefix)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -347,7 +343,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(hints)})")
-    return Config(**{name: _build(hints[name], data.get(name), name) for name in hints})
+    return Config(**{name: config_from_mapping(hints[name], data.get(name), name) for name in hints})
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:

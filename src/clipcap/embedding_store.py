@@ -73,9 +73,8 @@ class EmbeddingStore:
         return index  # written by the next add(): readers never write
 
     def _write_index(self, index: dict[str, tuple[str, int]]) -> None:
-        if self.dir.is_dir():
-            write_json(self.dir / INDEX, {"encoder": self.encoder_key, "shards": [p.name for p in self.shards()],
-                                          "ids": {k: list(v) for k, v in index.items()}})
+        write_json(self.dir / INDEX, {"encoder": self.encoder_key, "shards": [p.name for p in self.shards()],
+                                      "ids": {k: list(v) for k, v in index.items()}})
 
     def __len__(self) -> int:
         return len(self.index())

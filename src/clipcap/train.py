@@ -118,10 +118,9 @@ class Trainer:
         self.optimizer = _optimizer(self.params, cfg, self.device)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
                                                          self.total_steps)
-        forward = model
-        if self.context.enabled:
-            forward = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ddp = forward if self.context.enabled else None
+        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.context.enabled else None)
+        forward = self.ddp or model
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.progress = Progress()
         self.history = TrainHistory()
