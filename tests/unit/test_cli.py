@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ def captioner_dir(tmp_path_factory):
     from clipcap.model import ClipCap
 
     lm = load_lm("tiny-gpt2:n_layer=1,n_embd=32", "smollm2-135m", seed=1)
+    torch.manual_seed(0)  # the same mapper whatever ran before
     model = ClipCap(MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2), 1280, lm.model)
     return save_captioner(tmp_path_factory.mktemp("captioner") / "m", model, encoder="efficientnet-lite0:random",
                           lm_name="tiny-gpt2:n_layer=1,n_embd=32", tokenizer_name="smollm2-135m", lm_pretrained=False)
@@ -67,7 +69,8 @@ def test_interpret_prints_each_prefix_vector_as_tokens(captioner_dir, image_fold
     lines = capsys.readouterr().out.splitlines()
     prefix_lines = [line for line in lines if line.startswith("prefix")]
     assert len(prefix_lines) == 3  # K = 3
-    assert all(line.count("'") >= 8 for line in prefix_lines)  # four quoted tokens each
+    # four tokens each, every one followed by its cosine (a token may itself hold quotes or spaces)
+    assert all(len(re.findall(r" -?\d\.\d\d(?=  |$)", line)) == 4 for line in prefix_lines), prefix_lines
 
 
 def test_nearest_tokens_finds_the_token_a_prefix_vector_equals():
