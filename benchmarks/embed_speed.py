@@ -4,7 +4,7 @@ Three rates over the same images, with the same DataLoader workers and batch siz
 
 - decode: decoding + resizing alone (the DataLoader of the stage, no encoder): the I/O limit;
 - encode: the encoder alone on already-preprocessed batches: the compute limit;
-- stage: ``clipcap.embed.embed_manifest`` into a fresh store (decode, encode, shard writes).
+- stage: ``clipcap.pipeline.stages.embed.embed_missing`` into a fresh store (decode, encode, shard writes).
 
 The stage overlaps decoding with encoding, so it should reach close to the lower of the two
 limits. The issue's target compares the stage with the decode limit (>= 80%), which holds
@@ -39,9 +39,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from clipcap.embed import ImageDataset, embed_manifest  # noqa: E402
-from clipcap.embedding_store import EmbeddingStore  # noqa: E402
-from clipcap.encoders import build_encoder  # noqa: E402
+from clipcap.modeling.encoders import ImageDataset
+from clipcap.pipeline.stages.embed import embed_missing  # noqa: E402
+from clipcap.pipeline.embedding_store import EmbeddingStore  # noqa: E402
+from clipcap.modeling.encoders import build_encoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,7 +104,7 @@ def encode_rate(s: Settings, encoder, batches: int) -> float:
 def stage_rate(s: Settings, paths: list[str], encoder, store_dir: Path) -> float:
     store = EmbeddingStore(store_dir, encoder.key)
     start = time.perf_counter()
-    stats = embed_manifest([Path(p).stem for p in paths], paths, encoder, store, batch_size=s.batch_size,
+    stats = embed_missing([Path(p).stem for p in paths], paths, encoder, store, batch_size=s.batch_size,
                            num_workers=s.workers)
     elapsed = time.perf_counter() - start
     assert stats.encoded == len(paths), stats
@@ -114,11 +115,11 @@ def peak_memory_mib(s: Settings, image_dir: Path, store_dir: Path) -> dict:
     """Embed every image of ``image_dir`` in a child process; its peak RSS and its workers'."""
     code = (
         "import json, resource, sys; from pathlib import Path\n"
-        "from clipcap.embed import embed_manifest; from clipcap.embedding_store import EmbeddingStore\n"
-        "from clipcap.encoders import build_encoder\n"
+        "from clipcap.pipeline.stages.embed import embed_missing; from clipcap.pipeline.embedding_store import EmbeddingStore\n"
+        "from clipcap.modeling.encoders import build_encoder\n"
         f"paths = sorted(str(p) for p in Path({str(image_dir)!r}).glob('*.jpg'))\n"
         f"encoder = build_encoder({s.encoder!r}).to({s.device!r})\n"
-        f"stats = embed_manifest([Path(p).stem for p in paths], paths, encoder, "
+        f"stats = embed_missing([Path(p).stem for p in paths], paths, encoder, "
         f"EmbeddingStore({str(store_dir)!r}, encoder.key), batch_size={s.batch_size}, num_workers={s.workers})\n"
         "print(json.dumps({'encoded': stats.encoded, 'main_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
         " 'largest_worker_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"

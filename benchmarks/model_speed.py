@@ -42,11 +42,11 @@ import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from clipcap.captions import CaptionPairs  # noqa: E402
+from clipcap.training.batches import CaptionPairs  # noqa: E402
 from clipcap.config import DecodingConfig, MapperConfig, TrainConfig  # noqa: E402
-from clipcap.decode import generate_token_ids  # noqa: E402
-from clipcap.model import ClipCap  # noqa: E402
-from clipcap.train import train_model  # noqa: E402
+from clipcap.modeling.decode import generate_token_ids  # noqa: E402
+from clipcap.modeling.model import ClipCap  # noqa: E402
+from clipcap.training.loop import train_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE_LM = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, "vocab_size": 1000, "bos_token_id": 999,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
 
-from clipcap.model import MLPMapper, TransformerMapper
+from clipcap.modeling.model import MLPMapper, TransformerMapper
 
 PAD_LENGTH = 40  # the reference padded to mean + 10 std tokens, ~40 for COCO
 

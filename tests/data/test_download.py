@@ -113,10 +113,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/gzip")
         self.end_headers()
         payload = remainder[: len(remainder) // 2] if cut else remainder
+        with state.lock:  # counted before sending: the client may finish before this thread runs on
+            state.bytes_sent += len(payload)
         self.wfile.write(payload)
         self.wfile.flush()
-        with state.lock:
-            state.bytes_sent += len(payload)
         if cut and state.mode == "stall_first":
             time.sleep(STALL_S)  # silence past the client's timeout, before the socket closes
         if cut:

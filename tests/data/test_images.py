@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clipcap.config import ValidateConfig
-from clipcap.data.images import ImageTooLargeError, load_rgb, open_image
+from clipcap.images import ImageTooLargeError, load_rgb, open_image
 from clipcap.data.validate import check_image
 
 from imagefiles import (

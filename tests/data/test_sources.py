@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from imagefiles import noise
 
-from clipcap import stages
-from clipcap.config import Config, ConfigError, DatasetConfig, PathsConfig, ValidateConfig, config_from_dict
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.stages import fetch, validate
+from clipcap.config import Config, ConfigError, DatasetConfig, ValidateConfig, config_from_dict
 from clipcap.data.formats import iter_karpathy, iter_nocaps
 from clipcap.data.manifest import read_manifest, read_records
 from clipcap.data.sources import SourceError, resolve_image
@@ -78,14 +79,13 @@ def test_karpathy_through_fetch_and_validate(tmp_path):
     write_karpathy_images(data, [tmp_path / "coco"])
     cfg = Config(dataset=DatasetConfig(source="karpathy", root=str(tmp_path / "coco"), batches_dir=NO_BATCHES,
                                        annotations=str(tmp_path / "dataset_coco.json")),
-                 validate=ValidateConfig(min_image_side=8, max_bad_fraction=0.5),
-                 paths=PathsConfig(artifacts=str(tmp_path / "artifacts")))
-    stages.fetch(cfg)
-    stages.validate(cfg)
-    manifest = read_manifest(stages.Layout.of(cfg).manifest)
+                 validate=ValidateConfig(min_image_side=8, max_bad_fraction=0.5))
+    fetch.run(cfg, Layout(tmp_path / "artifacts"))
+    validate.run(cfg, Layout(tmp_path / "artifacts"))
+    manifest = read_manifest(Layout(tmp_path / "artifacts").manifest)
     assert sorted(manifest["split"]) == ["test", "train", "train", "val"]
     assert all(captions[0].endswith("sentence 0.") for captions in manifest["captions"])  # whitespace normalised
-    reasons = [json.loads(line)["reason"] for line in stages.Layout.of(cfg).quarantine.read_text().splitlines()]
+    reasons = [json.loads(line)["reason"] for line in Layout(tmp_path / "artifacts").quarantine.read_text().splitlines()]
     assert sorted(reasons) == ["bad_split", "empty_caption"]
 
 
@@ -106,14 +106,13 @@ def test_nocaps_keeps_domain_and_is_all_test(tmp_path):
         noise(tmp_path / "val" / image["file_name"], size=(24, 24), seed=index)
     cfg = Config(dataset=DatasetConfig(source="nocaps", root=str(tmp_path / "val"), batches_dir=NO_BATCHES,
                                        annotations=str(tmp_path / "nocaps_val_4500_captions.json")),
-                 validate=ValidateConfig(min_image_side=8, max_bad_fraction=0.1),
-                 paths=PathsConfig(artifacts=str(tmp_path / "artifacts")))
-    records = stages.fetch(cfg)
+                 validate=ValidateConfig(min_image_side=8, max_bad_fraction=0.1))
+    records = fetch.run(cfg, Layout(tmp_path / "artifacts"))
     assert len(records) == 13 and set(records["split"]) == {"test"}
     orphan = records[records["problem"] != ""]
     assert orphan["problem"].tolist() == ["missing_field"] and "99" in orphan["detail"].iloc[0]
-    stages.validate(cfg)
-    manifest = read_manifest(stages.Layout.of(cfg).manifest)
+    validate.run(cfg, Layout(tmp_path / "artifacts"))
+    manifest = read_manifest(Layout(tmp_path / "artifacts").manifest)
     assert len(manifest) == 4 and set(manifest["split"]) == {"test"}
     assert sorted(manifest["domain"]) == ["in-domain", "near-domain", "near-domain", "out-domain"]
     assert all(len(c) == 3 for c in manifest["captions"])
@@ -254,9 +253,9 @@ def test_fetch_downloads_split_file_and_image_archives_into_the_cache(tmp_path, 
         source="karpathy", annotations="dataset_coco.json", batches_dir=NO_BATCHES,
         annotations_url="https://example.test/caption_datasets.zip",
         images_url=("https://example.test/zips/train2014.zip", "https://example.test/zips/val2014.zip"),
-        images_sha256=(train_sha, val_sha)), paths=PathsConfig(artifacts=str(tmp_path / "artifacts")))
+        images_sha256=(train_sha, val_sha)))
 
-    records = stages.fetch(cfg)
+    records = fetch.run(cfg, Layout(tmp_path / "artifacts"))
     downloads = tmp_path / "cache" / "downloads"
     assert [c[0] for c in calls] == ["https://example.test/caption_datasets.zip",
                                      "https://example.test/zips/train2014.zip", "https://example.test/zips/val2014.zip"]
@@ -266,10 +265,10 @@ def test_fetch_downloads_split_file_and_image_archives_into_the_cache(tmp_path, 
     assert len(good) == 8 and (good["image_id"].str.len() == 64).all()  # every image found in its own archive
     assert all(Path(p).is_relative_to(downloads) for p in good["path"])
     assert {Path(p).parent.name for p in good["path"]} == {"train2014", "val2014"}
-    assert len(read_records(stages.Layout.of(cfg).raw_manifest)) == len(records)
+    assert len(read_records(Layout(tmp_path / "artifacts").raw_manifest)) == len(records)
 
     calls.clear()                                                       # a second run reuses the cache
-    stages.fetch(cfg)
+    fetch.run(cfg, Layout(tmp_path / "artifacts"))
     assert len(calls) == 3 and all(target.exists() for _, target, _ in calls)
 
 
@@ -280,9 +279,8 @@ def test_fetch_with_a_plain_json_url_and_local_images(tmp_path, fake_download):
     for index, image in enumerate(data["images"]):
         noise(tmp_path / "val" / image["file_name"], size=(24, 24), seed=index)
     cfg = Config(dataset=DatasetConfig(source="nocaps", root=str(tmp_path / "val"), batches_dir=NO_BATCHES,
-                                       annotations_url="https://example.test/nocaps_val_4500_captions.json"),
-                 paths=PathsConfig(artifacts=str(tmp_path / "artifacts")))
-    records = stages.fetch(cfg)
+                                       annotations_url="https://example.test/nocaps_val_4500_captions.json"))
+    records = fetch.run(cfg, Layout(tmp_path / "artifacts"))
     assert len(calls) == 1 and calls[0][1].name == "nocaps_val_4500_captions.json"
     assert (records["problem"] == "").sum() == 12
 
@@ -291,9 +289,9 @@ def test_missing_local_files_say_which_key_to_set(tmp_path):
     cfg = DatasetConfig(source="karpathy", root=str(tmp_path), annotations=str(tmp_path / "dataset_coco.json"),
                         batches_dir=NO_BATCHES)
     with pytest.raises(SourceError, match="dataset.annotations: .* set dataset.annotations_url"):
-        stages.fetch(Config(dataset=cfg, paths=PathsConfig(artifacts=str(tmp_path / "a"))))
+        fetch.run(Config(dataset=cfg), Layout(tmp_path / "a"))
     (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy_json()))
     cfg = DatasetConfig(source="karpathy", root=str(tmp_path / "nope"), annotations=str(tmp_path / "dataset_coco.json"),
                         batches_dir=NO_BATCHES)
     with pytest.raises(SourceError, match="dataset.root: .* is not a folder"):
-        stages.fetch(Config(dataset=cfg, paths=PathsConfig(artifacts=str(tmp_path / "a"))))
+        fetch.run(Config(dataset=cfg), Layout(tmp_path / "a"))

@@ -24,14 +24,15 @@ from imagefiles import (
     truncated,
 )
 
-from clipcap import stages
-from clipcap.config import Config, DatasetConfig, EncoderConfig, PathsConfig, SplitConfig, ValidateConfig
-from clipcap.data.images import load_rgb
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.stages import embed, fetch, validate
+from clipcap.config import Config, DatasetConfig, EncoderConfig, SplitConfig, ValidateConfig
+from clipcap.images import load_rgb
 from clipcap.data.manifest import build_records, read_manifest, read_records
 from clipcap.data.sources import iter_folder
 from clipcap.data.validate import DataValidationError, validate_records
-from clipcap.embedding_store import EmbeddingStore
-from clipcap.encoders import encoder_key
+from clipcap.pipeline.embedding_store import EmbeddingStore
+from clipcap.modeling.encoders import encoder_key
 
 CHECKS = ValidateConfig(min_image_side=8, max_image_pixels=10_000_000, max_bad_fraction=0.9, num_workers=2)
 
@@ -176,17 +177,15 @@ def test_valid_unusual_images_survive_and_load_as_correct_rgb(batch):
 
 def _config(tmp_path, root, **validate) -> Config:
     return Config(dataset=DatasetConfig(source="folder", root=str(root), batches_dir=str(tmp_path / "no-batches")),
-                  validate=ValidateConfig(min_image_side=8, max_image_pixels=10_000_000, **validate),
-                  paths=PathsConfig(artifacts=str(tmp_path / "artifacts")))
+                  validate=ValidateConfig(min_image_side=8, max_image_pixels=10_000_000, **validate))
 
 
 def test_stages_write_clean_manifest_quarantine_and_report(batch, tmp_path):
     root, bad, good = batch
-    cfg = _config(tmp_path, root, max_bad_fraction=0.9)
-    stages.fetch(cfg)
-    layout = stages.Layout.of(cfg)
+    cfg, layout = _config(tmp_path, root, max_bad_fraction=0.9), Layout(tmp_path / "artifacts")
+    fetch.run(cfg, layout)
     assert len(read_records(layout.raw_manifest)) == len(bad) + len(good)
-    stages.validate(cfg)
+    validate.run(cfg, layout)
     manifest = read_manifest(layout.manifest)
     assert sum(map(len, manifest["captions"])) == len(good)
     assert list(manifest.columns) == ["image_id", "path", "captions", "category", "source", "split", "domain"]
@@ -202,7 +201,7 @@ def test_stages_write_clean_manifest_quarantine_and_report(batch, tmp_path):
     # every good image is embedded (the unusual but valid ones included), nothing else
     embed_cfg = dataclasses.replace(cfg, encoder=EncoderConfig(name="efficientnet-lite0:random", batch_size=4,
                                                                num_workers=0))
-    stages.embed(embed_cfg)
+    embed.run(embed_cfg, layout)
     store = EmbeddingStore(layout.embeddings, encoder_key(embed_cfg.encoder.name))
     assert set(store.index()) == set(manifest["image_id"])
     assert store.get(manifest["image_id"].tolist()).isfinite().all()
@@ -210,13 +209,12 @@ def test_stages_write_clean_manifest_quarantine_and_report(batch, tmp_path):
 
 def test_stage_fails_above_the_bad_fraction_and_says_why(batch, tmp_path):
     root, bad, good = batch
-    cfg = _config(tmp_path, root, max_bad_fraction=0.05)
-    layout = stages.Layout.of(cfg)
+    cfg, layout = _config(tmp_path, root, max_bad_fraction=0.05), Layout(tmp_path / "artifacts")
     layout.manifest.parent.mkdir(parents=True)
     layout.manifest.write_text("a stale manifest from an earlier run")
-    stages.fetch(cfg)
+    fetch.run(cfg, layout)
     with pytest.raises(DataValidationError) as err:
-        stages.validate(cfg)
+        validate.run(cfg, layout)
     message = str(err.value)
     total = len(bad) + len(good)
     assert f"{len(bad)} of {total} input rows ({len(bad) / total:.1%}) were quarantined" in message
@@ -234,10 +232,9 @@ def test_a_few_bad_rows_pass_under_the_threshold(tmp_path):
         lines.append(_line(f"{index}.png", f"Noise picture number {index}."))
     lines.append(_line("missing.png", "Not there."))
     (root / "captions.jsonl").write_bytes(b"".join(lines))
-    cfg = _config(tmp_path, root, max_bad_fraction=0.05, num_workers=0)
-    stages.fetch(cfg)
-    stages.validate(cfg)
-    layout = stages.Layout.of(cfg)
+    cfg, layout = _config(tmp_path, root, max_bad_fraction=0.05, num_workers=0), Layout(tmp_path / "artifacts")
+    fetch.run(cfg, layout)
+    validate.run(cfg, layout)
     assert len(read_manifest(layout.manifest)) == 30
     assert [json.loads(q)["reason"] for q in layout.quarantine.read_text().splitlines()] == ["missing_file"]
 

@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from clipcap.embed import embed_manifest
-from clipcap.embedding_store import EmbeddingStore
-from clipcap.encoders import build_encoder
+from clipcap.pipeline.stages.embed import embed_missing
+from clipcap.pipeline.embedding_store import EmbeddingStore
+from clipcap.modeling.encoders import build_encoder
 
 ENCODER = "efficientnet-lite0:random"
 
@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = sorted(str(p) for p in args.images.glob("*.png"))
     encoder = build_encoder(ENCODER)
-    stats = embed_manifest([Path(p).stem for p in paths], paths, encoder, EmbeddingStore(args.store, encoder.key),
+    stats = embed_missing([Path(p).stem for p in paths], paths, encoder, EmbeddingStore(args.store, encoder.key),
                            batch_size=2, shard_size=args.shard_size)
     print(json.dumps(stats.__dict__))
 

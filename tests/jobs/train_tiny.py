@@ -19,16 +19,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's tiny models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers.py's tiny models
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from conftest import EOS, TINY_VOCAB, tiny_clipcap  # noqa: E402
-from clipcap.captions import CaptionPairs  # noqa: E402
+from helpers import EOS, TINY_VOCAB, tiny_clipcap  # noqa: E402
+from clipcap.training.batches import CaptionPairs  # noqa: E402
 from clipcap.config import TrainConfig  # noqa: E402
-from clipcap.distributed import current_context  # noqa: E402
-from clipcap.train import train_model  # noqa: E402
+from clipcap.training.distributed import current_context  # noqa: E402
+from clipcap.training.loop import train_model  # noqa: E402
 
 
 def synthetic_pairs(count: int, seed: int) -> CaptionPairs:

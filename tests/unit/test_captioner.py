@@ -1,9 +1,9 @@
 import torch
 
-from clipcap.captioner import load_captioner_model, save_captioner
+from clipcap.modeling.captioner import load_captioner_model, save_captioner
 from clipcap.config import MapperConfig
-from clipcap.lm import load_lm
-from clipcap.model import ClipCap
+from clipcap.modeling.lms import load_lm
+from clipcap.modeling.model import ClipCap
 
 
 def _model(finetune: bool) -> tuple[ClipCap, object]:

@@ -23,10 +23,10 @@ def test_caption_of_a_missing_image_names_it(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def captioner_dir(tmp_path_factory):
-    from clipcap.captioner import save_captioner
+    from clipcap.modeling.captioner import save_captioner
     from clipcap.config import MapperConfig
-    from clipcap.lm import load_lm
-    from clipcap.model import ClipCap
+    from clipcap.modeling.lms import load_lm
+    from clipcap.modeling.model import ClipCap
 
     lm = load_lm("tiny-gpt2:n_layer=1,n_embd=32", "smollm2-135m", seed=1)
     torch.manual_seed(0)  # the same mapper whatever ran before
@@ -74,8 +74,8 @@ def test_interpret_prints_each_prefix_vector_as_tokens(captioner_dir, image_fold
 
 
 def test_nearest_tokens_finds_the_token_a_prefix_vector_equals():
-    from clipcap.interpret import nearest_tokens
-    from conftest import tiny_clipcap
+    from clipcap.modeling.interpret import nearest_tokens
+    from helpers import tiny_clipcap
 
     model = tiny_clipcap()
     vocabulary = model.lm.get_input_embeddings().weight.detach()

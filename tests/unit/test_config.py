@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from clipcap.config import Config, ConfigError, config_from_dict, load_config
 
@@ -46,3 +47,30 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- one source of defaults
+PARAMS = ROOT / "params.yaml"
+
+
+def _leaves(data: dict, prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for key, value in data.items():
+        out += _leaves(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)]
+    return out
+
+
+def test_params_yaml_spells_out_the_defaults():
+    """params.yaml and the dataclass defaults are the same run: the documented embedded default."""
+    assert load_config(PARAMS) == Config()
+
+
+@pytest.mark.parametrize("key", [".".join(k) for k in _leaves(yaml.safe_load(PARAMS.read_text()))])
+def test_removing_a_key_from_params_yaml_changes_nothing(key):
+    data = yaml.safe_load(PARAMS.read_text())
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    assert config_from_dict(data) == load_config(PARAMS), f"without {key} the run would change"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from clipcap.config import ConfigError, DecodingConfig
-from clipcap.decode import generate_token_ids
-from conftest import EOS, PAD, scramble_lm, tiny_clipcap
+from clipcap.modeling.decode import generate_token_ids
+from helpers import EOS, PAD, scramble_lm, tiny_clipcap
 
 
 @pytest.fixture(scope="module")

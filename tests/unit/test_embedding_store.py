@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from clipcap.embed import embed_manifest
-from clipcap.embedding_store import INDEX, EmbeddingStore
-from clipcap.encoders import build_encoder
+from clipcap.pipeline.stages.embed import embed_missing
+from clipcap.pipeline.embedding_store import INDEX, EmbeddingStore
+from clipcap.modeling.encoders import build_encoder
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "embed_images.py"
 
@@ -54,7 +54,7 @@ def images(tmp_path) -> Path:
 
 
 def _embed(paths, store_dir, encoder, **kwargs):
-    return embed_manifest([Path(p).stem for p in paths], paths, encoder, EmbeddingStore(store_dir, encoder.key),
+    return embed_missing([Path(p).stem for p in paths], paths, encoder, EmbeddingStore(store_dir, encoder.key),
                           batch_size=2, **kwargs)
 
 

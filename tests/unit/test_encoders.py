@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcap.encoders import EncoderSpecError, build_encoder, encoder_key
+from clipcap.modeling.encoders import EncoderSpecError, build_encoder, encoder_key
 
 
 @pytest.mark.parametrize(("model", "dim"), [("ViT-B-32", 512), ("RN50", 1024)])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import clipcap.evaluate as evaluate
-from clipcap import stages
-from clipcap.config import Config, PathsConfig
+import clipcap.pipeline.baselines as baselines
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.reports import summary
 
 
 def test_score_by_group_scores_each_group_on_its_own_images(monkeypatch):
@@ -17,12 +17,12 @@ def test_score_by_group_scores_each_group_on_its_own_images(monkeypatch):
         exact = sum(predictions[i] in references[i] for i in predictions) / len(predictions)
         return {"CIDEr": exact}
 
-    monkeypatch.setattr(evaluate, "score_captions", fake_score)
+    monkeypatch.setattr(baselines, "score_captions", fake_score)
     references = {"a": ["A cat."], "b": ["A dog."], "c": ["A car."], "d": ["A bus."]}
     systems = {"model": {"a": "A cat.", "b": "A cow.", "c": "A car.", "d": "A car."},
                "baseline": {i: "A cat." for i in references}}
     groups = {"a": "in-domain", "b": "in-domain", "c": "out-domain"}  # d has no domain: left out
-    scores = evaluate.score_by_group(references, systems, groups)
+    scores = baselines.score_by_group(references, systems, groups)
     assert list(scores) == ["in-domain", "out-domain"]
     assert scores["in-domain"] == {"images": 2, "model": {"CIDEr": 0.5}, "baseline": {"CIDEr": 0.5}}
     assert scores["out-domain"] == {"images": 1, "model": {"CIDEr": 1.0}, "baseline": {"CIDEr": 0.0}}
@@ -30,12 +30,11 @@ def test_score_by_group_scores_each_group_on_its_own_images(monkeypatch):
 
 
 def test_summary_shows_domains_without_breaking_the_table(tmp_path):
-    cfg = Config(paths=PathsConfig(artifacts=str(tmp_path)))
     scores = {"BLEU-4": 0.1, "CIDEr": 0.5, "SPICE": None}
     metrics = {"model": scores, "baseline_retrieval": scores, "test_images": 3, "spice": "unavailable",
                "by_domain": {"in-domain": {"images": 2, "model": {**scores, "CIDEr": 0.7}, "baseline_retrieval": scores},
                              "out-domain": {"images": 1, "model": {**scores, "CIDEr": 0.2}, "baseline_retrieval": scores}}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    text = stages.summary(cfg)
+    text = summary(Layout(tmp_path))
     assert not any(line.startswith("by_domain") for line in text.splitlines())
     assert "model CIDEr by domain: in-domain 0.700 (2 images), out-domain 0.200 (1 images)" in text

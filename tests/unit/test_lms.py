@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from clipcap.captions import PadCollator
+from clipcap.training.batches import PadCollator
 from clipcap.config import DecodingConfig, MapperConfig
-from clipcap.decode import generate_token_ids
-from clipcap.model import ClipCap
-from conftest import EOS, PAD, TINY_VOCAB, assert_batched_greedy_equals_sequential
+from clipcap.modeling.decode import generate_token_ids
+from clipcap.modeling.model import ClipCap
+from helpers import EOS, PAD, TINY_VOCAB, assert_batched_greedy_equals_sequential
 
 SPECIAL = {"vocab_size": TINY_VOCAB, "eos_token_id": EOS, "bos_token_id": EOS, "pad_token_id": PAD}
 

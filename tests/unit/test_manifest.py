@@ -3,7 +3,8 @@ import json
 import pytest
 
 from clipcap.config import DatasetConfig, SplitConfig
-from clipcap.data.manifest import assign_split, build_records, collect_records, group_records
+from clipcap.data.collect import collect_records
+from clipcap.data.manifest import assign_split, build_records, group_records
 from clipcap.data.sources import SourceError, SourceRecord, iter_batches, iter_folder
 
 

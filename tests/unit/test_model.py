@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcap.captions import CaptionPairs, PadCollator
+from clipcap.training.batches import CaptionPairs, PadCollator
 from clipcap.config import DecodingConfig, TrainConfig
-from clipcap.decode import generate_token_ids
-from clipcap.train import train_model
-from conftest import EOS, PAD, assert_batched_greedy_equals_sequential, scramble_lm, tiny_clipcap
+from clipcap.modeling.decode import generate_token_ids
+from clipcap.training.loop import train_model
+from helpers import EOS, PAD, assert_batched_greedy_equals_sequential, scramble_lm, tiny_clipcap
 
 
 @pytest.mark.parametrize("mapper", ["transformer", "mlp"])
@@ -83,7 +83,7 @@ def test_overfit_model_learns_eos_and_generation_stops_there():
 
 
 def test_length_grouped_batches_cover_every_caption_once_per_epoch():
-    from clipcap.captions import LengthGroupedBatches
+    from clipcap.training.batches import LengthGroupedBatches
 
     lengths = [3, 9, 4, 12, 5, 5, 8, 2, 7, 11, 6]
     sampler = LengthGroupedBatches(lengths, batch_size=3, seed=0, group_batches=2)

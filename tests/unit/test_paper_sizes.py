@@ -5,7 +5,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.config import MapperConfig
-from clipcap.model import ClipCap
+from clipcap.modeling.model import ClipCap
 
 GPT2_SMALL = 124_439_808  # its parameters (tied embeddings counted once)
 

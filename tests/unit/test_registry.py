@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clipcap.config import ConfigError, RegisterConfig
-from clipcap.registry import log_and_register
+from clipcap.pipeline.registry import log_and_register
 
 
 @pytest.fixture

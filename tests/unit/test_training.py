@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipcap.captions import CaptionPairs
-from clipcap.checkpoint import latest_checkpoint, list_checkpoints
+from clipcap.training.batches import CaptionPairs
+from clipcap.training.checkpoints import latest_checkpoint, list_checkpoints
 from clipcap.config import TrainConfig
 from clipcap.errors import ClipcapError
-from clipcap.train import mean_loss, train_model
-from conftest import EOS, PAD, TINY_VOCAB, tiny_clipcap
+from clipcap.training.loop import mean_loss, train_model
+from helpers import EOS, PAD, TINY_VOCAB, tiny_clipcap
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "train_tiny.py"
 
@@ -120,7 +120,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     best = min(val_losses)
     assert val_losses.index(best) == len(val_losses) - 3  # two epochs without improvement
     from torch.utils.data import DataLoader
-    from clipcap.captions import PadCollator
+    from clipcap.training.batches import PadCollator
 
     restored = mean_loss(model, DataLoader(val, batch_size=4, collate_fn=PadCollator(PAD)), torch.device("cpu"))
     assert restored == pytest.approx(best, rel=1e-5)
@@ -145,7 +145,7 @@ def test_half_written_checkpoint_is_ignored_and_foreign_one_refused(tmp_path):
 
 
 def test_distributed_batches_split_one_order_between_ranks():
-    from clipcap.captions import LengthGroupedBatches
+    from clipcap.training.batches import LengthGroupedBatches
 
     lengths = list(range(2, 23))
     one = list(LengthGroupedBatches(lengths, 2, seed=3))

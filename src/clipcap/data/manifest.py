@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from clipcap.config import DatasetConfig, SplitConfig
-from clipcap.data.sources import (
-    SourceRecord,
-    has_surrogates,
-    iter_batches,
-    iter_folder,
-    iter_tuxpaint,
-    limit_images,
-    shown,
-)
+from clipcap.config import SplitConfig
+from clipcap.data.sources import SourceRecord, has_surrogates, shown
 from clipcap.fileio import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
@@ -55,27 +47,6 @@ def assign_split(image_id: str, cfg: SplitConfig) -> str:
     if u < cfg.test_fraction + cfg.val_fraction:
         return "val"
     return "train"
-
-
-def iter_source(cfg: DatasetConfig) -> Iterator[SourceRecord]:
-    """The records of the configured source (``dataset.limit`` images at most), downloading what is configured."""
-    if cfg.source == "tuxpaint":
-        yield from limit_images(iter_tuxpaint(cfg.root), cfg.limit)
-    elif cfg.source == "folder":
-        yield from limit_images(iter_folder(cfg.root or "", source="folder"), cfg.limit)
-    else:
-        from clipcap.data.formats import iter_karpathy, iter_nocaps
-        from clipcap.data.remote import dataset_files
-
-        files = dataset_files(cfg)
-        reader = iter_karpathy if cfg.source == "karpathy" else iter_nocaps
-        yield from reader(files.annotations, files.image_roots, cfg.limit)
-
-
-def collect_records(cfg: DatasetConfig) -> Iterator[SourceRecord]:
-    """The configured source, then every user batch under ``cfg.batches_dir``."""
-    yield from iter_source(cfg)
-    yield from iter_batches(cfg.batches_dir)
 
 
 def _printable(text: str | None) -> str:

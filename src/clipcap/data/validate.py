@@ -35,7 +35,7 @@ from PIL import UnidentifiedImageError
 
 from clipcap.config import ValidateConfig
 from clipcap.data import sources
-from clipcap.data.images import ImageTooLargeError, apply_orientation, open_image, to_rgb
+from clipcap.images import ImageTooLargeError, apply_orientation, open_image, to_rgb
 from clipcap.data.manifest import SPLITS, UNREADABLE_FILE, group_records
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_text

@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint is a folder ``step-00000123/`` holding ``tensors.safetensors`` (model, optimizer
-state, RNG states) and ``state.json`` (step, epoch, position in the epoch, scheduler, history).
+state, RNG states), ``best.safetensors`` when early stopping keeps the best epoch's weights, and
+``state.json`` (step, epoch, position in the epoch, scheduler, history).
 It is written under a temporary name and renamed into place, so a run killed at any moment
 leaves either the previous checkpoints or the new one complete - never a half-written one.
 No pickle: both files load without executing code.
@@ -25,7 +26,7 @@ from clipcap.fileio import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-TENSORS, STATE = "tensors.safetensors", "state.json"
+TENSORS, BEST, STATE = "tensors.safetensors", "best.safetensors", "state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -33,10 +34,11 @@ _NAME = re.compile(r"^step-(\d{8})$")
 class Checkpoint:
     """What a checkpoint holds, in memory."""
 
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor]          # what ClipCap.weights() returns
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
-    state: dict[str, Any]  # JSON-serialisable: step, epoch, scheduler, history...
+    state: dict[str, Any]                   # JSON-serialisable: step, epoch, scheduler, history...
+    best: dict[str, torch.Tensor] | None = None  # the best epoch's weights (early stopping), if kept
 
 
 def _flatten_optimizer(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,17 +61,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases of tied weights (safetensors refuses shared storage); loading restores them."""
-    seen, out = set(), {}
-    for key, value in state_dict.items():
-        pointer = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if pointer not in seen:
-            seen.add(pointer)
-            out[key] = value.detach().cpu().contiguous()
-    return out
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -96,9 +87,10 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     optim_tensors, optim_meta = _flatten_optimizer(checkpoint.optimizer)
-    tensors = {**{f"model.{k}": v for k, v in _unique_tensors(checkpoint.model).items()}, **optim_tensors,
-               **checkpoint.rng}
+    tensors = {**{f"model.{k}": v for k, v in checkpoint.model.items()}, **optim_tensors, **checkpoint.rng}
     save_file(tensors, str(staging / TENSORS))
+    if checkpoint.best:
+        save_file(checkpoint.best, str(staging / BEST))
     write_json(staging / STATE, {**checkpoint.state, "optimizer": optim_meta})
     for path in staging.iterdir():  # durable before it becomes visible
         with open(path, "rb") as handle:
@@ -123,6 +115,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:
         tensors = load_file(str(path / TENSORS))
+        best = load_file(str(path / BEST)) if (path / BEST).exists() else None
         state = read_json(path / STATE)
     except (OSError, ValueError) as err:
         raise ClipcapError(f"{path}: unreadable checkpoint ({err}); delete it to resume from an older one") from err
@@ -130,7 +123,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     optimizer = _unflatten_optimizer(optim, state.pop("optimizer"))
-    return Checkpoint(model, optimizer, rng, state)
+    return Checkpoint(model, optimizer, rng, state, best)
 
 
 def remove_checkpoints(directory: str | Path) -> int:

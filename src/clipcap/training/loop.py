@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from clipcap.captions import CaptionPairs, LengthGroupedBatches, PadCollator
-from clipcap.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, remove_checkpoints, restore_rng,
+from clipcap.training.batches import CaptionPairs, LengthGroupedBatches, PadCollator
+from clipcap.training.checkpoints import (Checkpoint, latest_checkpoint, load_checkpoint, remove_checkpoints, restore_rng,
                                 rng_state, save_checkpoint)
 from clipcap.config import TrainConfig
-from clipcap.distributed import DistContext, current_context, init_distributed, process_device
+from clipcap.environment import resolve_device
+from clipcap.training.distributed import DistContext, current_context, init_distributed
 from clipcap.errors import ClipcapError
-from clipcap.model import ClipCap
+from clipcap.modeling.model import ClipCap
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ class Progress:
     bad_epochs: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
-    return process_device(name, DistContext())
-
-
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
@@ -62,10 +59,27 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the weight matrices only (as nanoGPT); biases, norm
+    gains, token/position embeddings and the mapper's learned prefix constants are not decayed
+    (decaying the final LayerNorm gain would pull the prefix away from the LM's token scale)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        constant = name.rsplit(".", 1)[-1] == "prefix_const"
+        matrix = param.ndim >= 2 and id(param) not in embeddings and not constant
+        (decay if matrix else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = decay_groups(model, cfg.weight_decay)
+    params = [p for group in groups for p in group["params"]]
     # the fused kernel (CUDA and CPU): one pass over all parameters instead of one op per tensor
     fused = device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
 
 @torch.no_grad()
@@ -91,7 +105,7 @@ class Trainer:
                  pad_token_id: int, checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> None:
         self.cfg, self.fingerprint = cfg, fingerprint
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.device = process_device(cfg.device, current_context())
+        self.device = resolve_device(cfg.device, current_context().local_rank)
         self.context = init_distributed(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -115,7 +129,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.batches) / cfg.grad_accum_steps)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.params = model.trainable_parameters()
-        self.optimizer = _optimizer(self.params, cfg, self.device)
+        self.optimizer = _optimizer(model, cfg, self.device)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(cfg.warmup_steps, self.total_steps),
                                                          self.total_steps)
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -136,9 +150,9 @@ class Trainer:
         if self.checkpoint_dir is None:
             return
         if self.context.is_main:
-            weights = {**self.model.weights(), **{f"best.{k}": v for k, v in self.best_weights.items()}}
-            path = save_checkpoint(self.checkpoint_dir, Checkpoint(weights, self.optimizer.state_dict(), rng_state(),
-                                                                   self._state()), keep=self.cfg.keep_checkpoints)
+            checkpoint = Checkpoint(self.model.weights(), self.optimizer.state_dict(), rng_state(), self._state(),
+                                    best=self.best_weights)
+            path = save_checkpoint(self.checkpoint_dir, checkpoint, keep=self.cfg.keep_checkpoints)
             log.debug("checkpoint %s", path)
         self.context.barrier()
 
@@ -154,9 +168,8 @@ class Trainer:
             raise ClipcapError(
                 f"{path} was written by a run with other parameters, data or process count; resume needs the "
                 f"same ones (or delete {self.checkpoint_dir} to start over)")
-        weights = {k: v for k, v in checkpoint.model.items() if not k.startswith("best.")}
-        self.best_weights = {k.removeprefix("best."): v for k, v in checkpoint.model.items() if k.startswith("best.")}
-        self.model.load_weights(weights)
+        self.best_weights = checkpoint.best or {}
+        self.model.load_weights(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(**state["progress"])
@@ -236,7 +249,7 @@ class Trainer:
             if val < progress.best_val:
                 progress.best_val, progress.bad_epochs = val, 0
                 if cfg.early_stopping_patience:
-                    self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.weights().items()}
+                    self.best_weights = {k: v.clone() for k, v in self.model.weights().items()}
             else:
                 progress.bad_epochs += 1
             if cfg.early_stopping_patience and progress.bad_epochs >= cfg.early_stopping_patience:

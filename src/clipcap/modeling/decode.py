@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from clipcap.config import DecodingConfig
-from clipcap.model import ClipCap
+from clipcap.modeling.model import ClipCap
 
 GREEDY = DecodingConfig(strategy="greedy")
 

@@ -49,16 +49,6 @@ def init_distributed(device: torch.device) -> DistContext:
     return context
 
 
-def process_device(name: str, context: DistContext) -> torch.device:
-    """``auto`` = this process's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", context.local_rank)
-    return device
-
-
 def current_context() -> DistContext:
     """The context of this process as ``torchrun`` describes it (no process group needed)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

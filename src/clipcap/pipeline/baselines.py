@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from clipcap.metrics import score_captions
+from clipcap.pipeline.metrics import score_captions
 
 
 def most_frequent_caption(train_captions: list[list[str]]) -> str:

@@ -34,7 +34,7 @@ def _as_image(value):
 
 class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from clipcap.captioner import Captioner
+        from clipcap.modeling.captioner import Captioner
 
         self.captioner = Captioner.load(context.artifacts["captioner"])
 

@@ -128,10 +128,18 @@ class ClipCap(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def weights(self, include_lm: bool | None = None) -> dict[str, torch.Tensor]:
-        """The state to save: mapper + buffers, and the LM's weights when ``include_lm``
-        (default: when the LM is fine-tuned, i.e. when they differ from the base LM)."""
+        """The state to save, on the CPU: mapper and buffers, plus the LM's weights when ``include_lm``
+        (default: when the LM is fine-tuned, i.e. when they differ from the base LM). A tensor shared
+        by several keys (tied input/output embeddings) is kept once, under its first key:
+        safetensors refuses shared storage, and :meth:`load_weights` restores the alias."""
         include_lm = self.finetune_lm if include_lm is None else include_lm
-        return {k: v for k, v in self.state_dict().items() if include_lm or not k.startswith("lm.")}
+        seen, out = set(), {}
+        for key, value in self.state_dict().items():
+            pointer = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            if (include_lm or not key.startswith("lm.")) and pointer not in seen:
+                seen.add(pointer)
+                out[key] = value.detach().cpu().contiguous()
+        return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`weights` returned: without the LM's weights for a frozen LM, and

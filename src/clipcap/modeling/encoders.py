@@ -7,21 +7,25 @@
   weights (tests). The embedding size is read from the model.
 
 Every encoder exposes ``preprocess`` (PIL RGB image -> tensor, safe to run in DataLoader
-workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``.
+workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``;
+:func:`encode_images` runs one over images (paths or PIL) in batches, decoding in worker processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from clipcap.errors import ClipcapError
 from clipcap.fileio import file_sha256
+from clipcap.images import load_rgb
 
 
 class EncoderSpecError(ClipcapError, ValueError):
@@ -127,3 +131,32 @@ def build_encoder(spec: str) -> ImageEncoder:
     else:
         encoder = OpenClipEncoder(key, model, weights)
     return encoder.requires_grad_(False).eval()
+
+
+class ImageDataset(Dataset):
+    """Decodes and preprocesses images (paths or PIL images) in DataLoader workers."""
+
+    def __init__(self, images: list[str | Path | Image.Image], preprocess) -> None:
+        self.images, self.preprocess = images, preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        return self.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image))
+
+
+@torch.inference_mode()
+def encode_images(encoder: ImageEncoder, images: list[str | Path | Image.Image], batch_size: int,
+                  num_workers: int = 0, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Yield embeddings batch by batch for ``images`` (in order). Images are decoded and resized
+    in ``num_workers`` DataLoader processes, a few batches ahead, while the encoder runs."""
+    device = next(encoder.parameters()).device
+    loader = DataLoader(ImageDataset(images, encoder.preprocess), batch_size=batch_size, num_workers=num_workers,
+                        shuffle=False, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    with tqdm(total=len(images), desc="embed", unit="img", disable=not progress, smoothing=0.05) as bar:
+        for pixels in loader:
+            yield encoder(pixels.to(device, non_blocking=True)).float().cpu()
+            bar.update(pixels.shape[0])

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from clipcap.config import DecodingConfig, MapperConfig
-from clipcap.decode import generate_captions
-from clipcap.embed import encode_images
-from clipcap.encoders import ImageEncoder, build_encoder
+from clipcap.modeling.decode import generate_captions
+from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, write_json
-from clipcap.lm import load_lm
-from clipcap.model import ClipCap
+from clipcap.modeling.lms import load_lm
+from clipcap.modeling.model import ClipCap
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -36,10 +35,7 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
     directory.mkdir(parents=True, exist_ok=True)
     save_lm = model.finetune_lm or not lm_pretrained
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        if save_lm:
-            save_model(model, str(tmp))
-        else:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm.")}, str(tmp))
+        save_file(model.weights(include_lm=save_lm), str(tmp))
     write_json(directory / CONFIG_FILE, {
         "format": FORMAT,
         "encoder": encoder,
@@ -64,13 +60,10 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"])
     model = ClipCap(MapperConfig(**config["mapper"]), config["dim_embedding"], lm.model,
                     finetune_lm=config["lm"]["finetuned"])
-    if config["lm"]["weights_saved"]:
-        load_model(model, str(directory / WEIGHTS_FILE))
-    else:
-        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
-        if unexpected or any(not key.startswith("lm.") for key in missing):
-            raise ClipcapError(f"{directory / WEIGHTS_FILE}: weights do not match {CONFIG_FILE} "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_weights(load_file(str(directory / WEIGHTS_FILE)))
+    except ValueError as err:
+        raise ClipcapError(f"{directory / WEIGHTS_FILE}: {err}; it does not belong to {CONFIG_FILE}") from err
     return model.eval(), lm.tokenizer, config
 
 

@@ -1,0 +1,1 @@
+"""The model: image encoders, LMs, the mapper + LM, decoding, the captioner on disk and its inference API. Imports neither ``clipcap.pipeline`` nor ``clipcap.data``: a served model ships only this."""

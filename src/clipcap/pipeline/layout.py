@@ -1,0 +1,35 @@
+"""Where each stage reads and writes: one folder, ``artifacts/`` under the project root.
+
+The folder is fixed, not a parameter: ``dvc.yaml`` names these paths as stage outputs, so a
+configurable root could only disagree with it. Tests pass another root to the stage functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = ARTIFACTS
+
+    raw_manifest = property(lambda self: self.root / "raw_manifest.parquet")  # fetch: every input row
+    manifest = property(lambda self: self.root / "manifest.parquet")  # validate: the clean manifest, read downstream
+    validation_dir = property(lambda self: self.root / "validation")
+    validation_report = property(lambda self: self.validation_dir / "report.json")
+    validation_markdown = property(lambda self: self.validation_dir / "report.md")
+    quarantine = property(lambda self: self.validation_dir / "quarantine.jsonl")
+    embeddings = property(lambda self: self.root / "embeddings")
+    model = property(lambda self: self.root / "model")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    training_dir = property(lambda self: self.root / "training")
+    train_log = property(lambda self: self.training_dir / "loss.csv")
+    train_summary = property(lambda self: self.training_dir / "summary.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    evaluation_dir = property(lambda self: self.root / "evaluation")
+    predictions = property(lambda self: self.evaluation_dir / "predictions.jsonl")
+    samples = property(lambda self: self.evaluation_dir / "samples.md")
+    registered = property(lambda self: self.root / "registered.json")

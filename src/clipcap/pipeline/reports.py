@@ -1,0 +1,102 @@
+"""What the stages write for people and for MLflow: the loss log, the sample captions, the
+metrics file read back (its one parser), and the ``clipcap summary`` text."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from clipcap.fileio import read_json, write_atomic, write_text
+from clipcap.pipeline.layout import Layout
+
+LOSS_FIELDS = ("step", "epoch", "loss", "lr")
+
+
+def write_loss_log(path: Path, steps: list[dict]) -> None:
+    """One row per optimizer step (``dvc plots`` reads it)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOSS_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: s[k] for k in LOSS_FIELDS} for s in steps)
+
+    write_atomic(path, write)
+
+
+def read_loss_log(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(handle)]
+
+
+def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str], count: int) -> None:
+    """Every test prediction (``predictions.jsonl``) and the first ``count`` as a Markdown table."""
+    records = [
+        {"image_id": i, "path": p, "references": list(r), "prediction": c, "retrieval": n}
+        for i, p, r, c, n in zip(rows["image_id"], rows["path"], rows["captions"], predicted, retrieved)
+    ]
+    write_text(layout.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    lines = ["# Sample captions (test split)", "", "| image | reference | model | retrieval baseline |", "|---|---|---|---|"]
+    for r in records[:count]:
+        cells = [f"`{r['path']}`", r["references"][0], r["prediction"], r["retrieval"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    write_text(layout.samples, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- metrics.json
+# {"model": {"BLEU-1": ..., "CIDEr": ...}, "baseline_...": {...}, "test_images": n, "spice": "...",
+#  "by_domain": {domain: {"images": n, system: {metric: value}}}}  (by_domain only for nocaps)
+def system_scores(metrics: dict) -> dict[str, dict[str, float | None]]:
+    """``{system: {metric: value}}`` of a ``metrics.json`` (the whole test split)."""
+    return {name: scores for name, scores in metrics.items() if isinstance(scores, dict) and name != "by_domain"}
+
+
+def domain_scores(metrics: dict) -> dict[str, dict]:
+    """``{domain: {"images": n, "systems": {system: {metric: value}}}}`` (empty unless nocaps)."""
+    return {domain: {"images": found["images"], "systems": system_scores(found)}
+            for domain, found in metrics.get("by_domain", {}).items()}
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """Numeric metrics as MLflow keys: ``model_CIDEr``, ``baseline_retrieval_BLEU-4``,
+    ``model_CIDEr_out-domain``; ``test_images`` too."""
+    out = {f"{system}_{name}": value for system, scores in system_scores(metrics).items()
+           for name, value in scores.items() if isinstance(value, (int, float))}
+    for domain, found in domain_scores(metrics).items():
+        out.update({f"{system}_{name}_{domain}": value for system, scores in found["systems"].items()
+                    for name, value in scores.items() if isinstance(value, (int, float))})
+    out["test_images"] = metrics["test_images"]
+    return out
+
+
+def domain_line(metrics: dict) -> str:
+    return "model CIDEr by domain: " + ", ".join(
+        f"{d} {m['systems']['model']['CIDEr']:.3f} ({m['images']} images)" for d, m in domain_scores(metrics).items())
+
+
+def summary(layout: Layout = Layout()) -> str:
+    """A short human-readable account of the last run: metrics table, samples, registered model."""
+    lines = []
+    if layout.metrics.exists():
+        metrics = read_json(layout.metrics)
+        systems = system_scores(metrics)
+        names = list(next(iter(systems.values())))
+        width = max(len(s) for s in systems)
+        lines.append(f"Test split: {metrics['test_images']} images (SPICE: {metrics['spice']})")
+        lines.append(" " * width + "".join(f"{n:>9}" for n in names))
+        for system, scores in systems.items():
+            cells = "".join(f"{'n/a' if v is None else format(v, '.3f'):>9}" for v in scores.values())
+            lines.append(f"{system:<{width}}{cells}")
+        if domain_scores(metrics):
+            lines.append(domain_line(metrics))
+    if layout.samples.exists():
+        lines += ["", f"Sample captions: {layout.samples}"]
+    if layout.registered.exists():
+        reg = read_json(layout.registered)
+        champion = "champion" if reg["promoted_to_champion"] else f"challenger (champion stays v{reg['previous_champion']})"
+        lines += ["", f"MLflow: {reg['name']} version {reg['version']} -> {champion}; "
+                      f"{reg['metric']}={reg['value']:.3f}; run {reg['run_id']} in {reg['tracking_uri']}"]
+    return "\n".join(lines) if lines else "No results yet: run 'dvc repro'."

@@ -1,0 +1,57 @@
+"""``clipcap evaluate``: caption the test split and score the model beside two baselines (the most
+frequent training caption, and nearest-neighbour retrieval), scored the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from clipcap.config import Config
+from clipcap.environment import resolve_device
+from clipcap.errors import ClipcapError
+from clipcap.fileio import write_json
+from clipcap.modeling.captioner import load_captioner_model
+from clipcap.modeling.decode import generate_captions
+from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.metrics import spice_available
+from clipcap.pipeline.reports import domain_line, write_samples
+from clipcap.pipeline.splits import split_data
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, layout: Layout = Layout()) -> dict:
+    (test_rows, test_emb), (train_rows, train_emb) = split_data(layout, cfg.encoder.name, "test", "train")
+    if len(test_rows) == 0:
+        raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
+    model, tokenizer, _ = load_captioner_model(layout.model)
+    model.to(resolve_device(cfg.train.device))
+    ids = test_rows["image_id"].tolist()
+    decoding = dataclasses.replace(cfg.evaluate.decoding, num_captions=1)
+    log.info("captioning %d test images (%s)", len(ids), decoding)
+    predicted = [c[0] for c in generate_captions(model, tokenizer, test_emb, decoding, cfg.evaluate.batch_size)]
+    train_captions = train_rows["captions"].tolist()
+    frequent = most_frequent_caption(train_captions)
+    retrieved = retrieval_captions(train_emb, train_captions, test_emb)
+    systems = {
+        "model": dict(zip(ids, predicted)),
+        "baseline_most_frequent": {i: frequent for i in ids},
+        "baseline_retrieval": dict(zip(ids, retrieved)),
+    }
+    references = dict(zip(ids, test_rows["captions"]))
+    scores = score_systems(references, systems)
+    metrics = {
+        **scores,
+        "test_images": len(ids),
+        "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
+    }
+    if "domain" in test_rows and test_rows["domain"].notna().any():  # nocaps: in-, near-, out-of-domain
+        domains = {i: d for i, d in zip(ids, test_rows["domain"]) if isinstance(d, str) and d}
+        metrics["by_domain"] = score_by_group(references, systems, domains)
+        log.info(domain_line(metrics))
+    write_json(layout.metrics, metrics)
+    write_samples(layout, test_rows, predicted, retrieved, cfg.evaluate.num_samples)
+    log.info("CIDEr: model %.3f | most frequent %.3f | retrieval %.3f -> %s", scores["model"]["CIDEr"],
+             scores["baseline_most_frequent"]["CIDEr"], scores["baseline_retrieval"]["CIDEr"], layout.metrics)
+    return metrics

@@ -1,0 +1,48 @@
+"""``clipcap register``: log the run to MLflow, register the captioner as a new version of
+``clipcap-<dataset>`` and move ``champion`` to it only when its test metric beats the champion's."""
+
+from __future__ import annotations
+
+import platform
+
+import pandas as pd
+
+from clipcap.config import Config, config_to_dict
+from clipcap.fileio import read_json, write_json
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.registry import log_and_register
+from clipcap.pipeline.reports import flat_metrics, read_loss_log
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def run(cfg: Config, layout: Layout = Layout()) -> dict:
+    params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
+    params["host.python"] = platform.python_version()
+    example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
+    registration = log_and_register(
+        cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(read_json(layout.metrics)),
+        read_loss_log(layout.train_log),
+        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary],
+        example_image=example,
+    )
+    result = {
+        "name": registration.name,
+        "version": registration.version,
+        "model_uri": registration.uri,
+        "run_id": registration.run_id,
+        "metric": registration.metric,
+        "value": registration.value,
+        "promoted_to_champion": registration.promoted,
+        "previous_champion": registration.champion_before,
+        "tracking_uri": cfg.register.tracking_uri,
+    }
+    write_json(layout.registered, result)
+    return result

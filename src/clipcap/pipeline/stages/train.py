@@ -1,0 +1,71 @@
+"""``clipcap train [--resume]``: train the captioner on the train split (validation loss on val).
+
+Under ``torchrun`` every process runs this and rank 0 writes. ``resume`` continues from
+``artifacts/checkpoints`` when the checkpoint was made from the same params and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pandas as pd
+import torch
+
+from clipcap.config import Config, config_to_dict
+from clipcap.errors import ClipcapError
+from clipcap.fileio import write_json
+from clipcap.modeling.captioner import save_captioner
+from clipcap.modeling.encoders import encoder_key
+from clipcap.modeling.lms import load_lm
+from clipcap.modeling.model import ClipCap
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.reports import write_loss_log
+from clipcap.pipeline.splits import split_data
+from clipcap.training.batches import CaptionPairs, tokenize_captions
+from clipcap.training.distributed import current_context
+from clipcap.training.loop import train_model
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
+    (train_rows, train_emb), (val_rows, val_emb) = split_data(layout, cfg.encoder.name, "train", "val")
+    if len(train_rows) == 0:
+        raise ClipcapError("the train split is empty: add data or lower split.test_fraction/val_fraction")
+    lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune)
+    model.fit_embedding_mean(train_emb)
+    max_tokens = cfg.train.max_caption_tokens
+    history = train_model(model, caption_pairs(train_rows, train_emb, lm.tokenizer, max_tokens),
+                          caption_pairs(val_rows, val_emb, lm.tokenizer, max_tokens) if len(val_rows) else None,
+                          cfg.train, pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints,
+                          resume=resume, fingerprint=training_fingerprint(cfg, train_rows, val_rows))
+    if not current_context().is_main:
+        return
+    save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
+                   tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained)
+    write_loss_log(layout.train_log, history.steps)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
+                                      "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
+                                      "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"]})
+    log.info("model saved to %s", layout.model)
+
+
+def training_fingerprint(cfg: Config, *splits: pd.DataFrame) -> str:
+    """What a checkpoint must have been trained on to be resumed: params and data."""
+    train_cfg = {k: v for k, v in config_to_dict(cfg.train).items()
+                 if k not in ("device", "checkpoint_every", "keep_checkpoints")}
+    described = {"lm": config_to_dict(cfg.lm), "mapper": config_to_dict(cfg.mapper), "train": train_cfg,
+                 "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def caption_pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int) -> CaptionPairs:
+    """One pair per caption (several per image), captions tokenised and EOS-terminated."""
+    image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
+    captions = [c for captions in rows["captions"] for c in captions]
+    return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens))

@@ -1,0 +1,1 @@
+"""Training: caption batches, the loop, checkpoints, data-parallel processes."""

@@ -1,0 +1,55 @@
+"""The import rules of the library, read from the source."""
+
+from __future__ import annotations
+
+import pytest
+from architecture import PACKAGE, closure, direct_imports, module_name
+
+from clipcap.pipeline.registry import INFERENCE_CODE
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+LAYERS = ("modeling", "training", "pipeline", "data")
+ALLOWED = {  # which layers each layer may import (the top-level modules are open to all)
+    "modeling": set(),
+    "data": set(),
+    "training": {"modeling"},
+    "pipeline": {"modeling", "training", "data"},
+}
+
+
+def layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if layer(m)])
+def test_layers_import_only_what_they_may(name):
+    own = layer(name)
+    wrong = sorted(m for m in direct_imports(name) if layer(m) not in {None, own, *ALLOWED[own]})
+    assert not wrong, f"{name} ({own}/) imports {wrong}: {own}/ may use only {sorted(ALLOWED[own]) or 'no other layer'}"
+
+
+def test_top_level_modules_import_no_layer():
+    """config, errors, fileio, images, environment are shared by all; only the CLI composes layers."""
+    for name in MODULES:
+        if layer(name) is None and name not in ("clipcap.cli",):
+            assert not {layer(m) for m in direct_imports(name)} - {None}, name
+
+
+def test_the_served_model_ships_what_inference_imports():
+    """The pyfunc model's code (registry.INFERENCE_CODE) holds everything the inference API and the
+    pyfunc entry point import, and nothing of the pipeline or the data layer."""
+    needed = closure("clipcap.modeling.captioner", "clipcap.modeling.interpret", "clipcap.pipeline.pyfunc")
+    needed.discard("clipcap.pipeline.pyfunc")          # logged as the model's code file itself
+    needed -= {"clipcap.pipeline"}                     # its package: not imported when served from code
+    shipped = {n.removesuffix(".py") for n in INFERENCE_CODE}
+    outside = sorted(m for m in needed - {"clipcap"} if m.split(".")[1] not in shipped)
+    assert not outside, f"the served model imports {outside}, which INFERENCE_CODE does not ship"
+    assert not any(layer(m) in ("pipeline", "data", "training") for m in needed - {"clipcap.pipeline"})
+
+
+def test_architecture_reader_sees_lazy_imports():
+    """A check of the checker: imports inside functions count (except the CLI's)."""
+    assert "clipcap.pipeline.registry" not in direct_imports("clipcap.cli")   # lazy, in `caption`
+    assert "clipcap.pipeline" in direct_imports("clipcap.cli")
+    assert "clipcap.data.formats" in direct_imports("clipcap.data.collect")

@@ -1,0 +1,67 @@
+"""dvc.yaml's code dependencies are exactly the code each stage's command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from architecture import SRC, closure, files_of, package_files
+
+from clipcap.pipeline import STAGES
+from clipcap.pipeline.registry import INFERENCE_CODE
+
+ROOT = SRC.parent
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def declared_code(stage: str) -> set[Path]:
+    """The package files a stage's deps cover (a folder covers every file under it)."""
+    code = package_files()
+    out = set()
+    for dep in DVC[stage]["deps"]:
+        path = Path(dep)
+        out |= {f for f in code if f == path or path in f.parents}
+    return out
+
+
+def run_code(stage: str) -> set[Path]:
+    files = files_of(closure("clipcap.cli", f"clipcap.pipeline.stages.{stage}"))
+    if stage == "register":  # the registered model ships the inference code and the pyfunc entry point
+        shipped = {f for f in package_files() if f.relative_to("src/clipcap").parts[0] in INFERENCE_CODE}
+        files |= shipped | {Path("src/clipcap/pipeline/pyfunc.py")}
+    return files
+
+
+def test_stages_are_the_pipeline_stages_in_order():
+    assert tuple(DVC) == STAGES
+    assert all(DVC[s]["cmd"].split()[:2] == ["clipcap", s] for s in STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_exactly_what_the_stage_runs(stage):
+    declared, needed = declared_code(stage), run_code(stage)
+    assert not needed - declared, f"dvc.yaml stage {stage} misses deps it runs: {sorted(map(str, needed - declared))}"
+    assert not declared - needed, f"dvc.yaml stage {stage} lists code it never runs: {sorted(map(str, declared - needed))}"
+
+
+def test_every_dep_exists_or_is_an_output_of_an_earlier_stage():
+    outputs: set[str] = set()
+    for stage in STAGES:
+        for dep in DVC[stage]["deps"]:
+            assert (ROOT / dep).exists() or dep in outputs or dep == "data", f"{stage}: {dep} comes from nowhere"
+        for key in ("outs", "metrics", "plots"):
+            for out in DVC[stage].get(key, []):
+                outputs.add(next(iter(out)) if isinstance(out, dict) else out)
+
+
+def test_params_name_config_sections():
+    from clipcap.config import Config, config_to_dict
+
+    known = config_to_dict(Config())
+    for stage in STAGES:
+        for param in DVC[stage].get("params", []):
+            node = known
+            for part in param.split("."):
+                assert part in node, f"{stage}: params entry {param} is not a params.yaml key"
+                node = node[part]
