@@ -8,6 +8,11 @@ from clipcap.modeling.decode import generate_token_ids
 from helpers import EOS, PAD, scramble_lm, tiny_clipcap
 
 
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded inputs: a test's preconditions must not depend on which tests ran before it."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="module")
 def model():
     return scramble_lm(tiny_clipcap("mlp").eval())
@@ -19,7 +24,7 @@ def _generate(model, embeddings, **options):
 
 
 def test_several_beam_captions_per_image_best_first(model):
-    embeddings = torch.randn(3, 16) * 3
+    embeddings = randn(3, 16) * 3
     out = _generate(model, embeddings, strategy="beam", num_beams=4, num_captions=3)
     assert out.shape[0] == 9  # image i owns rows 3i..3i+2
     best = _generate(model, embeddings, strategy="beam", num_beams=4)
@@ -31,7 +36,7 @@ def test_several_beam_captions_per_image_best_first(model):
 
 
 def test_nucleus_sampling_is_seeded_and_varies(model):
-    embeddings = torch.randn(2, 16) * 3
+    embeddings = randn(2, 16) * 3
     torch.manual_seed(0)
     first = _generate(model, embeddings, strategy="sample", top_p=0.95, temperature=1.5, num_captions=4)
     torch.manual_seed(0)
@@ -41,14 +46,14 @@ def test_nucleus_sampling_is_seeded_and_varies(model):
 
 
 def test_tiny_top_p_is_greedy(model):
-    embeddings = torch.randn(4, 16) * 3
+    embeddings = randn(4, 16) * 3
     greedy = _generate(model, embeddings, strategy="greedy")
     nucleus = _generate(model, embeddings, strategy="sample", top_p=1e-6)
     assert torch.equal(greedy, nucleus)
 
 
 def test_no_repeat_ngram_blocks_repeats(model):
-    embeddings = torch.randn(6, 16) * 3
+    embeddings = randn(6, 16) * 3
     plain = _generate(model, embeddings, strategy="greedy")
     assert any(len(set(row)) < len(row) for row in plain.tolist()), "the random LM should repeat itself"
     blocked = _generate(model, embeddings, strategy="greedy", no_repeat_ngram_size=1)
@@ -59,11 +64,11 @@ def test_no_repeat_ngram_blocks_repeats(model):
 
 def test_length_penalty_changes_what_beam_search_prefers():
     model = scramble_lm(tiny_clipcap("mlp").eval())
-    direction = torch.randn(model.lm.config.n_embd)
+    direction = randn(model.lm.config.n_embd)
     with torch.no_grad():  # EOS a strong candidate at every step: finished beams compete with longer ones
         model.lm.transformer.ln_f.bias.copy_(direction)
         model.lm.lm_head.weight[EOS] = direction / direction.norm() * 0.3
-    embeddings = torch.randn(8, 16) * 3
+    embeddings = randn(8, 16) * 3
     lengths = {}
     for penalty in (-3.0, 3.0):
         out = _generate(model, embeddings, strategy="beam", num_beams=4, length_penalty=penalty)

@@ -24,17 +24,19 @@ def _register(cfg, captioner, cider):
                             example_image="x.png")
 
 
-def test_champion_only_moves_when_the_metric_improves(store):
+def test_champion_only_moves_when_the_metric_beats_the_champion(store):
+    """Strictly better than the CHAMPION: a tie keeps it, and so does beating only the latest version."""
     cfg, captioner = store
-    first = _register(cfg, captioner, 0.5)
-    second = _register(cfg, captioner, 0.3)
-    third = _register(cfg, captioner, 0.9)
-    assert (first.version, first.promoted) == (1, True)
-    assert (second.version, second.promoted, second.champion_before) == (2, False, 1)
-    assert (third.version, third.promoted, third.champion_before) == (3, True, 1)
+    steps = [(0.5, True, None), (0.3, False, 1),   # worse: challenger only
+             (0.4, False, 1),                        # beats the latest version (0.3), not the champion (0.5)
+             (0.5, False, 1),                        # a tie is not an improvement
+             (0.9, True, 1), (0.6, False, 5)]
+    for version, (cider, promoted, champion_before) in enumerate(steps, start=1):
+        found = _register(cfg, captioner, cider)
+        assert (found.version, found.promoted, found.champion_before) == (version, promoted, champion_before), cider
     client = MlflowClient(cfg.tracking_uri)
-    assert int(client.get_model_version_by_alias("clipcap-toy", "champion").version) == 3
-    assert int(client.get_model_version_by_alias("clipcap-toy", "challenger").version) == 3
+    assert int(client.get_model_version_by_alias("clipcap-toy", "champion").version) == 5
+    assert int(client.get_model_version_by_alias("clipcap-toy", "challenger").version) == 6
     assert os.path.isdir(os.path.join(os.getcwd(), "mlartifacts"))
 
 
