@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / 
 
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the offline settings)
 
-from clipcap.cli import STAGES  # noqa: E402
+from clipcap.pipeline import STAGES  # noqa: E402
 
 
 @task(name="dvc-stage", task_run_name="{stage}")

@@ -131,7 +131,14 @@ def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/clipcap-tuxpaint@champion")
     captions = model.predict(pd.DataFrame({"image": photos}))
-    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    assert len(captions) == 2 and all(isinstance(c, str) and c.strip() for c in captions), captions
+
+
+def test_test_split_captions_are_non_empty_and_depend_on_the_image(project, registered):
+    lines = (project / "artifacts" / "evaluation" / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line)["prediction"] for line in lines]
+    assert predictions and all(p.strip() for p in predictions), predictions
+    assert len(set(predictions)) >= 2, f"every test image got the same caption: {predictions[0]!r}"
 
 
 def test_cli_captions_from_registry_uri(project, registered, photos):
@@ -144,3 +151,41 @@ def test_second_repro_is_up_to_date(project, registered):
     out = _run(["dvc", "repro"], project)
     assert "Running stage" not in out
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
+
+
+def _stages_to_rerun(project: Path) -> list[str]:
+    done = subprocess.run(["dvc", "status", "--json"], cwd=project, capture_output=True, text=True, check=True)
+    return sorted(json.loads(done.stdout))
+
+
+@pytest.mark.parametrize(("module", "stages"), [
+    ("src/clipcap/data/validate.py", ["validate"]),
+    ("src/clipcap/pipeline/metrics.py", ["evaluate"]),
+    ("src/clipcap/modeling/decode.py", ["evaluate", "register", "train"]),
+    ("src/clipcap/training/loop.py", ["train"]),
+])
+def test_changing_a_module_reruns_exactly_the_stages_that_run_it(project, registered, module, stages):
+    path = project / module
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# touched\n")
+        assert _stages_to_rerun(project) == stages
+    finally:
+        path.write_text(original)
+    assert _stages_to_rerun(project) == []
+
+
+def test_a_second_version_is_gated_against_the_champion(project, registered):
+    """Other params -> a new version; it becomes challenger, and champion only if its CIDEr is higher."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["seed"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], project)
+    second = json.loads((project / "artifacts" / "registered.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    first_cider = client.get_run(client.get_model_version("clipcap-tuxpaint", "1").run_id).data.metrics["model_CIDEr"]
+    assert second["version"] == 2 and second["previous_champion"] == 1
+    assert second["promoted_to_champion"] == (second["value"] > first_cider)
+    champion = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
+    assert int(champion.version) == (2 if second["value"] > first_cider else 1)
+    assert int(client.get_model_version_by_alias("clipcap-tuxpaint", "challenger").version) == 2

@@ -11,8 +11,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
-
 
 def spice_available() -> bool:
     import pycocoevalcap.spice as spice_pkg
