@@ -18,7 +18,7 @@ from clipcap.pipeline.stages import fetch, validate
 from clipcap.config import Config, ConfigError, DatasetConfig, ValidateConfig, config_from_dict
 from clipcap.data.formats import iter_karpathy, iter_nocaps
 from clipcap.data.manifest import read_manifest, read_records
-from clipcap.data.sources import SourceError, resolve_image
+from clipcap.data.sources import SourceError, iter_folder, resolve_image
 
 NO_BATCHES = "/nonexistent-batches"
 
@@ -118,6 +118,36 @@ def test_nocaps_keeps_domain_and_is_all_test(tmp_path):
     assert all(len(c) == 3 for c in manifest["captions"])
     first = manifest[manifest["path"].str.endswith("0000abcd.jpg")].iloc[0]
     assert first["domain"] == "in-domain" and first["captions"][0] == "Nocaps image 0, caption 0."
+
+
+def test_every_source_checks_image_paths_and_captions_alike(tmp_path):
+    """Folder, Karpathy and nocaps rows share one check: a lone surrogate in the image path or the caption is
+    invalid_utf8, a path leaving the folder unsafe_path, a caption that is not a string missing_field."""
+    noise(tmp_path / "a.png", size=(24, 24))
+    names = ["a\ud800.png", "../a.png", "a.png", "a.png", "a.png"]
+    captions = ["A lone surrogate in the path.", "Climbing out.", 7, "A lone surrogate \ud800.", "A fine picture."]
+    expected = ["invalid_utf8", "unsafe_path", "missing_field", "invalid_utf8", None]
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": [
+        {"filename": n, "split": "train", "sentences": [{"raw": c}]} for n, c in zip(names, captions)]}))
+    (tmp_path / "nocaps.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(captions)]}))
+    (tmp_path / "batch").mkdir()
+    noise(tmp_path / "batch" / "a.png", size=(24, 24))
+    (tmp_path / "batch" / "captions.jsonl").write_text(
+        "".join(json.dumps({"image": n, "caption": c}) + "\n" for n, c in zip(names, captions)))
+    for records in (list(iter_karpathy(tmp_path / "karpathy.json", [tmp_path])),
+                    list(iter_nocaps(tmp_path / "nocaps.json", [tmp_path])),
+                    list(iter_folder(tmp_path / "batch"))):
+        assert [r.problem for r in records] == expected
+        assert "path" in records[0].detail and "caption" in records[3].detail and Path(records[4].path).is_file()
+
+
+def test_a_row_with_a_bad_image_path_gives_one_record_per_caption(tmp_path):
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a\ud800.png", "captions": ["One.", "Two."]}) + "\n")
+    records = list(iter_folder(tmp_path))
+    assert [(r.origin.rsplit(" ", 1)[-1], r.problem, r.caption) for r in records] == [
+        ("1", "invalid_utf8", "One."), ("2", "invalid_utf8", "Two.")]
 
 
 def test_annotation_file_problems_are_clear_errors(tmp_path):

@@ -56,6 +56,18 @@ def test_identical_images_are_one_item_with_merged_captions(make_image):
     assert frame.iloc[0]["captions"] == ["A red card.", "A red square."]
 
 
+def test_grouping_keeps_every_record_caption_once(make_image):
+    """Validation relies on it: the clean manifest holds exactly one caption per clean record."""
+    a, b = make_image("a.png"), make_image("b.png", color=(1, 2, 3))
+    records = build_records([SourceRecord("x:1", str(a), "A red card.", "x", "t", split="train"),
+                             SourceRecord("x:2", str(b), "A dark card.", "x", "t"),
+                             SourceRecord("x:3", str(a), "A red card.", "x", "t", split="test"),
+                             SourceRecord("x:4", str(a), "Red again.", "y", "u", split="val")], SplitConfig())
+    frame = group_records(records)
+    assert sorted(c for captions in frame["captions"] for c in captions) == sorted(records["caption"])
+    assert frame.set_index("path").loc[str(a), "split"] == "test"
+
+
 def test_folder_batch_jsonl_and_csv(make_image, tmp_path):
     make_image("batch1/x.png")
     make_image("batch1/y.png", color=(1, 2, 3))

@@ -26,20 +26,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from clipcap.data.sources import (
-    BAD_SPLIT,
-    INVALID_UTF8,
-    MISSING_FIELD,
-    UNSAFE_PATH,
-    SourceError,
-    SourceRecord,
-    has_surrogates,
-    resolve_image,
-    shown,
-)
+from clipcap.data.sources import BAD_SPLIT, MISSING_FIELD, SourceError, SourceRecord, caption_records, shown
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
-NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 
 
 def load_annotations(path: str | Path, fmt: str) -> dict[str, Any]:
@@ -58,21 +47,6 @@ def load_annotations(path: str | Path, fmt: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise SourceError(f"{path}: not a {fmt} annotations file (expected an object with an 'images' list)")
     return data
-
-
-def _caption_record(origin: str, path: Path | None, name: str, why: str, caption: Any, category: str,
-                    source: str, split: str | None, domain: str | None = None) -> SourceRecord:
-    common = {"category": category, "source": source, "split": split, "domain": domain}
-    if path is None:
-        return SourceRecord(origin, name, caption if isinstance(caption, str) else "", problem=UNSAFE_PATH,
-                            detail=why, **common)
-    if not isinstance(caption, str):
-        return SourceRecord(origin, str(path), "", problem=MISSING_FIELD,
-                            detail=f"caption {shown(repr(caption))} is not a string", **common)
-    if has_surrogates(caption):
-        return SourceRecord(origin, str(path), shown(caption), problem=INVALID_UTF8,
-                            detail="the caption holds an invalid character (a lone surrogate escape)", **common)
-    return SourceRecord(origin, str(path), caption, **common)
 
 
 def iter_karpathy(annotations: str | Path, roots: Sequence[Path], limit: int | None = None) -> Iterator[SourceRecord]:
@@ -99,10 +73,9 @@ def iter_karpathy(annotations: str | Path, roots: Sequence[Path], limit: int | N
             yield SourceRecord(origin, relative, "", name, source, split=split, problem=MISSING_FIELD,
                                detail="no 'sentences'")
             continue
-        path, why = resolve_image(roots, relative)
-        for number, sentence in enumerate(sentences):
-            raw = sentence.get("raw") if isinstance(sentence, dict) else sentence
-            yield _caption_record(f"{origin}.sentences[{number}]", path, relative, why, raw, name, source, split)
+        captions = ((f"{origin}.sentences[{number}]", sentence.get("raw") if isinstance(sentence, dict) else sentence)
+                    for number, sentence in enumerate(sentences))
+        yield from caption_records(roots, relative, captions, category=name, source=source, split=split)
 
 
 def iter_nocaps(annotations: str | Path, roots: Sequence[Path], limit: int | None = None) -> Iterator[SourceRecord]:
@@ -126,14 +99,14 @@ def iter_nocaps(annotations: str | Path, roots: Sequence[Path], limit: int | Non
         known.add(entry["id"])
         domain = entry.get("domain") if isinstance(entry.get("domain"), str) else None
         category = domain or "nocaps"
-        path, why = resolve_image(roots, entry["file_name"])
         found = captions.get(entry["id"], [])
         if not found:
-            yield SourceRecord(origin, str(path or entry["file_name"]), "", category, source, split="test",
-                               domain=domain, problem=MISSING_FIELD, detail=f"no caption for image id {entry['id']}")
-        for number, caption in found:
-            yield _caption_record(f"{annotations.name}:annotations[{number}]", path, entry["file_name"], why,
-                                  caption, category, source, "test", domain)
+            yield SourceRecord(origin, entry["file_name"], "", category, source, split="test", domain=domain,
+                               problem=MISSING_FIELD, detail=f"no caption for image id {entry['id']}")
+            continue
+        numbered = ((f"{annotations.name}:annotations[{number}]", caption) for number, caption in found)
+        yield from caption_records(roots, entry["file_name"], numbered, category=category, source=source,
+                                   split="test", domain=domain)
     if limit is None:  # captions of images the file does not list cannot be used: report them
         for key, found in captions.items():
             if key not in known:

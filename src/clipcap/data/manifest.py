@@ -122,6 +122,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a table to parquet atomically: the manifest, or the records table (fetch)."""
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
@@ -129,5 +130,3 @@ def read_records(path: str | Path) -> pd.DataFrame:
     frame = pd.read_parquet(path)
     return frame.astype({"domain": object}).reset_index(drop=True)
 
-
-write_records = write_manifest

@@ -12,7 +12,9 @@ sub-folder (or ``data/`` itself).
 Reading never stops at a bad row: a line that is not UTF-8, JSON or CSV, a row without an
 image or caption, or an image path leaving the folder (``..``, an absolute path, a symlink
 pointing out) becomes a record whose ``problem`` is a reason code; the ``validate`` stage
-quarantines it. Only a missing folder or captions file is an error (:class:`SourceError`).
+quarantines it. The folder, Karpathy and nocaps sources make the path and caption checks
+with one function, :func:`caption_records`. Only a missing folder or captions file is an
+error (:class:`SourceError`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,35 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError:  # a name too long for the file system, ...: reported later as missing or unreadable
         return False
+
+
+def caption_records(roots: Path | Sequence[Path], name: str, captions: Iterable[tuple[str, Any]],
+                    **fields: Any) -> Iterator[SourceRecord]:
+    """One record per ``(origin, caption)`` of the image ``name`` (relative to ``roots``).
+
+    The record gets a ``problem`` when the image path holds a lone surrogate (``invalid_utf8``) or
+    leaves the roots (``unsafe_path``, see :func:`resolve_image`), or when its caption is not a
+    string (``missing_field``) or holds a lone surrogate (``invalid_utf8``). ``fields`` are the
+    other :class:`SourceRecord` fields (category, source, split, domain). The folder, Karpathy and
+    nocaps sources all build their records here.
+    """
+    if has_surrogates(name):
+        path, problem, why = None, INVALID_UTF8, "the image path holds an invalid character (a lone surrogate escape)"
+    else:
+        path, why = resolve_image(roots, name)
+        problem = UNSAFE_PATH
+    for origin, caption in captions:
+        if path is None:
+            yield SourceRecord(origin, name, caption if isinstance(caption, str) else "", problem=problem,
+                               detail=why, **fields)
+        elif not isinstance(caption, str):
+            yield SourceRecord(origin, str(path), "", problem=MISSING_FIELD,
+                               detail=f"caption {shown(repr(caption))} is not a string", **fields)
+        elif has_surrogates(caption):
+            yield SourceRecord(origin, str(path), shown(caption), problem=INVALID_UTF8,
+                               detail="the caption holds an invalid character (a lone surrogate escape)", **fields)
+        else:
+            yield SourceRecord(origin, str(path), caption, **fields)
 
 
 def limit_images(records: Iterable[SourceRecord], limit: int | None) -> Iterator[SourceRecord]:
@@ -237,25 +268,8 @@ def _records_from_row(row: dict[str, Any], origin: str, root: Path, category: st
     if not isinstance(captions, list) or not captions:
         return [SourceRecord(origin, image, "", category, source, problem=MISSING_FIELD,
                              detail=f"no 'caption' (or 'captions': [...]) for image {image!r}")]
-    if has_surrogates(image):
-        return [SourceRecord(origin, shown(image), "", category, source, problem=INVALID_UTF8,
-                             detail="the image path holds an invalid character (a lone surrogate escape)")]
-    path, why = resolve_image(root, image)
-    records = []
-    for index, caption in enumerate(captions):
-        where = origin if len(captions) == 1 else f"{origin} caption {index + 1}"
-        if path is None:
-            records.append(SourceRecord(where, image, caption if isinstance(caption, str) else "", category,
-                                        source, problem=UNSAFE_PATH, detail=why))
-        elif not isinstance(caption, str):
-            records.append(SourceRecord(where, str(path), "", category, source, problem=MISSING_FIELD,
-                                        detail=f"caption {caption!r} is not a string"))
-        elif has_surrogates(caption):
-            records.append(SourceRecord(where, str(path), shown(caption), category, source, problem=INVALID_UTF8,
-                                        detail="the caption holds an invalid character (a lone surrogate escape)"))
-        else:
-            records.append(SourceRecord(where, str(path), caption, category, source))
-    return records
+    origins = [origin] if len(captions) == 1 else [f"{origin} caption {n}" for n in range(1, len(captions) + 1)]
+    return list(caption_records(root, image, zip(origins, captions), category=category, source=source))
 
 
 def iter_folder(root: str | Path, source: str | None = None) -> Iterator[SourceRecord]:

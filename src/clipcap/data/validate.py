@@ -2,7 +2,7 @@
 
 :func:`validate_records` checks the records table written by ``fetch`` (one row per input
 row, see :mod:`clipcap.data.manifest`) in this order, the first failing check giving the row's
-reason:
+reason (each check is a pass over the rows no earlier pass quarantined, returning its verdicts):
 
 1. problems met while reading (``invalid_utf8``, ``invalid_json``, ``invalid_csv``,
    ``missing_field``, ``unsafe_path``, ``bad_split``, ``unreadable_file``);
@@ -10,14 +10,16 @@ reason:
    ``empty_file``, ``not_an_image``, ``too_large`` (width x height from the header above
    ``validate.max_image_pixels``: never decoded), ``too_small``, ``corrupt_image`` (does not
    decode, e.g. truncated), ``unsupported_mode`` (cannot become RGB);
-3. a Great Expectations 1.x suite on the captions and splits: ``control_characters``,
-   ``empty_caption``, ``caption_too_short``, ``caption_too_long``, ``bad_split``;
+3. a Great Expectations 1.x suite on the captions and splits, a row failing several
+   expectations getting the first of ``control_characters``, ``empty_caption``,
+   ``caption_too_short``, ``caption_too_long``, ``bad_split``;
 4. ``duplicate``: the same image (by content) with the same caption again; the first one stays.
 
 Captions are kept with their whitespace normalised (runs of spaces, tabs and newlines become
 one space; leading and trailing whitespace dropped). The good rows are grouped into the clean
-manifest (one row per image), which a second suite checks (unique ids, known splits). The stage
-fails only when the quarantined fraction exceeds ``validate.max_bad_fraction``.
+manifest (one row per image), which a second suite checks (no nulls, unique sha256 ids, known
+splits, at least one caption each). The stage fails when the quarantined fraction exceeds
+``validate.max_bad_fraction``, when no row is left, or when the manifest fails its suite.
 """
 
 from __future__ import annotations
@@ -312,67 +314,101 @@ def write_quarantine(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- validation
+Verdicts = dict[int, tuple[str, str]]  # row index -> (reason, detail) of the rows a pass quarantines
+
+
 def validate_records(records: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
-    """Quarantine the bad input rows (one reason each) and group the good ones into the clean manifest."""
+    """Quarantine the bad input rows (one reason each) and group the good ones into the clean manifest.
+
+    Each pass looks only at the rows no earlier pass has quarantined and returns its own verdicts, so the
+    verdicts never overlap and the first failing check gives a row's reason.
+    """
     records = records.reset_index(drop=True)
-    reason = records["problem"].fillna("").astype(str).tolist()
-    detail = records["detail"].fillna("").astype(str).tolist()
-
-    def mark(index: int, code: str, text: str) -> None:
-        if not reason[index]:
-            reason[index], detail[index] = code, text
-
-    # 2. images, once per distinct file (by content id, or by path when it has none)
-    readable = [i for i in range(len(records)) if not reason[i]]
-    keys: dict[str, str] = {}
-    for i in readable:
-        keys.setdefault(records.at[i, "image_id"] or records.at[i, "path"], records.at[i, "path"])
-    log.info("checking %d images (%d threads)", len(keys), cfg.num_workers)
-    found = dict(zip(keys, check_images(list(keys.values()), cfg)))
-    for i in readable:
-        problem = found[records.at[i, "image_id"] or records.at[i, "path"]]
-        if problem:
-            mark(i, *problem)
-
-    # 3. captions and splits of the rows still clean: the record suite
-    captions = records["caption"].fillna("").astype(str)
-    normalized = captions.map(normalize_caption)
+    raw = records["caption"].fillna("").astype(str)
+    captions = raw.map(normalize_caption)
     suites = _Suites()
-    expectations: list[dict] = []
-    remaining = [i for i in readable if not reason[i]]
-    if remaining:
-        table = pd.DataFrame({"caption_raw": captions, "caption": normalized, "split": records["split"]}).loc[remaining]
-        expectations = suites.run("records", table, _record_expectations(cfg))
-        for e in expectations:
-            for i in e["failing_index"]:
-                mark(i, e["reason"], _caption_detail(e["reason"], normalized[i], captions[i], cfg,
-                                                      records.at[i, "split"]))
 
-    # 4. duplicates among what is left: same image content, same normalised caption
-    first_seen: dict[tuple[str, str], str] = {}
-    for i in range(len(records)):
-        if reason[i]:
-            continue
-        key = (records.at[i, "image_id"], normalized[i])
-        if key in first_seen:
-            mark(i, DUPLICATE, f"same image and caption as {first_seen[key]}")
-        else:
-            first_seen[key] = records.at[i, "record"]
+    verdicts = _reading_problems(records)
+    verdicts |= _image_problems(records, _clean(records, verdicts), cfg)
+    found, record_results = _caption_problems(records, raw, captions, _clean(records, verdicts), suites, cfg)
+    verdicts |= found
+    verdicts |= _duplicates(records, captions, _clean(records, verdicts))
 
-    bad = pd.Series(reason).astype(bool).to_numpy()
-    quarantine = records.loc[bad].assign(reason=[r for r, b in zip(reason, bad) if b],
-                                         detail=[d for d, b in zip(detail, bad) if b])[QUARANTINE_COLUMNS]
-    good = records.loc[~bad].assign(caption=normalized[~bad])
-    manifest = group_records(good)
-    if len(manifest):
-        table = manifest.drop(columns=["captions", "domain"]).assign(n_captions=manifest["captions"].map(len))
-        expectations += suites.run("manifest", table, _manifest_expectations())
-    result = ValidationResult(len(records), manifest, quarantine.reset_index(drop=True), cfg.max_bad_fraction,
-                              expectations)
-    assert result.clean_records == len(good) and sum(map(len, manifest["captions"])) == len(good)
+    good = _clean(records, verdicts)
+    manifest = group_records(records.loc[good].assign(caption=captions[good]))
+    result = ValidationResult(len(records), manifest, _quarantine(records, verdicts), cfg.max_bad_fraction,
+                              record_results + _manifest_results(manifest, suites))
     log.info("validated %d input rows: %d clean (%d images), %d quarantined (%.1f%%): %s", result.records,
              result.clean_records, len(manifest), result.quarantined, 100 * result.bad_fraction, result.reasons_text())
     return result
+
+
+def _clean(records: pd.DataFrame, verdicts: Verdicts) -> list[int]:
+    """The rows, in input order, that no pass has quarantined yet."""
+    return [i for i in range(len(records)) if i not in verdicts]
+
+
+def _reading_problems(records: pd.DataFrame) -> Verdicts:
+    """1. The problems met while reading, as fetch recorded them."""
+    problems = records["problem"].fillna("").astype(str)
+    details = records["detail"].fillna("").astype(str)
+    return {i: (problems[i], details[i]) for i in range(len(records)) if problems[i]}
+
+
+def _image_problems(records: pd.DataFrame, rows: list[int], cfg: ValidateConfig) -> Verdicts:
+    """2. :func:`check_image` once per distinct file (by content id, or by path when it has none)."""
+    keys = {i: records.at[i, "image_id"] or records.at[i, "path"] for i in rows}
+    files: dict[str, str] = {}
+    for i, key in keys.items():
+        files.setdefault(key, records.at[i, "path"])
+    log.info("checking %d images (%d threads)", len(files), cfg.num_workers)
+    found = dict(zip(files, check_images(list(files.values()), cfg)))
+    return {i: found[key] for i, key in keys.items() if found[key]}
+
+
+def _caption_problems(records: pd.DataFrame, raw: pd.Series, captions: pd.Series, rows: list[int],
+                      suites: _Suites, cfg: ValidateConfig) -> tuple[Verdicts, list[dict]]:
+    """3. The record suite on the captions and splits of ``rows``, and its results; a row failing several
+    expectations gets the reason of the first in :func:`_record_expectations`."""
+    if not rows:
+        return {}, []
+    table = pd.DataFrame({"caption_raw": raw, "caption": captions, "split": records["split"]}).loc[rows]
+    expectations = suites.run("records", table, _record_expectations(cfg))
+    verdicts: Verdicts = {}
+    for e in expectations:
+        for i in e["failing_index"]:
+            verdicts.setdefault(i, (e["reason"], _caption_detail(e["reason"], captions[i], raw[i], cfg,
+                                                                 records.at[i, "split"])))
+    return verdicts, expectations
+
+
+def _duplicates(records: pd.DataFrame, captions: pd.Series, rows: list[int]) -> Verdicts:
+    """4. The same image content with the same normalised caption as an earlier row of ``rows``."""
+    first_seen: dict[tuple[str, str], str] = {}
+    verdicts: Verdicts = {}
+    for i in rows:
+        key = (records.at[i, "image_id"], captions[i])
+        if key in first_seen:
+            verdicts[i] = (DUPLICATE, f"same image and caption as {first_seen[key]}")
+        else:
+            first_seen[key] = records.at[i, "record"]
+    return verdicts
+
+
+def _quarantine(records: pd.DataFrame, verdicts: Verdicts) -> pd.DataFrame:
+    """The quarantined rows in input order, each with its reason and detail."""
+    bad = sorted(verdicts)
+    return (records.loc[bad]
+            .assign(reason=[verdicts[i][0] for i in bad], detail=[verdicts[i][1] for i in bad])[QUARANTINE_COLUMNS]
+            .reset_index(drop=True))
+
+
+def _manifest_results(manifest: pd.DataFrame, suites: _Suites) -> list[dict]:
+    """The manifest suite's results (none for an empty manifest)."""
+    if not len(manifest):
+        return []
+    table = manifest.drop(columns=["captions", "domain"]).assign(n_captions=manifest["captions"].map(len))
+    return suites.run("manifest", table, _manifest_expectations())
 
 
 def _caption_detail(code: str, caption: str, raw: str, cfg: ValidateConfig, split: str) -> str:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from clipcap.config import Config
 from clipcap.data.collect import collect_records
-from clipcap.data.manifest import build_records, write_records
+from clipcap.data.manifest import build_records, write_manifest as write_records
 from clipcap.pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
