@@ -9,7 +9,7 @@ import pandas as pd
 
 from clipcap.config import Config
 from clipcap.data.collect import collect_records
-from clipcap.data.manifest import build_records, write_manifest as write_records
+from clipcap.data.manifest import build_records, write_manifest
 from clipcap.pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, layout: Layout = Layout()) -> pd.DataFrame:
     records = build_records(collect_records(cfg.dataset), cfg.split)
-    write_records(records, layout.raw_manifest)
+    write_manifest(records, layout.raw_manifest)
     problems = records.loc[records["problem"] != "", "problem"].value_counts().to_dict()
     log.info("fetch: %d input rows, %d image files%s -> %s", len(records), records["path"].nunique(),
              "; unreadable rows: " + ", ".join(f"{k} {v}" for k, v in problems.items()) if problems else "",
