@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="tsv: 'path<TAB>caption' per caption; jsonl: one object per image")
     caption.add_argument("--seed", type=int, default=0, help="random seed (strategy 'sample')")
     _add_decoding_options(caption)
+    datastore = verbs.add_parser("datastore", help="extend a retrieval-augmented captioner's caption datastore")
+    datastore.add_argument("action", choices=("add",), help="add: append a folder of captioned images")
+    datastore.add_argument("folder", help="images + captions.jsonl or captions.csv (like a data/ batch)")
+    datastore.add_argument("--model", default="artifacts/model", help="the captioner folder (default: artifacts/model)")
     interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
     interpret.add_argument("image")
     _add_model_options(interpret)
@@ -120,13 +124,12 @@ def _caption(args: argparse.Namespace) -> None:
 
 
 def _interpret(args: argparse.Namespace) -> None:
-    from clipcap.modeling.decode import generate_captions
     from clipcap.modeling.interpret import nearest_tokens
 
     path = image_files([args.image])[0]
     captioner = _load_captioner(args)
     embedding = captioner.embed([path])[0]
-    caption = generate_captions(captioner.model, captioner.tokenizer, embedding[None], DecodingConfig())[0][0]
+    caption = captioner.caption_embeddings(embedding[None], DecodingConfig())[0][0]
     print(f"{path}: {caption}")
     for position, tokens in enumerate(nearest_tokens(captioner.model, captioner.tokenizer, embedding, args.top_k)):
         print(f"prefix {position + 1:2d}: " + "  ".join(f"{t.token!r} {t.cosine:.2f}" for t in tokens))
@@ -144,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             _caption(args)
         elif args.verb == "interpret":
             _interpret(args)
+        elif args.verb == "datastore":
+            from clipcap.pipeline.datastore import extend_datastore
+
+            update = extend_datastore(args.model, args.folder)
+            print(f"{update.added} captions added ({update.already_there} already there; skipped rows: "
+                  f"{update.skipped or 'none'}); the datastore holds {update.size}")
         elif args.verb == "summary":
             from clipcap.pipeline.reports import summary
 

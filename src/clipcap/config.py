@@ -182,6 +182,25 @@ class MapperConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    """Retrieval augmentation (after SmallCap): the captions of the ``k`` nearest training images are
+    written into the LM's input as a text prompt beside the image prefix."""
+
+    k: int = 0                          # 0 = the paper's ClipCap (image prefix only)
+    order: Literal["prompt_first", "prefix_first"] = "prompt_first"  # the prompt before / after the prefix
+    max_caption_tokens: int = 24        # each retrieved caption is cut to this many tokens
+    duplicate_similarity: float = 0.995  # training: an image never retrieves itself or entries this similar
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigError("retrieval.k must be >= 0 (0 turns retrieval off)")
+        if self.max_caption_tokens < 1:
+            raise ConfigError("retrieval.max_caption_tokens must be >= 1")
+        if not 0 < self.duplicate_similarity <= 1:
+            raise ConfigError("retrieval.duplicate_similarity must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     epochs: int = 4
@@ -259,6 +278,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)

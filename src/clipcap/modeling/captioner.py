@@ -1,4 +1,5 @@
-"""A trained captioner on disk (``config.json`` + ``model.safetensors``) and the inference API.
+"""A trained captioner on disk (``config.json`` + ``model.safetensors``, and the caption datastore
+of a retrieval-augmented one) and the inference API.
 
 The frozen LM and the image encoder are not copied into every captioner: they are
 resolved by name (``lm.name``, ``encoder``) when loading, so many dataset-specific
@@ -17,22 +18,28 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from clipcap.config import DecodingConfig, MapperConfig
+from clipcap.config import DecodingConfig, MapperConfig, RetrievalConfig
 from clipcap.modeling.decode import generate_captions
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, write_json
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
+from clipcap.modeling.retrieval import CaptionDatastore, Retriever
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_name: str,
-                   tokenizer_name: str | None, lm_pretrained: bool, extra: dict | None = None) -> Path:
+                   tokenizer_name: str | None, lm_pretrained: bool, retrieval: RetrievalConfig = RetrievalConfig(),
+                   datastore: CaptionDatastore | None = None, extra: dict | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if retrieval.k and datastore is None:
+        raise ValueError("a retrieval-augmented captioner needs its datastore")
+    if datastore is not None:
+        datastore.save(directory)
     save_lm = model.finetune_lm or not lm_pretrained
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(model.weights(include_lm=save_lm), str(tmp))
@@ -43,6 +50,7 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
                "weights_saved": save_lm},
         "mapper": asdict(model.mapper_cfg),
         "dim_embedding": model.dim_embedding,
+        "retrieval": asdict(retrieval),
         **(extra or {}),
     })
     return directory
@@ -58,8 +66,9 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     if config.get("format") != FORMAT:
         raise ClipcapError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"])
+    retrieval = RetrievalConfig(**config.get("retrieval", {}))
     model = ClipCap(MapperConfig(**config["mapper"]), config["dim_embedding"], lm.model,
-                    finetune_lm=config["lm"]["finetuned"])
+                    finetune_lm=config["lm"]["finetuned"], prompt_order=retrieval.order)
     try:
         model.load_weights(load_file(str(directory / WEIGHTS_FILE)))
     except ValueError as err:
@@ -67,27 +76,49 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     return model.eval(), lm.tokenizer, config
 
 
+def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
+    """The datastore and retrieval settings of a retrieval-augmented captioner (None: the paper's model)."""
+    retrieval = RetrievalConfig(**config.get("retrieval", {}))
+    if not retrieval.k:
+        return None
+    return Retriever(CaptionDatastore.load(directory), retrieval.k, retrieval.max_caption_tokens)
+
+
 class Captioner:
     """Images in, captions out: ``Captioner.load(path).caption(["cat.png"])``."""
 
-    def __init__(self, model: ClipCap, tokenizer, encoder: ImageEncoder, config: dict) -> None:
-        self.model, self.tokenizer, self.encoder, self.config = model, tokenizer, encoder, config
+    def __init__(self, model: ClipCap, tokenizer, config: dict, retriever: Retriever | None = None,
+                 encoder: ImageEncoder | None = None) -> None:
+        self.model, self.tokenizer, self.config, self.retriever = model, tokenizer, config, retriever
+        self._encoder = encoder
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> Captioner:
         model, tokenizer, config = load_captioner_model(directory)
-        encoder = build_encoder(config["encoder"])
-        return cls(model.to(device), tokenizer, encoder.to(device), config)
+        return cls(model.to(device), tokenizer, config, load_retriever(directory, config))
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        """The image encoder the captioner was trained with (built on first use)."""
+        if self._encoder is None:
+            self._encoder = build_encoder(self.config["encoder"]).to(next(self.model.parameters()).device)
+        return self._encoder
 
     def embed(self, images: list[str | Path | Image.Image], batch_size: int = 32, num_workers: int = 0) -> torch.Tensor:
         return torch.cat(list(encode_images(self.encoder, images, batch_size, num_workers)))
+
+    def caption_embeddings(self, embeddings: torch.Tensor, decoding: DecodingConfig = DecodingConfig(),
+                           batch_size: int = 16) -> list[list[str]]:
+        """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt)."""
+        prompts = None if self.retriever is None else self.retriever.prompts(self.tokenizer, embeddings)
+        return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts)
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                       batch_size: int = 16, num_workers: int = 0, progress: bool = False) -> Iterator[list[str]]:
         """``decoding.num_captions`` captions per image, image by image, encoding and decoding in
         batches of ``batch_size`` (images are decoded in ``num_workers`` processes)."""
         for embeddings in encode_images(self.encoder, images, batch_size, num_workers, progress=progress):
-            yield from generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size)
+            yield from self.caption_embeddings(embeddings, decoding, batch_size)
 
     def captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                  batch_size: int = 16) -> list[list[str]]:

@@ -9,6 +9,7 @@ import torch
 
 from clipcap.config import DecodingConfig
 from clipcap.modeling.model import ClipCap
+from clipcap.modeling.retrieval import pad_left
 
 GREEDY = DecodingConfig(strategy="greedy")
 
@@ -28,18 +29,22 @@ def generate_kwargs(decoding: DecodingConfig) -> dict:
 
 @torch.inference_mode()
 def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
-                       decoding: DecodingConfig = GREEDY) -> torch.Tensor:
+                       decoding: DecodingConfig = GREEDY, prompt_ids: torch.Tensor | None = None,
+                       prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
     """New token ids, shape (B * num_captions, <= max_new_tokens): the captions of image i are rows
-    i*num_captions ... (i+1)*num_captions-1, best first for beam search; finished rows are padded."""
+    i*num_captions ... (i+1)*num_captions-1, best first for beam search; finished rows are padded.
+    ``prompt_ids``/``prompt_mask``: the left-padded retrieval prompts of a retrieval-augmented model."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.mapper.parameters()).dtype  # a bf16 model takes fp32 embeddings too
-    prefix = model.prefix(embeddings.to(device, dtype)).to(model.lm.dtype)
-    with warnings.catch_warnings():  # the prefix holds no tokens, so n-gram blocking covers the caption only
+    if prompt_ids is not None:
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    context, mask = model.context(embeddings.to(device, dtype), prompt_ids, prompt_mask)
+    with warnings.catch_warnings():  # the context holds no token ids, so n-gram blocking covers the caption only
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*inputs_embeds")
         return model.lm.generate(
-            inputs_embeds=prefix,
-            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
+            inputs_embeds=context.to(model.lm.dtype),
+            attention_mask=mask,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             **generate_kwargs(decoding),
@@ -47,12 +52,17 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
 
 
 def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decoding: DecodingConfig = GREEDY,
-                      batch_size: int = 32) -> list[list[str]]:
-    """``decoding.num_captions`` captions for each embedding, in batches of ``batch_size`` images."""
+                      batch_size: int = 32, prompts: list[list[int]] | None = None) -> list[list[str]]:
+    """``decoding.num_captions`` captions for each embedding, in batches of ``batch_size`` images;
+    ``prompts``: each image's retrieval prompt (token ids) for a retrieval-augmented model."""
     captions: list[list[str]] = []
     for start in range(0, embeddings.shape[0], batch_size):
+        prompt = {}
+        if prompts is not None:
+            ids, mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
+            prompt = {"prompt_ids": ids, "prompt_mask": mask}
         ids = generate_token_ids(model, embeddings[start : start + batch_size], eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, decoding=decoding)
+                                 pad_token_id=tokenizer.pad_token_id, decoding=decoding, **prompt)
         texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         n = decoding.num_captions
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))

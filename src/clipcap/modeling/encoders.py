@@ -126,10 +126,12 @@ def build_encoder(spec: str) -> ImageEncoder:
     """Build the encoder named by ``spec`` (see module docstring), in eval mode and frozen."""
     family, model, weights = _parse(spec)
     key = encoder_key(spec)
-    if family == "efficientnet-lite0":
-        encoder: ImageEncoder = EfficientNetLite0(key, pretrained=weights == "imagenet")
-    else:
-        encoder = OpenClipEncoder(key, model, weights)
+    with torch.random.fork_rng():  # "random" weights are the same every time: the store keys on them
+        torch.manual_seed(0)
+        if family == "efficientnet-lite0":
+            encoder: ImageEncoder = EfficientNetLite0(key, pretrained=weights == "imagenet")
+        else:
+            encoder = OpenClipEncoder(key, model, weights)
     return encoder.requires_grad_(False).eval()
 
 

@@ -8,6 +8,10 @@ Two mappers after the paper:
 - ``mlp``: Linear(e -> d*K/2) -> Tanh -> Linear(-> d*K). Used with LM fine-tuning.
 
 ``d`` is always read from the LM's input embeddings, never hard-coded.
+
+Retrieval-augmented (``retrieval.k > 0``, see :mod:`clipcap.modeling.retrieval`), the LM's input
+also holds a text prompt with the captions of similar images, before the image prefix
+(``prompt_order="prompt_first"``, the default) or after it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from transformers import PreTrainedModel
 from clipcap.config import ConfigError, MapperConfig
 
 IGNORE_INDEX = -100
+PROMPT_ORDERS = ("prompt_first", "prefix_first")
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded sequence: 0 at its first real token (as ``generate()`` counts)."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 class MLPMapper(nn.Module):
@@ -73,9 +83,12 @@ class ClipCap(nn.Module):
     """Mapper + causal LM. ``finetune_lm=False`` freezes the LM with ``requires_grad_(False)``."""
 
     def __init__(self, mapper_cfg: MapperConfig, dim_embedding: int, lm: PreTrainedModel,
-                 finetune_lm: bool = False) -> None:
+                 finetune_lm: bool = False, prompt_order: str = "prompt_first") -> None:
         super().__init__()
+        if prompt_order not in PROMPT_ORDERS:
+            raise ConfigError(f"retrieval.order: {prompt_order!r} is not one of {', '.join(PROMPT_ORDERS)}")
         self.mapper_cfg, self.dim_embedding, self.finetune_lm = mapper_cfg, dim_embedding, finetune_lm
+        self.prompt_order = prompt_order
         self.lm = lm
         token_embeddings = lm.get_input_embeddings().weight
         self.mapper = build_mapper(mapper_cfg, dim_embedding, token_embeddings.shape[1],
@@ -109,19 +122,59 @@ class ClipCap(nn.Module):
             embedding = F.normalize(embedding, dim=-1) * embedding.shape[-1] ** 0.5
         return self.mapper(embedding)
 
-    def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the caption tokens: labels are -100 on padding (and the prefix
-        predicts nothing), and the LM head - the largest matrix - is applied only to the hidden
-        states that predict a real caption token, not to prefix or padding positions."""
+    def context(self, embedding: torch.Tensor, prompt_ids: torch.Tensor | None = None,
+                prompt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the caption continues, as LM input embeddings and mask, left-padded as one block:
+        the image prefix, with the retrieval prompt (left-padded ids) before or after it."""
         prefix = self.prefix(embedding)
+        prefix_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if prompt_ids is None:
+            return prefix, prefix_mask
+        prompt = self.lm.get_input_embeddings()(prompt_ids)
+        prefix = prefix.to(prompt.dtype)
+        first = self.prompt_order == "prompt_first"
+        inputs = torch.cat([prompt, prefix] if first else [prefix, prompt], dim=1)
+        mask = torch.cat([prompt_mask, prefix_mask] if first else [prefix_mask, prompt_mask], dim=1)
+        if not first:  # move the prompt's padding to the far left, keeping the order of the rest
+            order = mask.argsort(dim=1, stable=True)
+            inputs, mask = inputs.gather(1, order[..., None].expand_as(inputs)), mask.gather(1, order)
+        return inputs, mask
+
+    def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the caption tokens: labels are -100 on padding (the prefix and the
+        prompt predict nothing), and the LM head - the largest matrix - is applied only to the
+        hidden states that predict a real caption token."""
         tokens = self.lm.get_input_embeddings()(input_ids)
-        inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        if prompt_ids is not None and not self.finetune_lm and self.prompt_order == "prompt_first":
+            return self._forward_after_cached_prompt(embedding, tokens, input_ids, attention_mask, prompt_ids,
+                                                     prompt_mask)
+        context, context_mask = self.context(embedding, prompt_ids, prompt_mask)
+        inputs = torch.cat([context.to(tokens.dtype), tokens], dim=1)
+        mask = torch.cat([context_mask, attention_mask], dim=1)
+        options = {} if prompt_ids is None else {"position_ids": positions(mask)}
+        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, **options).last_hidden_state
+        return self._caption_loss(hidden[:, context.shape[1] - 1 : -1], input_ids, attention_mask)
+
+    def _forward_after_cached_prompt(self, embedding, tokens, input_ids, attention_mask, prompt_ids, prompt_mask):
+        """The same loss, with the prompt run once without gradients into the KV cache: with a frozen
+        LM and the prompt first, nothing trainable comes before it, so it needs no backward pass."""
+        with torch.no_grad():
+            past = self.lm.base_model(inputs_embeds=self.lm.get_input_embeddings()(prompt_ids),
+                                      attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                                      use_cache=True).cache
+        prefix = self.prefix(embedding).to(tokens.dtype)
+        inputs = torch.cat([prefix, tokens], dim=1)
+        mask = torch.cat([prompt_mask, attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, cache=past,
+                                    position_ids=positions(mask)[:, prompt_ids.shape[1] :]).last_hidden_state
+        return self._caption_loss(hidden[:, prefix.shape[1] - 1 : -1], input_ids, attention_mask)
+
+    def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """``predicting[:, i]`` is the hidden state that predicts caption token i."""
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         keep = labels != IGNORE_INDEX
-        predicting = hidden[:, prefix.shape[1] - 1 : -1][keep]  # position K-1+i predicts caption token i
-        logits = self.lm.get_output_embeddings()(predicting)
+        logits = self.lm.get_output_embeddings()(predicting[keep])
         return F.cross_entropy(logits.float(), labels[keep])
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from clipcap.modeling.retrieval import pad_left, pad_right
+
 
 def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
     """Token ids of each caption, truncated to ``max_tokens - 1`` and ending with EOS."""
@@ -21,18 +23,26 @@ def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[l
 
 
 class CaptionPairs(Dataset):
-    """(embedding, caption tokens) pairs: one per caption, several per image."""
+    """(embedding, caption tokens[, retrieval prompt tokens]) pairs: one per caption, several per image.
 
-    def __init__(self, embeddings: torch.Tensor, image_index: list[int], token_ids: list[list[int]]) -> None:
+    ``prompts`` (one token list per image) holds each image's retrieval prompt when the model is
+    retrieval-augmented; None for the paper's model.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, image_index: list[int], token_ids: list[list[int]],
+                 prompts: list[list[int]] | None = None) -> None:
         if len(image_index) != len(token_ids):
             raise ValueError("one image index per caption expected")
-        self.embeddings, self.image_index, self.token_ids = embeddings, image_index, token_ids
+        if prompts is not None and len(prompts) != len(embeddings):
+            raise ValueError("one retrieval prompt per image expected")
+        self.embeddings, self.image_index, self.token_ids, self.prompts = embeddings, image_index, token_ids, prompts
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
-        return self.embeddings[self.image_index[index]], self.token_ids[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int] | None]:
+        image = self.image_index[index]
+        return self.embeddings[image], self.token_ids[index], None if self.prompts is None else self.prompts[image]
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.token_ids]
@@ -43,29 +53,38 @@ class CaptionBatch:
     embedding: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    prompt_ids: torch.Tensor | None = None      # left-padded retrieval prompts
+    prompt_mask: torch.Tensor | None = None
+
+    def _map(self, fn) -> CaptionBatch:
+        return CaptionBatch(*(None if t is None else fn(t) for t in (self.embedding, self.input_ids, self.attention_mask,
+                                                                      self.prompt_ids, self.prompt_mask)))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CaptionBatch:
-        return CaptionBatch(*(t.to(device, non_blocking=non_blocking)
-                              for t in (self.embedding, self.input_ids, self.attention_mask)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> CaptionBatch:  # called by DataLoader(pin_memory=True)
-        return CaptionBatch(self.embedding.pin_memory(), self.input_ids.pin_memory(), self.attention_mask.pin_memory())
+        return self._map(lambda t: t.pin_memory())
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of ``ClipCap.forward``."""
+        return {"embedding": self.embedding, "input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask}
 
 
 class PadCollator:
-    """Pads token ids to the longest caption of the batch (not a global maximum)."""
+    """Pads token ids to the longest caption of the batch (not a global maximum); retrieval prompts
+    are padded on the left, so that every prompt ends right where the model's input continues."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: list[tuple[torch.Tensor, list[int]]]) -> CaptionBatch:
-        length = max(len(ids) for _, ids in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, (_, ids) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        return CaptionBatch(torch.stack([e for e, _ in items]), input_ids, mask)
+    def __call__(self, items: list[tuple]) -> CaptionBatch:
+        """Items are (embedding, caption ids) or (embedding, caption ids, prompt ids or None)."""
+        input_ids, mask = pad_right([item[1] for item in items], self.pad_token_id)
+        prompts = [item[2] if len(item) > 2 else None for item in items]
+        prompt_ids, prompt_mask = (None, None) if prompts[0] is None else pad_left(prompts, self.pad_token_id)
+        return CaptionBatch(torch.stack([item[0] for item in items]), input_ids, mask, prompt_ids, prompt_mask)
 
 
 class LengthGroupedBatches(Sampler[list[int]]):

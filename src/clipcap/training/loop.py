@@ -92,7 +92,7 @@ def mean_loss(model: ClipCap, loader: DataLoader, device: torch.device, context:
         batch = batch.to(device)
         tokens = int(batch.attention_mask.sum())
         with _autocast(bf16, device):
-            total += float(model(batch.embedding, batch.input_ids, batch.attention_mask)) * tokens
+            total += float(model(**batch.model_inputs())) * tokens
         count += tokens
     total, count = context.sum([total, count])
     return total / max(count, 1)
@@ -214,7 +214,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 with _autocast(self.bf16, self.device):
-                    loss = self.forward(batch.embedding, batch.input_ids, batch.attention_mask) / group_size
+                    loss = self.forward(**batch.model_inputs()) / group_size
                 loss.backward()
             step_loss += loss.detach()
             progress.batch_in_epoch += 1

@@ -10,8 +10,7 @@ from clipcap.config import Config
 from clipcap.environment import resolve_device
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
-from clipcap.modeling.captioner import load_captioner_model
-from clipcap.modeling.decode import generate_captions
+from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
@@ -25,12 +24,12 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     (test_rows, test_emb), (train_rows, train_emb) = split_data(layout, cfg.encoder.name, "test", "train")
     if len(test_rows) == 0:
         raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
-    model, tokenizer, _ = load_captioner_model(layout.model)
-    model.to(resolve_device(cfg.train.device))
+    captioner = Captioner.load(layout.model, device=resolve_device(cfg.train.device))
     ids = test_rows["image_id"].tolist()
     decoding = dataclasses.replace(cfg.evaluate.decoding, num_captions=1)
-    log.info("captioning %d test images (%s)", len(ids), decoding)
-    predicted = [c[0] for c in generate_captions(model, tokenizer, test_emb, decoding, cfg.evaluate.batch_size)]
+    log.info("captioning %d test images (%s%s)", len(ids), decoding,
+             f"; {captioner.retriever.k} retrieved captions each" if captioner.retriever else "")
+    predicted = [c[0] for c in captioner.caption_embeddings(test_emb, decoding, cfg.evaluate.batch_size)]
     train_captions = train_rows["captions"].tolist()
     frequent = most_frequent_caption(train_captions)
     retrieved = retrieval_captions(train_emb, train_captions, test_emb)

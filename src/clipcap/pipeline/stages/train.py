@@ -13,13 +13,14 @@ import logging
 import pandas as pd
 import torch
 
-from clipcap.config import Config, config_to_dict
+from clipcap.config import Config, RetrievalConfig, config_to_dict
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import save_captioner
 from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
+from clipcap.modeling.retrieval import CaptionDatastore, Retriever
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.reports import write_loss_log
 from clipcap.pipeline.splits import split_data
@@ -36,17 +37,25 @@ def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
         raise ClipcapError("the train split is empty: add data or lower split.test_fraction/val_fraction")
     lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune)
+    model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune,
+                    prompt_order=cfg.retrieval.order)
     model.fit_embedding_mean(train_emb)
+    retriever = training_retriever(cfg.retrieval, train_rows, train_emb)
     max_tokens = cfg.train.max_caption_tokens
-    history = train_model(model, caption_pairs(train_rows, train_emb, lm.tokenizer, max_tokens),
-                          caption_pairs(val_rows, val_emb, lm.tokenizer, max_tokens) if len(val_rows) else None,
+
+    def pairs(rows: pd.DataFrame, embeddings: torch.Tensor) -> CaptionPairs:
+        prompts = None if retriever is None else retriever.prompts(  # leave-one-out: never the image itself
+            lm.tokenizer, embeddings, rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity)
+        return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
+
+    history = train_model(model, pairs(train_rows, train_emb), pairs(val_rows, val_emb) if len(val_rows) else None,
                           cfg.train, pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints,
                           resume=resume, fingerprint=training_fingerprint(cfg, train_rows, val_rows))
     if not current_context().is_main:
         return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
-                   tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained)
+                   tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained, retrieval=cfg.retrieval,
+                   datastore=retriever.datastore if retriever else None)
     write_loss_log(layout.train_log, history.steps)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
@@ -60,12 +69,26 @@ def training_fingerprint(cfg: Config, *splits: pd.DataFrame) -> str:
     train_cfg = {k: v for k, v in config_to_dict(cfg.train).items()
                  if k not in ("device", "checkpoint_every", "keep_checkpoints")}
     described = {"lm": config_to_dict(cfg.lm), "mapper": config_to_dict(cfg.mapper), "train": train_cfg,
+                 "retrieval": config_to_dict(cfg.retrieval),
                  "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits]}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def caption_pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int) -> CaptionPairs:
+def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: torch.Tensor) -> Retriever | None:
+    """The datastore of the training split (one entry per caption), or None for the paper's model."""
+    if not cfg.k:
+        return None
+    image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
+    datastore = CaptionDatastore.build(embeddings[image_index], [c for cs in rows["captions"] for c in cs],
+                                       [rows["image_id"].iloc[i] for i in image_index])
+    log.info("retrieval: %d captions of %d training images in the datastore; %d per prompt (%s)",
+             len(datastore), len(rows), cfg.k, cfg.order)
+    return Retriever(datastore, cfg.k, cfg.max_caption_tokens)
+
+
+def caption_pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int,
+                  prompts: list[list[int]] | None = None) -> CaptionPairs:
     """One pair per caption (several per image), captions tokenised and EOS-terminated."""
     image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
     captions = [c for captions in rows["captions"] for c in captions]
-    return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens))
+    return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens), prompts)
