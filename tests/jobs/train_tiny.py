@@ -11,7 +11,7 @@ OUT/work-rank<r>.json: what THIS process executed, counted by hooks outside the 
 ``micro_batches_at_step`` (micro-batches done when each of its optimizer steps ended).
 Checkpoints go to OUT/checkpoints.
 
-``--kill-at-step N`` SIGKILLs every process right after its optimizer step N, as an
+``--kill-at-step N`` SIGKILLs every process right after its Nth optimizer step, as an
 out-of-memory killer or a pre-empted machine would. ``--kill-in-checkpoint-write N`` SIGKILLs the
 process inside the write of checkpoint N, once its tensors file is on disk and before the
 checkpoint is complete. ``--early-stopping`` trains until the validation loss has not improved

@@ -1,5 +1,6 @@
-"""The training loop: resume after SIGKILL, data-parallel under torchrun, accumulation, early
-stopping, precision and checkpoints."""
+"""The training loop: resume after SIGKILL (between steps and inside a checkpoint write, in one and
+two processes, with early stopping), data-parallel under torchrun, accumulation, early stopping,
+precision, torch.compile, weight-decay groups and checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipcap.training.batches import CaptionPairs
-from clipcap.training.checkpoints import BEST, STATE, TENSORS, latest_checkpoint, list_checkpoints
+from clipcap.training.checkpoints import (BEST, STATE, TENSORS, Checkpoint, latest_checkpoint, list_checkpoints,
+                                         load_checkpoint, rng_state, save_checkpoint)
 from clipcap.config import TrainConfig
 from clipcap.errors import ClipcapError
 from clipcap.training.loop import decay_groups, mean_loss, train_model
@@ -214,7 +216,8 @@ def test_precision_sets_the_dtype_the_model_computes_in_on_cpu(precision, dtype)
     model = tiny_clipcap("transformer")
     seen = []  # (training?, layer, output dtype) of every forward of a mapper and an LM Linear layer
     for name, layer in (("mapper", model.mapper.linear), ("lm", model.lm.get_output_embeddings())):
-        layer.register_forward_hook(lambda module, inputs, out, name=name: seen.append((model.training, name, out.dtype)))
+        layer.register_forward_hook(
+            lambda module, inputs, out, name=name: seen.append((model.training, name, out.dtype)))
     cfg = TrainConfig(seed=0, epochs=3, batch_size=4, lr=3e-3, warmup_steps=0, precision=precision, device="cpu")
     history = train_model(model, _pairs(8, 0), _pairs(4, 1), cfg, pad_token_id=PAD)
     assert {(training, name) for training, name, _ in seen} == {(True, "mapper"), (True, "lm"), (False, "mapper"),
@@ -270,6 +273,21 @@ def test_half_written_checkpoint_is_ignored_and_foreign_one_refused(tmp_path):
     with pytest.raises(ClipcapError, match="other parameters, data"):
         train_model(tiny_clipcap(), _pairs(8, 0), None, cfg, pad_token_id=PAD, checkpoint_dir=tmp_path,
                     resume=True, fingerprint="b")
+
+
+def test_checkpoint_keeps_every_rank_s_rng_state(tmp_path):
+    model = tiny_clipcap()
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    states = []
+    for rank in (0, 1):
+        torch.manual_seed(rank)
+        states.append(rng_state())
+    checkpoint = Checkpoint(model.weights(), optimizer.state_dict(), states, {"step": 3})
+    loaded = load_checkpoint(save_checkpoint(tmp_path, checkpoint)).rng
+    assert len(loaded) == 2 and not torch.equal(loaded[0]["cpu"], loaded[1]["cpu"])
+    for rank in (0, 1):
+        assert loaded[rank].keys() == states[rank].keys()
+        assert all(torch.equal(loaded[rank][k], states[rank][k]) for k in states[rank])
 
 
 def test_distributed_batches_split_one_order_between_ranks():

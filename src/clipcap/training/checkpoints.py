@@ -1,8 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint is a folder ``step-00000123/`` holding ``tensors.safetensors`` (model, optimizer
-state, the RNG states of every process), ``best.safetensors`` when early stopping keeps the best epoch's weights, and
-``state.json`` (step, epoch, position in the epoch, scheduler, history).
+state, the RNG states of every process), ``best.safetensors`` when early stopping keeps the best
+epoch's weights, and ``state.json`` (step, epoch, position in the epoch, scheduler, history).
 It is written under a temporary name and renamed into place, so a run killed at any moment
 leaves either the previous checkpoints or the new one complete - never a half-written one.
 No pickle: both files load without executing code.
@@ -87,9 +87,10 @@ def _flatten_rng(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 def _unflatten_rng(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        _, rank, name = key.split(".", 2)
-        if not rank.isdigit():  # written before every rank's state was saved: rank 0's only
-            rank, name = "0", key.split(".", 1)[1]
+        rest = key.removeprefix("rng.")
+        rank, _, name = rest.partition(".")
+        if not rank.isdigit():  # "rng.cpu": written before every process's state was saved, rank 0's
+            rank, name = "0", rest
         by_rank.setdefault(int(rank), {})[name] = value
     return [by_rank[rank] for rank in sorted(by_rank)]
 
