@@ -152,8 +152,9 @@ def main() -> None:
     s = Settings(args.images, width, height, args.encoder, args.device, args.batch_size, args.workers)
     paths = generate_images(args.workdir / f"images-{width}x{height}-{s.images}", s.images, width, height)
     gpu = torch.cuda.get_device_name() if s.device.startswith("cuda") else None
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
-                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("CLIPCAP_COMMIT", "")
+    commit = os.environ.get("CLIPCAP_COMMIT") or subprocess.run(  # a copied tree's .git may be stale
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent).stdout.strip()
     result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "settings": asdict(s),
                     "machine": {"cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "gpu": gpu,
                                 "commit": commit or None}}

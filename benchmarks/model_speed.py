@@ -171,23 +171,38 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def dynamo_frames() -> int:
+    """Frames torch.compile has compiled so far in this process (grows on every (re)compilation)."""
+    return int(torch._dynamo.utils.counters["frames"]["total"])
+
+
 class StepTimer:
-    """Wall time of the steps after the first ``warmup``; call ``tick`` after every step
-    (it is also a ``train_model`` ``on_step`` callback)."""
+    """Wall time of each step after the first ``warmup``; call ``tick`` after every step (it is
+    also a ``train_model`` ``on_step`` callback). A timed step during which ``torch.compile``
+    compiled (a recompilation for a caption length not seen in the warm-up) is set apart:
+    ``rate`` leaves such steps out, ``window_rate`` counts every timed step."""
 
     def __init__(self, device: torch.device, warmup: int) -> None:
         self.device, self.warmup, self.step = device, warmup, 0
-        self.start = self.end = 0.0
+        self.last, self.frames = 0.0, dynamo_frames()
+        self.steady: list[float] = []     # durations of timed steps without compilation
+        self.compiling: list[float] = []  # durations of timed steps that compiled
 
     def tick(self, record: dict | None = None) -> None:
         synchronize(self.device)
         self.step = record["step"] if record else self.step + 1
-        self.end = time.perf_counter()
-        if self.step == self.warmup:
-            self.start = self.end
+        now, frames = time.perf_counter(), dynamo_frames()
+        if self.step > self.warmup:
+            (self.compiling if frames != self.frames else self.steady).append(now - self.last)
+        self.last, self.frames = now, frames
 
     def rate(self, items_per_step: int) -> float:
-        return (self.step - self.warmup) * items_per_step / (self.end - self.start)
+        if not self.steady:  # every timed step compiled
+            return self.window_rate(items_per_step)
+        return len(self.steady) * items_per_step / sum(self.steady)
+
+    def window_rate(self, items_per_step: int) -> float:
+        return (len(self.steady) + len(self.compiling)) * items_per_step / (sum(self.steady) + sum(self.compiling))
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -236,8 +251,9 @@ def train_baseline(s: Settings, mapper: str, finetune: bool) -> tuple[float, int
     return timer.rate(batch), sum(p.numel() for p in params)
 
 
-def train_clipcap(s: Settings, mapper: str, finetune: bool, compile: bool) -> tuple[float, int]:
-    """(samples/s, parameters updated by the optimizer)"""
+def train_clipcap(s: Settings, mapper: str, finetune: bool, compile: bool) -> tuple[float, int, dict]:
+    """(samples/s over the timed steps that did not compile, parameters updated by the optimizer,
+    details: the rate over all timed steps and how many of them recompiled)"""
     model = ClipCap(MapperConfig(type=mapper, prefix_length=s.prefix_length, clip_length=s.clip_length),
                     s.dim_embedding, build_lm(s), finetune_lm=finetune)
     total = s.warmup_steps + s.steps
@@ -249,7 +265,10 @@ def train_clipcap(s: Settings, mapper: str, finetune: bool, compile: bool) -> tu
     train_model(model, pairs, None, cfg, pad_token_id=model.lm.config.eos_token_id, on_step=timer.tick)
     if timer.step != total:
         raise RuntimeError(f"train_model ran {timer.step} steps, expected {total}")
-    return timer.rate(s.batch_size), sum(p.numel() for p in model.trainable_parameters())
+    details = {"clipcap_recompiling_steps": len(timer.compiling),
+               "clipcap_rate_all_timed_steps": round(timer.window_rate(s.batch_size), 1),
+               "clipcap_seconds_in_recompiling_steps": round(sum(timer.compiling), 1)}
+    return timer.rate(s.batch_size), sum(p.numel() for p in model.trainable_parameters()), details
 
 
 def measure_training(s: Settings, mapper: str, finetune: bool) -> Row:
@@ -274,6 +293,7 @@ def measure_training(s: Settings, mapper: str, finetune: bool) -> Row:
         details["baseline_params_updated"] = baseline[1]
     if ours is not None:
         details["clipcap_params_updated"] = ours[1]
+        details |= ours[2]
     return Row(what, "samples/s", baseline and baseline[0], ours and ours[0], TARGETS[s.torch_device.type].get(what),
                details)
 
@@ -299,7 +319,7 @@ def decode_clipcap(s: Settings, model: ClipCap, decoding: DecodingConfig) -> tup
         return generate_token_ids(model, batch, eos_token_id=config.vocab_size, pad_token_id=config.eos_token_id,
                                   decoding=decoding).shape[1]
 
-    run(embeddings[0, :8])  # warm-up
+    run(embeddings[0])  # warm-up, at the timed batch size (kernels and allocations of that shape)
     new_tokens: list[int] = []
     elapsed = seconds(lambda: new_tokens.extend(map(run, tqdm(embeddings, desc="clipcap decode", unit="batch"))),
                       s.torch_device)
@@ -354,8 +374,9 @@ def slug(name: str) -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
-                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("CLIPCAP_COMMIT", "")
+    commit = os.environ.get("CLIPCAP_COMMIT") or subprocess.run(  # a copied tree's .git may be stale
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent).stdout.strip()
     return {
         "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
