@@ -42,10 +42,9 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from clipcap.modeling.encoders import ImageDataset
-from clipcap.pipeline.stages.embed import embed_missing  # noqa: E402
+from clipcap.modeling.encoders import ImageDataset, build_encoder  # noqa: E402
 from clipcap.pipeline.embedding_store import EmbeddingStore  # noqa: E402
-from clipcap.modeling.encoders import build_encoder  # noqa: E402
+from clipcap.pipeline.stages.embed import embed_missing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_STAGE_VS_DECODE = 0.8  # the stage >= 80% of the decode + resize rate (DESIGN.md section 6; meant for a GPU)
