@@ -4,9 +4,9 @@ Both sides use the same sizes: GPT-2 small (random weights), K = clip_length = 1
 embeddings (CLIP ViT-B/32). Four comparisons:
 
 - training, transformer mapper + frozen LM, and MLP mapper + LM tuning (samples/s = pairs/s):
-  ``clipcap.train.train_model`` vs the reference loop of ``reference.py``;
+  ``clipcap.training.loop.train_model`` vs the reference loop of ``reference.py``;
 - greedy and beam-5 decoding of 20 new tokens (captions/s = images/s): batched
-  ``clipcap.decode.generate_token_ids`` vs the reference's one image at a time without KV cache.
+  ``clipcap.modeling.decode.generate_token_ids`` vs the reference's one image at a time without KV cache.
 
 Usage (from the repository root, in the project's environment)::
 
