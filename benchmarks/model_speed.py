@@ -4,9 +4,9 @@ Both sides use the same sizes: GPT-2 small (random weights), K = clip_length = 1
 embeddings (CLIP ViT-B/32). Four comparisons:
 
 - training, transformer mapper + frozen LM, and MLP mapper + LM tuning (samples/s = pairs/s):
-  ``clipcap.train.train_model`` vs the reference loop of ``reference.py``;
+  ``clipcap.training.loop.train_model`` vs the reference loop of ``reference.py``;
 - greedy and beam-5 decoding of 20 new tokens (captions/s = images/s): batched
-  ``clipcap.decode.generate_token_ids`` vs the reference's one image at a time without KV cache.
+  ``clipcap.modeling.decode.generate_token_ids`` vs the reference's one image at a time without KV cache.
 
 Usage (from the repository root, in the project's environment)::
 
@@ -27,6 +27,7 @@ import platform
 import re
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -73,11 +74,11 @@ class Target:
         return f">= {self.value:g}x" if self.kind == "ratio" else f">= {self.value:,.0f}/s"
 
 
-TARGETS = {  # the project's speed targets; CUDA ones measured on one H100
+TARGETS = {  # the project's speed targets; CUDA ones: the goals for one H100 (DESIGN.md section 6)
     "cpu": {"train transformer+frozen": Target("ratio", 3), "train mlp+tuning": Target("ratio", 2),
             "greedy": Target("ratio", 20)},
     "cuda": {"train transformer+frozen": Target("absolute", 11_000), "train mlp+tuning": Target("absolute", 12_000),
-             "greedy": Target("absolute", 2_000), "beam-5": Target("absolute", 500)},
+             "greedy": Target("absolute", 2_500), "beam-5": Target("absolute", 1_000)},
 }
 
 
@@ -110,27 +111,50 @@ class Settings:
 
 @dataclass
 class Row:
+    """One comparison; a side that failed to run is ``None``, its error in ``details``."""
+
     what: str
     unit: str
-    baseline: float
-    clipcap: float
+    baseline: float | None
+    clipcap: float | None
     target: Target | None
     details: dict = field(default_factory=dict)
 
     @property
-    def ratio(self) -> float:
-        return self.clipcap / self.baseline
+    def ratio(self) -> float | None:
+        return None if self.baseline is None or self.clipcap is None else self.clipcap / self.baseline
 
     @property
     def passed(self) -> bool | None:
         if self.target is None:
             return None
-        return (self.ratio if self.target.kind == "ratio" else self.clipcap) >= self.target.value
+        value = self.ratio if self.target.kind == "ratio" else self.clipcap
+        return value is not None and value >= self.target.value
 
     def cells(self) -> list[str]:
         verdict = {True: "PASS", False: "FAIL", None: "-"}[self.passed]
-        return [self.what, self.unit, f"{self.baseline:,.1f}", f"{self.clipcap:,.1f}", f"{self.ratio:.1f}x",
-                str(self.target or "-"), verdict]
+        if self.clipcap is None or (self.baseline is None and (self.target is None or self.target.kind == "ratio")):
+            verdict = "ERROR"
+        return [self.what, self.unit, _number(self.baseline), _number(self.clipcap),
+                "-" if self.ratio is None else f"{self.ratio:.1f}x", str(self.target or "-"), verdict]
+
+
+def _number(value: float | None) -> str:
+    return "error" if value is None else f"{value:,.1f}"
+
+
+def attempt(what: str, details: dict, key: str, fn: Callable[[], object]) -> object | None:
+    """``fn()``, or None with the error recorded under ``details[key]``: one failing measurement
+    (say, ``torch.compile`` on an unfamiliar machine) must not cost the other rows."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001  (any failure is reported, not raised)
+        message = f"{type(err).__name__}: {err}".strip()
+        details[key] = message[:2000]
+        print(f"ERROR in {what} ({key}): {message[:2000]}", flush=True)
+        traceback.print_exc()
+        free_memory()
+        return None
 
 
 # ---------------------------------------------------------------- helpers
@@ -147,23 +171,38 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def dynamo_frames() -> int:
+    """Frames torch.compile has compiled so far in this process (grows on every (re)compilation)."""
+    return int(torch._dynamo.utils.counters["frames"]["total"])
+
+
 class StepTimer:
-    """Wall time of the steps after the first ``warmup``; call ``tick`` after every step
-    (it is also a ``train_model`` ``on_step`` callback)."""
+    """Wall time of each step after the first ``warmup``; call ``tick`` after every step (it is
+    also a ``train_model`` ``on_step`` callback). A timed step during which ``torch.compile``
+    compiled (a recompilation for a caption length not seen in the warm-up) is set apart:
+    ``rate`` leaves such steps out, ``window_rate`` counts every timed step."""
 
     def __init__(self, device: torch.device, warmup: int) -> None:
         self.device, self.warmup, self.step = device, warmup, 0
-        self.start = self.end = 0.0
+        self.last, self.frames = 0.0, dynamo_frames()
+        self.steady: list[float] = []     # durations of timed steps without compilation
+        self.compiling: list[float] = []  # durations of timed steps that compiled
 
     def tick(self, record: dict | None = None) -> None:
         synchronize(self.device)
         self.step = record["step"] if record else self.step + 1
-        self.end = time.perf_counter()
-        if self.step == self.warmup:
-            self.start = self.end
+        now, frames = time.perf_counter(), dynamo_frames()
+        if self.step > self.warmup:
+            (self.compiling if frames != self.frames else self.steady).append(now - self.last)
+        self.last, self.frames = now, frames
 
     def rate(self, items_per_step: int) -> float:
-        return (self.step - self.warmup) * items_per_step / (self.end - self.start)
+        if not self.steady:  # every timed step compiled
+            return self.window_rate(items_per_step)
+        return len(self.steady) * items_per_step / sum(self.steady)
+
+    def window_rate(self, items_per_step: int) -> float:
+        return (len(self.steady) + len(self.compiling)) * items_per_step / (sum(self.steady) + sum(self.compiling))
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -212,31 +251,51 @@ def train_baseline(s: Settings, mapper: str, finetune: bool) -> tuple[float, int
     return timer.rate(batch), sum(p.numel() for p in params)
 
 
-def train_clipcap(s: Settings, mapper: str, finetune: bool) -> tuple[float, int]:
-    """(samples/s, parameters updated by the optimizer)"""
+def train_clipcap(s: Settings, mapper: str, finetune: bool, compile: bool) -> tuple[float, int, dict]:
+    """(samples/s over the timed steps that did not compile, parameters updated by the optimizer,
+    details: the rate over all timed steps and how many of them recompiled)"""
     model = ClipCap(MapperConfig(type=mapper, prefix_length=s.prefix_length, clip_length=s.clip_length),
                     s.dim_embedding, build_lm(s), finetune_lm=finetune)
     total = s.warmup_steps + s.steps
     embeddings, token_ids = synthetic_pairs(s, s.batch_size * total)
     pairs = CaptionPairs(embeddings, list(range(len(token_ids))), token_ids)
     cfg = TrainConfig(seed=s.seed, epochs=1, batch_size=s.batch_size, lr=s.lr, warmup_steps=0, device=s.device,
-                      precision=s.precision, compile=s.compile)
+                      precision=s.precision, compile=compile)
     timer = StepTimer(s.torch_device, s.warmup_steps)
     train_model(model, pairs, None, cfg, pad_token_id=model.lm.config.eos_token_id, on_step=timer.tick)
     if timer.step != total:
         raise RuntimeError(f"train_model ran {timer.step} steps, expected {total}")
-    return timer.rate(s.batch_size), sum(p.numel() for p in model.trainable_parameters())
+    details = {"clipcap_recompiling_steps": len(timer.compiling),
+               "clipcap_rate_all_timed_steps": round(timer.window_rate(s.batch_size), 1),
+               "clipcap_seconds_in_recompiling_steps": round(sum(timer.compiling), 1)}
+    return timer.rate(s.batch_size), sum(p.numel() for p in model.trainable_parameters()), details
 
 
 def measure_training(s: Settings, mapper: str, finetune: bool) -> Row:
+    """If ``torch.compile`` fails, the error is recorded and clipcap is measured again without it
+    (``details["clipcap_compiled"]`` says which)."""
     what = f"train {mapper}+{'tuning' if finetune else 'frozen'}"
     print(f"\n== {what}", flush=True)
-    baseline, baseline_params = train_baseline(s, mapper, finetune)
+    details: dict = {}
+    baseline = attempt(what, details, "baseline_error", lambda: train_baseline(s, mapper, finetune))
     free_memory()
-    ours, our_params = train_clipcap(s, mapper, finetune)
+    torch._dynamo.reset()  # each row compiles its own graphs, none left from the row before
+    ours = attempt(what, details, "clipcap_error", lambda: train_clipcap(s, mapper, finetune, s.compile))
+    details["clipcap_compiled"] = s.compile
+    if ours is None and s.compile:
+        details["compile_error"] = details.pop("clipcap_error")
+        torch._dynamo.reset()
+        print(f"{what}: measuring clipcap again without torch.compile", flush=True)
+        ours = attempt(what, details, "clipcap_error", lambda: train_clipcap(s, mapper, finetune, False))
+        details["clipcap_compiled"] = False
     free_memory()
-    return Row(what, "samples/s", baseline, ours, TARGETS[s.torch_device.type].get(what),
-               {"baseline_params_updated": baseline_params, "clipcap_params_updated": our_params})
+    if baseline is not None:
+        details["baseline_params_updated"] = baseline[1]
+    if ours is not None:
+        details["clipcap_params_updated"] = ours[1]
+        details |= ours[2]
+    return Row(what, "samples/s", baseline and baseline[0], ours and ours[0], TARGETS[s.torch_device.type].get(what),
+               details)
 
 
 # ---------------------------------------------------------------- decoding
@@ -260,7 +319,7 @@ def decode_clipcap(s: Settings, model: ClipCap, decoding: DecodingConfig) -> tup
         return generate_token_ids(model, batch, eos_token_id=config.vocab_size, pad_token_id=config.eos_token_id,
                                   decoding=decoding).shape[1]
 
-    run(embeddings[0, :8])  # warm-up
+    run(embeddings[0])  # warm-up, at the timed batch size (kernels and allocations of that shape)
     new_tokens: list[int] = []
     elapsed = seconds(lambda: new_tokens.extend(map(run, tqdm(embeddings, desc="clipcap decode", unit="batch"))),
                       s.torch_device)
@@ -284,12 +343,16 @@ def measure_decoding(s: Settings) -> list[Row]:
     rows = []
     for what, decode_one, decoding in strategies:
         print(f"\n== {what}", flush=True)
-        baseline_rate = decode_baseline(s, baseline, decode_one)
-        our_rate, new_tokens = decode_clipcap(s, ours, decoding)
-        if new_tokens != s.new_tokens:
-            print(f"WARNING: clipcap generated only {new_tokens} new tokens, not {s.new_tokens}", flush=True)
-        rows.append(Row(what, "captions/s", baseline_rate, our_rate, TARGETS[s.torch_device.type].get(what),
-                        {"baseline_new_tokens": s.new_tokens, "clipcap_new_tokens": new_tokens}))
+        details: dict = {"baseline_new_tokens": s.new_tokens}
+        baseline_rate = attempt(what, details, "baseline_error", lambda: decode_baseline(s, baseline, decode_one))
+        ours_result = attempt(what, details, "clipcap_error", lambda: decode_clipcap(s, ours, decoding))
+        our_rate = None
+        if ours_result is not None:
+            our_rate, details["clipcap_new_tokens"] = ours_result
+            if details["clipcap_new_tokens"] != s.new_tokens:
+                print(f"WARNING: clipcap generated only {details['clipcap_new_tokens']} new tokens, not "
+                      f"{s.new_tokens}", flush=True)
+        rows.append(Row(what, "captions/s", baseline_rate, our_rate, TARGETS[s.torch_device.type].get(what), details))
     return rows
 
 
@@ -311,8 +374,9 @@ def slug(name: str) -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = os.environ.get("CLIPCAP_COMMIT") or subprocess.run(  # a copied tree's .git may be stale
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent).stdout.strip()
     return {
         "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -333,8 +397,12 @@ def markdown(rows: list[Row], machine: dict, s: Settings, date: str) -> str:
              "settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    lines += ["", *(f"- {row.what}: " + ", ".join(f"{k} {v:,}" for k, v in row.details.items()) for row in rows)]
+    lines += ["", *(f"- {row.what}: " + ", ".join(f"{k} {_detail(v)}" for k, v in row.details.items()) for row in rows)]
     return "\n".join(lines) + "\n"
+
+
+def _detail(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def write_results(rows: list[Row], machine: dict, s: Settings) -> Path:
@@ -387,11 +455,16 @@ def main() -> None:
     s = parse_settings()
     machine = machine_info(s.torch_device)
     print(f"machine: {machine}\nsettings: {dataclasses.asdict(s)}", flush=True)
-    rows = [measure_training(s, "transformer", finetune=False), measure_training(s, "mlp", finetune=True),
-            *measure_decoding(s)]
+    # decoding first (no compilation, quick), then the two trainings; the results files are
+    # rewritten after each, so a run stopped part-way still leaves the rows it finished
+    training: list[Row] = []
+    decoding = measure_decoding(s)
+    stem = write_results(decoding, machine, s)
+    for mapper, finetune in (("transformer", False), ("mlp", True)):
+        training.append(measure_training(s, mapper, finetune))
+        stem = write_results(training + decoding, machine, s)
     print()
-    print_table(rows)
-    stem = write_results(rows, machine, s)
+    print_table(training + decoding)
     print(f"\nwrote {stem}.json and {stem}.md")
 
 

@@ -1,5 +1,6 @@
-"""The training loop: resume after SIGKILL, data-parallel under torchrun, accumulation, early
-stopping, precision and checkpoints."""
+"""The training loop: resume after SIGKILL (between steps and inside a checkpoint write, in one and
+two processes, with early stopping), data-parallel under torchrun, accumulation, early stopping,
+precision, torch.compile, weight-decay groups and checkpoints."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from clipcap.training.batches import CaptionPairs
-from clipcap.training.checkpoints import latest_checkpoint, list_checkpoints
+from clipcap.training.checkpoints import (BEST, STATE, TENSORS, Checkpoint, latest_checkpoint, list_checkpoints,
+                                         load_checkpoint, rng_state, save_checkpoint)
 from clipcap.config import TrainConfig
 from clipcap.errors import ClipcapError
-from clipcap.training.loop import mean_loss, train_model
+from clipcap.training.loop import decay_groups, mean_loss, train_model
 from helpers import EOS, PAD, TINY_VOCAB, tiny_clipcap
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "train_tiny.py"
@@ -29,8 +31,54 @@ def run_job(out: Path, *args: str, launcher: list[str] | None = None) -> subproc
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
+def torchrun(processes: int = 2) -> list[str]:
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
 def final_weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"final-rank{rank}.safetensors"))
+
+
+def work_done(out: Path, rank: int = 0) -> dict:
+    """What the job's process of ``rank`` executed itself (counted by hooks, not restored)."""
+    return json.loads((out / f"work-rank{rank}.json").read_text())
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def assert_same_weights(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys() and len(expected) > 20  # mapper and the fine-tuned LM
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def assert_resumed_from(resumed_out: Path, uninterrupted_out: Path, step: int, rank: int = 0) -> None:
+    """The resumed process ran only what the uninterrupted one ran after checkpoint ``step``."""
+    full, resumed = work_done(uninterrupted_out, rank), work_done(resumed_out, rank)
+    assert resumed["optimizer_steps"] == full["optimizer_steps"] - step, "optimizer steps run after resuming"
+    assert resumed["micro_batches"] == full["micro_batches"] - full["micro_batches_at_step"][step - 1], \
+        "micro-batches run after resuming"
+
+
+def resume_and_compare(out: Path, uninterrupted_out: Path, *args: str, ranks: tuple[int, ...] = (0,),
+                       launcher: list[str] | None = None) -> None:
+    """Resume the killed run in ``out``: it must continue from its newest complete checkpoint, run
+    only the rest, and end with the weights and history of the uninterrupted run."""
+    step = checkpoint_step(latest_checkpoint(out / "checkpoints"))
+    resumed = run_job(out, "--resume", *args, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{step:08d}'} (step {step} of" in resumed.stderr
+    for rank in ranks:
+        assert_resumed_from(out, uninterrupted_out, step, rank)
+        assert_same_weights(final_weights(uninterrupted_out, rank), final_weights(out, rank))
+        history = json.loads((out / f"history-rank{rank}.json").read_text())
+        assert history == json.loads((uninterrupted_out / f"history-rank{rank}.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +89,14 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("uninterrupted-ddp")
+    result = run_job(out, launcher=torchrun())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
 # 10 optimizer steps per epoch (19 micro-batches, accumulation 2), checkpoints every 2 steps:
 # step 13 dies mid-epoch 2 (resumes from step 12, 4 micro-batches into the epoch); step 21 dies
 # one step after the epoch-end checkpoint of step 20.
@@ -49,37 +105,65 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(tmp_path, unin
     killed = run_job(tmp_path, "--kill-at-step", str(kill_at))
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "final-rank0.safetensors").exists()
-    assert int(latest_checkpoint(tmp_path / "checkpoints").name.split("-")[1]) < kill_at
-
-    resumed = run_job(tmp_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
-    expected, actual = final_weights(uninterrupted), final_weights(tmp_path)
-    assert expected.keys() == actual.keys() and len(expected) > 20  # mapper and the fine-tuned LM
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
-    history = json.loads((tmp_path / "history-rank0.json").read_text())
-    assert history == json.loads((uninterrupted / "history-rank0.json").read_text())
+    assert checkpoint_step(latest_checkpoint(tmp_path / "checkpoints")) < kill_at
+    resume_and_compare(tmp_path, uninterrupted)
 
 
-def test_two_process_ddp_on_cpu_with_gloo(tmp_path, uninterrupted):
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    result = run_job(tmp_path, launcher=launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = final_weights(tmp_path, 0), final_weights(tmp_path, 1)
+def test_kill_inside_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp_path, uninterrupted):
+    # dies writing the epoch-end checkpoint of step 20: its tensors file is written, the rest not
+    killed = run_job(tmp_path, "--kill-in-checkpoint-write", "20")
+    assert killed.returncode == -signal.SIGKILL
+    folder = tmp_path / "checkpoints"
+    complete = list_checkpoints(folder)
+    half_written = [p for p in folder.iterdir() if p.is_dir() and p not in complete]
+    assert len(half_written) == 1 and "step-00000020" in half_written[0].name
+    assert (half_written[0] / TENSORS).exists() and not (half_written[0] / STATE).exists()
+    assert checkpoint_step(complete[-1]) == 18  # the previous complete one
+    resume_and_compare(tmp_path, uninterrupted)
+    assert [p for p in folder.iterdir() if p not in list_checkpoints(folder)] == []  # the leftover is gone
+
+
+def test_two_process_ddp_on_cpu_with_gloo(uninterrupted_ddp, uninterrupted):
+    out, result = uninterrupted_ddp
+    rank0, rank1 = final_weights(out, 0), final_weights(out, 1)
     for key in rank0:  # gradients were all-reduced: the replicas never drifted apart
         assert torch.equal(rank0[key], rank1[key]), key
     single = final_weights(uninterrupted)
     assert any(not torch.equal(rank0[k], single[k]) for k in rank0)  # each rank trained on its half
-    histories = [json.loads((tmp_path / f"history-rank{r}.json").read_text()) for r in (0, 1)]
+    histories = [json.loads((out / f"history-rank{r}.json").read_text()) for r in (0, 1)]
     assert histories[0] == histories[1]  # losses are averaged over both processes
     assert len(histories[0]["steps"]) == 15  # 9 micro-batches per rank and epoch, 2 per step, 3 epochs
+    assert work_done(out, 0) == work_done(out, 1)  # each rank ran every step on its own share
+    assert work_done(out, 0)["optimizer_steps"] == len(histories[0]["steps"])
     assert result.stderr.count("parameters: ") == 1  # only rank 0 logs
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000014", "step-00000015"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000014", "step-00000015"]
+
+
+def test_two_process_resume_restores_each_rank_s_rng(tmp_path, uninterrupted_ddp):
+    # 5 steps per epoch: step 7 dies in epoch 2, after the checkpoint of step 6 (one step into it)
+    killed = run_job(tmp_path, "--kill-at-step", "7", launcher=torchrun())
+    assert killed.returncode != 0
+    assert not any(tmp_path.glob("final-rank*"))
+    assert checkpoint_step(latest_checkpoint(tmp_path / "checkpoints")) == 6
+    resume_and_compare(tmp_path, uninterrupted_ddp[0], ranks=(0, 1), launcher=torchrun())
+
+
+def test_early_stopping_resumed_after_the_best_epoch_restores_it(tmp_path):
+    uninterrupted_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    result = run_job(uninterrupted_out, "--early-stopping")
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = json.loads((uninterrupted_out / "history-rank0.json").read_text())
+    val = [e["val_loss"] for e in history["epochs"]]
+    best_epoch, last_epoch = val.index(min(val)) + 1, len(val)
+    assert history["stopped_early"] and best_epoch < last_epoch - 1  # an epoch-end checkpoint after the best
+    assert "restored the weights of the best epoch" in result.stderr
+    # die one step into the last epoch: the newest checkpoint is the end of a worse epoch than the best
+    kill_at = next(s["step"] for s in history["steps"] if s["epoch"] == last_epoch)
+    killed = run_job(out, "--early-stopping", "--kill-at-step", str(kill_at))
+    assert killed.returncode == -signal.SIGKILL
+    newest = latest_checkpoint(out / "checkpoints")
+    assert checkpoint_step(newest) == kill_at - 1 and (newest / BEST).exists()
+    resume_and_compare(out, uninterrupted_out, "--early-stopping")
 
 
 def _pairs(count: int, seed: int, length: int | None = None) -> CaptionPairs:
@@ -126,12 +210,59 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert restored == pytest.approx(best, rel=1e-5)
 
 
-def test_bf16_autocast_trains_on_cpu_when_asked():
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                              ("auto", torch.float32)])  # auto: bf16 on CUDA only
+def test_precision_sets_the_dtype_the_model_computes_in_on_cpu(precision, dtype):
     model = tiny_clipcap("transformer")
-    cfg = TrainConfig(seed=0, epochs=3, batch_size=4, lr=3e-3, warmup_steps=0, precision="bf16", device="cpu")
-    history = train_model(model, _pairs(8, 0), None, cfg, pad_token_id=PAD)
+    seen = []  # (training?, layer, output dtype) of every forward of a mapper and an LM Linear layer
+    for name, layer in (("mapper", model.mapper.linear), ("lm", model.lm.get_output_embeddings())):
+        layer.register_forward_hook(
+            lambda module, inputs, out, name=name: seen.append((model.training, name, out.dtype)))
+    cfg = TrainConfig(seed=0, epochs=3, batch_size=4, lr=3e-3, warmup_steps=0, precision=precision, device="cpu")
+    history = train_model(model, _pairs(8, 0), _pairs(4, 1), cfg, pad_token_id=PAD)
+    assert {(training, name) for training, name, _ in seen} == {(True, "mapper"), (True, "lm"), (False, "mapper"),
+                                                                 (False, "lm")}  # training and validation
+    assert {d for _, _, d in seen} == {dtype}
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in history.steps)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
+
+
+def _owner_kind(model: torch.nn.Module, name: str) -> str:
+    """'decay' or 'no-decay' for parameter ``name``, from the kind of layer that owns it."""
+    from transformers.pytorch_utils import Conv1D
+
+    path, attr = name.rsplit(".", 1)
+    owner = model.get_submodule(path)
+    if isinstance(owner, (torch.nn.Embedding, torch.nn.LayerNorm)) or attr.endswith("bias") or attr == "prefix_const":
+        return "no-decay"
+    if (isinstance(owner, (torch.nn.Linear, Conv1D)) and attr == "weight") or attr == "in_proj_weight":
+        return "decay"
+    raise AssertionError(f"{name}: a parameter of a {type(owner).__name__} the test does not know")
+
+
+@pytest.mark.parametrize("mapper", ["mlp", "transformer"])
+@pytest.mark.parametrize("finetune_lm", [False, True])
+def test_weight_decay_applies_to_weight_matrices_only(mapper, finetune_lm):
+    model = tiny_clipcap(mapper, finetune_lm=finetune_lm)
+    decay, no_decay = decay_groups(model, 0.25)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.25, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = {"decay": [names[id(p)] for p in decay["params"]], "no-decay": [names[id(p)] for p in no_decay["params"]]}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(grouped["decay"] + grouped["no-decay"]) == sorted(trainable)  # each once, frozen ones in neither
+    assert any(n.startswith("lm.") for n in trainable) == finetune_lm
+    for kind, members in grouped.items():
+        for name in members:
+            assert _owner_kind(model, name) == kind, name
+    named = set(grouped["no-decay"])  # the ones the docstring names
+    assert {n for n in trainable if n.endswith(".bias")} <= named
+    if mapper == "transformer":
+        assert {"mapper.prefix_const", "mapper.norm.weight", "mapper.transformer.layers.0.norm1.weight"} <= named
+        assert "mapper.transformer.layers.0.self_attn.in_proj_weight" in grouped["decay"]
+    if finetune_lm:  # the tied LM head is the token embedding: not decayed either
+        assert {"lm.transformer.wte.weight", "lm.transformer.wpe.weight", "lm.transformer.ln_f.weight"} <= named
+        assert "lm.transformer.h.0.attn.c_attn.weight" in grouped["decay"]
+    assert grouped["decay"] and grouped["no-decay"]
 
 
 def test_half_written_checkpoint_is_ignored_and_foreign_one_refused(tmp_path):
@@ -142,6 +273,21 @@ def test_half_written_checkpoint_is_ignored_and_foreign_one_refused(tmp_path):
     with pytest.raises(ClipcapError, match="other parameters, data"):
         train_model(tiny_clipcap(), _pairs(8, 0), None, cfg, pad_token_id=PAD, checkpoint_dir=tmp_path,
                     resume=True, fingerprint="b")
+
+
+def test_checkpoint_keeps_every_rank_s_rng_state(tmp_path):
+    model = tiny_clipcap()
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    states = []
+    for rank in (0, 1):
+        torch.manual_seed(rank)
+        states.append(rng_state())
+    checkpoint = Checkpoint(model.weights(), optimizer.state_dict(), states, {"step": 3})
+    loaded = load_checkpoint(save_checkpoint(tmp_path, checkpoint)).rng
+    assert len(loaded) == 2 and not torch.equal(loaded[0]["cpu"], loaded[1]["cpu"])
+    for rank in (0, 1):
+        assert loaded[rank].keys() == states[rank].keys()
+        assert all(torch.equal(loaded[rank][k], states[rank][k]) for k in states[rank])
 
 
 def test_distributed_batches_split_one_order_between_ranks():
@@ -159,10 +305,16 @@ def test_distributed_batches_split_one_order_between_ranks():
 
 @pytest.mark.pipeline  # compiling takes a while on 2 cores
 def test_torch_compile_trains_like_eager():
+    from torch._dynamo.utils import counters
+
     pairs = _pairs(8, 0)
-    losses = []
+    losses, graphs = [], []
     for compile_model in (False, True):
+        torch._dynamo.reset()  # nothing compiled before (by another test) is reused
+        counters.clear()
         cfg = TrainConfig(seed=0, epochs=2, batch_size=4, lr=3e-3, warmup_steps=0, compile=compile_model, device="cpu")
         losses.append([s["loss"] for s in train_model(tiny_clipcap(), pairs, None, cfg, pad_token_id=PAD).steps])
+        graphs.append(counters["stats"]["unique_graphs"])  # graphs dynamo captured and compiled
     eager, compiled = losses
+    assert graphs[0] == 0 and graphs[1] > 0  # the flag compiled the model, and only the flag did
     assert compiled == pytest.approx(eager, rel=1e-3)

@@ -1,8 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint is a folder ``step-00000123/`` holding ``tensors.safetensors`` (model, optimizer
-state, RNG states), ``best.safetensors`` when early stopping keeps the best epoch's weights, and
-``state.json`` (step, epoch, position in the epoch, scheduler, history).
+state, the RNG states of every process), ``best.safetensors`` when early stopping keeps the best
+epoch's weights, and ``state.json`` (step, epoch, position in the epoch, scheduler, history).
 It is written under a temporary name and renamed into place, so a run killed at any moment
 leaves either the previous checkpoints or the new one complete - never a half-written one.
 No pickle: both files load without executing code.
@@ -36,7 +36,7 @@ class Checkpoint:
 
     model: dict[str, torch.Tensor]          # what ClipCap.weights() returns
     optimizer: dict[str, Any]
-    rng: dict[str, torch.Tensor]
+    rng: list[dict[str, torch.Tensor]]      # each process's RNG states (rng_state()), by rank
     state: dict[str, Any]                   # JSON-serialisable: step, epoch, scheduler, history...
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights (early stopping), if kept
 
@@ -64,17 +64,35 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    states = {"rng.cpu": torch.get_rng_state()}
+    """This process's RNG states (dropout draws from them): ``cpu`` and ``cuda.<device>``."""
+    states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return states
 
 
 def restore_rng(states: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(states["rng.cpu"])
-    cuda = [states[k] for k in sorted(k for k in states if k.startswith("rng.cuda."))]
+    """Set this process's RNG states to what :func:`rng_state` returned."""
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in states))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _flatten_rng(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"rng.{rank}.{name}": value for rank, rank_states in enumerate(states)
+            for name, value in rank_states.items()}
+
+
+def _unflatten_rng(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    by_rank: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        rest = key.removeprefix("rng.")
+        rank, _, name = rest.partition(".")
+        if not rank.isdigit():  # "rng.cpu": written before every process's state was saved, rank 0's
+            rank, name = "0", rest
+        by_rank.setdefault(int(rank), {})[name] = value
+    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
@@ -84,10 +102,12 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int = 2
     step = int(checkpoint.state["step"])
     target = directory / f"step-{step:08d}"
     staging = directory / f".step-{step:08d}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    for leftover in directory.glob(".step-*.partial"):  # what a process killed while writing left
+        shutil.rmtree(leftover, ignore_errors=True)
     staging.mkdir()
     optim_tensors, optim_meta = _flatten_optimizer(checkpoint.optimizer)
-    tensors = {**{f"model.{k}": v for k, v in checkpoint.model.items()}, **optim_tensors, **checkpoint.rng}
+    tensors = {**{f"model.{k}": v for k, v in checkpoint.model.items()}, **optim_tensors,
+               **_flatten_rng(checkpoint.rng)}
     save_file(tensors, str(staging / TENSORS))
     if checkpoint.best:
         save_file(checkpoint.best, str(staging / BEST))
@@ -121,7 +141,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ClipcapError(f"{path}: unreadable checkpoint ({err}); delete it to resume from an older one") from err
     model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    rng = _unflatten_rng({k: v for k, v in tensors.items() if k.startswith("rng.")})
     optimizer = _unflatten_optimizer(optim, state.pop("optimizer"))
     return Checkpoint(model, optimizer, rng, state, best)
 

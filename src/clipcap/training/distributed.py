@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,14 @@ class DistContext:
                               device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every process's ``value``, by rank, on rank 0 (None on the others); ``[value]`` in one process."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
 
 
 def init_distributed(device: torch.device) -> DistContext:

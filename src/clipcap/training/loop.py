@@ -149,8 +149,9 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoint_dir is None:
             return
+        rng = self.context.gather(rng_state())  # each process draws its own dropout masks
         if self.context.is_main:
-            checkpoint = Checkpoint(self.model.weights(), self.optimizer.state_dict(), rng_state(), self._state(),
+            checkpoint = Checkpoint(self.model.weights(), self.optimizer.state_dict(), rng, self._state(),
                                     best=self.best_weights)
             path = save_checkpoint(self.checkpoint_dir, checkpoint, keep=self.cfg.keep_checkpoints)
             log.debug("checkpoint %s", path)
@@ -168,13 +169,17 @@ class Trainer:
             raise ClipcapError(
                 f"{path} was written by a run with other parameters, data or process count; resume needs the "
                 f"same ones (or delete {self.checkpoint_dir} to start over)")
+        if len(checkpoint.rng) != self.context.world_size:
+            raise ClipcapError(f"{path} holds the RNG states of {len(checkpoint.rng)} of its "
+                               f"{self.context.world_size} processes (an older format); delete "
+                               f"{self.checkpoint_dir} to start over")
         self.best_weights = checkpoint.best or {}
         self.model.load_weights(checkpoint.model)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(**state["progress"])
         self.history = TrainHistory(**state["history"])
-        restore_rng(checkpoint.rng)
+        restore_rng(checkpoint.rng[self.context.rank])  # this process's own dropout stream
         log.info("resumed from %s (step %d of %d)", path, self.progress.step, self.total_steps)
         return True
 
@@ -272,7 +277,9 @@ def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPai
     each epoch end; ``resume=True`` continues from the newest one (whose ``fingerprint``, a digest
     of the params and data, must match) and ends with the weights an uninterrupted run would have.
     """
-    torch.manual_seed(cfg.seed)
+    # one dropout stream per process (a replica of rank 0's masks would add no variety), each
+    # saved in the checkpoints and restored on resume
+    torch.manual_seed(cfg.seed + current_context().rank)
     trainer = Trainer(model, train_pairs, val_pairs, cfg, pad_token_id, checkpoint_dir, fingerprint)
     if resume:
         trainer.resume()
