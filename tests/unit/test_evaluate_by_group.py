@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import clipcap.pipeline.baselines as baselines
+from clipcap.pipeline.metrics import CaptionScores
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.reports import summary
 
@@ -12,10 +13,10 @@ from clipcap.pipeline.reports import summary
 def test_score_by_group_scores_each_group_on_its_own_images(monkeypatch):
     seen = []
 
-    def fake_score(references, predictions):
+    def fake_score(references, predictions, bootstrap):
         seen.append(sorted(predictions))
         exact = sum(predictions[i] in references[i] for i in predictions) / len(predictions)
-        return {"CIDEr": exact}
+        return CaptionScores({"CIDEr": exact}, {})
 
     monkeypatch.setattr(baselines, "score_captions", fake_score)
     references = {"a": ["A cat."], "b": ["A dog."], "c": ["A car."], "d": ["A bus."]}

@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from clipcap.pipeline.metrics import score_captions
+from clipcap.pipeline.metrics import CaptionScores, score_captions
 
 
 def most_frequent_caption(train_captions: list[list[str]]) -> str:
@@ -32,9 +32,10 @@ def retrieval_captions(train_embeddings: torch.Tensor, train_captions: list[list
     return [train_captions[i][0] for i in nearest]
 
 
-def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]]) -> dict[str, dict]:
+def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]],
+                  bootstrap: int = 1000) -> dict[str, CaptionScores]:
     """Scores of each named system's predictions ({image id: caption})."""
-    return {name: score_captions(references, predictions) for name, predictions in systems.items()}
+    return {name: score_captions(references, predictions, bootstrap=bootstrap) for name, predictions in systems.items()}
 
 
 def score_by_group(references: dict[str, list[str]], systems: dict[str, dict[str, str]],
@@ -48,6 +49,7 @@ def score_by_group(references: dict[str, list[str]], systems: dict[str, dict[str
     out: dict[str, dict] = {}
     for group in sorted(set(groups.values())):
         ids = [i for i, g in groups.items() if g == group]
-        out[group] = {"images": len(ids), **score_systems(
-            {i: references[i] for i in ids}, {name: {i: p[i] for i in ids} for name, p in systems.items()})}
+        scores = score_systems({i: references[i] for i in ids}, {name: {i: p[i] for i in ids} for name, p in systems.items()},
+                               bootstrap=0)
+        out[group] = {"images": len(ids), **{name: s.corpus for name, s in scores.items()}}
     return out

@@ -7,7 +7,10 @@ SPICE when its Stanford CoreNLP jars are present (it cannot download them offlin
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +22,24 @@ def spice_available() -> bool:
     return any(lib.glob("stanford-corenlp-*.jar"))
 
 
-def score_captions(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float | None]:
-    """Corpus scores of ``predictions`` (one caption per id) against ``references``.
+@dataclass
+class CaptionScores:
+    """One system's scores on a test set: corpus metrics, each image's own, and bootstrap intervals."""
 
+    corpus: dict[str, float | None]            # BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE (None: unavailable)
+    per_image: dict[str, dict[str, float]]     # image id -> metric -> value
+    ci95: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high]
+
+
+def score_captions(references: dict[str, list[str]], predictions: dict[str, str], bootstrap: int = 1000,
+                   seed: int = 0) -> CaptionScores:
+    """Scores of ``predictions`` (one caption per id) against ``references``.
+
+    Per image: sentence BLEU, METEOR, ROUGE-L and CIDEr (CIDEr's document frequencies come from
+    the whole test set, as for the corpus score). ``ci95``: the 2.5th and 97.5th percentiles of
+    each metric over ``bootstrap`` resamples of the test images (with replacement, seeded):
+    corpus BLEU is recomputed on each resample; for METEOR, ROUGE-L and CIDEr the resample's mean
+    per-image score is used (CIDEr and ROUGE-L corpus scores are that mean; METEOR's is close to it).
     SPICE is ``None`` when it cannot run here.
     """
     from pycocoevalcap.bleu.bleu import Bleu
@@ -37,20 +55,47 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
     res = tokenizer.tokenize({i: [{"caption": predictions[i] or "."}] for i in ids})
-    scores: dict[str, float | None] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+    corpus: dict[str, float | None] = {}
+    per_image: dict[str, dict[str, float]] = {i: {} for i in ids}
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        corpus[f"BLEU-{n + 1}"] = float(bleu[n])
+        for i, value in zip(ids, bleu_each[n]):
+            per_image[i][f"BLEU-{n + 1}"] = float(value)
     meteor = Meteor()  # a Java subprocess, stopped when the scorer is garbage-collected
-    scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    for name, scorer in (("METEOR", meteor), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+        total, each = scorer.compute_score(gts, res)
+        corpus[name] = float(total)
+        for i, value in zip(ids, each):
+            per_image[i][name] = float(value)
     del meteor
-    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    scores["SPICE"] = None
+    corpus["SPICE"] = None
     if spice_available():
         try:
             from pycocoevalcap.spice.spice import Spice
 
-            scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+            corpus["SPICE"] = float(Spice().compute_score(gts, res)[0])
         except Exception as err:  # SPICE is optional: report, never crash the evaluation
             log.warning("SPICE failed, reported as unavailable: %s", err)
-    return scores
+    ci95 = _bootstrap(ids, gts, res, per_image, bootstrap, seed) if bootstrap and len(ids) > 1 else {}
+    return CaptionScores(corpus, per_image, ci95)
+
+
+def _bootstrap(ids, gts, res, per_image, rounds: int, seed: int) -> dict[str, list[float]]:
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(ids), size=(rounds, len(ids)))
+    means = {name: np.array([[per_image[i][name] for i in ids]]) for name in ("METEOR", "ROUGE-L", "CIDEr")}
+    draws: dict[str, list[float]] = {f"BLEU-{n}": [] for n in range(1, 5)}
+    for sample in samples:
+        scorer = BleuScorer(n=4)
+        for index in sample:
+            scorer += (res[ids[index]][0], gts[ids[index]])
+        bleu, _ = scorer.compute_score(option="closest", verbose=0)
+        for n in range(4):
+            draws[f"BLEU-{n + 1}"].append(bleu[n])
+    for name, values in means.items():
+        draws[name] = values[0][samples].mean(axis=1).tolist()
+    return {name: [round(float(np.percentile(v, 2.5)), 6), round(float(np.percentile(v, 97.5)), 6)]
+            for name, v in draws.items()}

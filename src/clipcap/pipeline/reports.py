@@ -32,10 +32,13 @@ def read_loss_log(path: Path) -> list[dict]:
         return [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(handle)]
 
 
-def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str], count: int) -> None:
-    """Every test prediction (``predictions.jsonl``) and the first ``count`` as a Markdown table."""
+def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str],
+                  per_image: dict[str, dict[str, dict[str, float]]], count: int) -> None:
+    """Every test prediction with each system's scores on that image (``predictions.jsonl``), and
+    the first ``count`` as a Markdown table."""
     records = [
-        {"image_id": i, "path": p, "references": list(r), "prediction": c, "retrieval": n}
+        {"image_id": i, "path": p, "references": list(r), "prediction": c, "retrieval": n,
+         "scores": {system: found.get(i, {}) for system, found in per_image.items()}}
         for i, p, r, c, n in zip(rows["image_id"], rows["path"], rows["captions"], predicted, retrieved)
     ]
     write_text(layout.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -48,10 +51,14 @@ def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retr
 
 # ---------------------------------------------------------------- metrics.json
 # {"model": {"BLEU-1": ..., "CIDEr": ...}, "baseline_...": {...}, "test_images": n, "spice": "...",
+#  "ci95": {system: {metric: [low, high]}},
 #  "by_domain": {domain: {"images": n, system: {metric: value}}}}  (by_domain only for nocaps)
+NOT_SYSTEMS = ("by_domain", "ci95")
+
+
 def system_scores(metrics: dict) -> dict[str, dict[str, float | None]]:
     """``{system: {metric: value}}`` of a ``metrics.json`` (the whole test split)."""
-    return {name: scores for name, scores in metrics.items() if isinstance(scores, dict) and name != "by_domain"}
+    return {name: scores for name, scores in metrics.items() if isinstance(scores, dict) and name not in NOT_SYSTEMS}
 
 
 def domain_scores(metrics: dict) -> dict[str, dict]:
@@ -90,6 +97,11 @@ def summary(layout: Layout = Layout()) -> str:
         for system, scores in systems.items():
             cells = "".join(f"{'n/a' if v is None else format(v, '.3f'):>9}" for v in scores.values())
             lines.append(f"{system:<{width}}{cells}")
+        intervals = metrics.get("ci95", {})
+        if any(intervals.values()):
+            lines.append("CIDEr 95% interval (bootstrap over the test images): " + ", ".join(
+                f"{system} [{found['CIDEr'][0]:.3f}, {found['CIDEr'][1]:.3f}]"
+                for system, found in intervals.items() if "CIDEr" in found))
         if domain_scores(metrics):
             lines.append(domain_line(metrics))
     if layout.samples.exists():

@@ -41,16 +41,20 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     references = dict(zip(ids, test_rows["captions"]))
     scores = score_systems(references, systems)
     metrics = {
-        **scores,
+        **{name: found.corpus for name, found in scores.items()},
         "test_images": len(ids),
         "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
+        "ci95": {name: found.ci95 for name, found in scores.items()},   # bootstrap over the test images
     }
     if "domain" in test_rows and test_rows["domain"].notna().any():  # nocaps: in-, near-, out-of-domain
         domains = {i: d for i, d in zip(ids, test_rows["domain"]) if isinstance(d, str) and d}
         metrics["by_domain"] = score_by_group(references, systems, domains)
         log.info(domain_line(metrics))
     write_json(layout.metrics, metrics)
-    write_samples(layout, test_rows, predicted, retrieved, cfg.evaluate.num_samples)
-    log.info("CIDEr: model %.3f | most frequent %.3f | retrieval %.3f -> %s", scores["model"]["CIDEr"],
-             scores["baseline_most_frequent"]["CIDEr"], scores["baseline_retrieval"]["CIDEr"], layout.metrics)
+    per_image = {name: found.per_image for name, found in scores.items()}
+    write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples)
+    log.info("CIDEr: model %.3f %s | most frequent %.3f | retrieval %.3f %s -> %s",
+             metrics["model"]["CIDEr"], metrics["ci95"]["model"].get("CIDEr"),
+             metrics["baseline_most_frequent"]["CIDEr"], metrics["baseline_retrieval"]["CIDEr"],
+             metrics["ci95"]["baseline_retrieval"].get("CIDEr"), layout.metrics)
     return metrics
