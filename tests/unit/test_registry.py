@@ -20,7 +20,7 @@ def store(tmp_path, monkeypatch):
 
 def _register(cfg, captioner, cider):
     return log_and_register(cfg, "toy", captioner, {"p": "1"}, {"model_CIDEr": cider, "model_BLEU-4": 0.1},
-                            [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], files=[],
+                            {"train_loss": [(1, 2.0), (2, 1.5)]}, files=[],
                             example_image="x.png")
 
 

@@ -318,3 +318,22 @@ def test_torch_compile_trains_like_eager():
     eager, compiled = losses
     assert graphs[0] == 0 and graphs[1] > 0  # the flag compiled the model, and only the flag did
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_on_epoch_adds_to_each_epoch_record_without_changing_training():
+    """The learning curve's hook: called once per epoch on the trained model, its values join the
+    epoch record (with the step the epoch ended at), and the weights are those of a run without it."""
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, warmup_steps=1, seed=3)
+    seen = []
+
+    def on_epoch(model):
+        seen.append(model.training)
+        return {"val_CIDEr": 0.1 * len(seen)}
+
+    plain, hooked = tiny_clipcap("mlp", finetune_lm=True), tiny_clipcap("mlp", finetune_lm=True)
+    train_model(plain, _pairs(12, 0), _pairs(4, 1), cfg, pad_token_id=PAD)
+    history = train_model(hooked, _pairs(12, 0), _pairs(4, 1), cfg, pad_token_id=PAD, on_epoch=on_epoch)
+    assert [e["val_CIDEr"] for e in history.epochs] == [0.1, 0.2] and len(seen) == 2
+    assert [e["step"] for e in history.epochs] == [3, 6] and all("val_loss" in e for e in history.epochs)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, hooked.state_dict()[key]), key

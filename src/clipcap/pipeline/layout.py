@@ -28,6 +28,7 @@ class Layout:
     training_dir = property(lambda self: self.root / "training")
     train_log = property(lambda self: self.training_dir / "loss.csv")
     train_summary = property(lambda self: self.training_dir / "summary.json")
+    learning_curve = property(lambda self: self.training_dir / "curve.csv")  # per epoch: losses, val CIDEr
     metrics = property(lambda self: self.root / "metrics.json")
     evaluation_dir = property(lambda self: self.root / "evaluation")
     predictions = property(lambda self: self.evaluation_dir / "predictions.jsonl")

@@ -22,6 +22,17 @@ def spice_available() -> bool:
     return any(lib.glob("stanford-corenlp-*.jar"))
 
 
+def cider(references: dict[str, list[str]], predictions: dict[str, str]) -> float:
+    """CIDEr alone (no Java METEOR): cheap enough to follow training epoch by epoch."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in predictions})
+    res = tokenizer.tokenize({i: [{"caption": c or "."}] for i, c in predictions.items()})
+    return float(Cider().compute_score(gts, res)[0])
+
+
 @dataclass
 class CaptionScores:
     """One system's scores on a test set: corpus metrics, each image's own, and bootstrap intervals."""

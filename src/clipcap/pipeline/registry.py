@@ -98,8 +98,9 @@ def _champion_value(client: MlflowClient, name: str, metric_key: str) -> tuple[i
 
 
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
-                     step_losses: list[dict], files: list[str | Path], example_image: str) -> Registration:
-    """Log one run (params, metrics, per-step loss, files, pyfunc model) and register it."""
+                     curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
+                     example_image: str) -> Registration:
+    """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register it."""
     client = connect(cfg)
     name = model_name(dataset)
     metric_key = f"model_{cfg.metric}"
@@ -109,8 +110,9 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
     with mlflow.start_run(run_name=f"{name}-train") as run, tempfile.TemporaryDirectory() as staging:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
-        for record in step_losses:
-            mlflow.log_metric("train_loss", record["loss"], step=record["step"])
+        for curve, points in curves.items():  # train_loss per step; val_loss, val_CIDEr per epoch
+            for step, value in points:
+                mlflow.log_metric(curve, value, step=step)
         for path in files:
             mlflow.log_artifact(str(path))
         signature = mlflow.models.infer_signature(

@@ -27,9 +27,31 @@ def write_loss_log(path: Path, steps: list[dict]) -> None:
     write_atomic(path, write)
 
 
-def read_loss_log(path: Path) -> list[dict]:
-    with path.open() as handle:
-        return [{"step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(handle)]
+CURVE_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_CIDEr")
+
+
+def write_learning_curve(path: Path, epochs: list[dict]) -> None:
+    """One row per epoch: the optimizer step it ended at, train and val loss, val CIDEr (``dvc plots``)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(epochs)
+
+    write_atomic(path, write)
+
+
+def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:
+    """``{"train_loss": [(step, value)...], "val_loss": [...], "val_CIDEr": [...]}`` from the training logs."""
+    with layout.train_log.open() as handle:
+        curves = {"train_loss": [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]}
+    if layout.learning_curve.exists():
+        with layout.learning_curve.open() as handle:
+            rows = list(csv.DictReader(handle))
+        for name in ("val_loss", "val_CIDEr"):
+            curves[name] = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+    return curves
 
 
 def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str],

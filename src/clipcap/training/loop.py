@@ -184,7 +184,10 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
-    def fit(self, on_step: Callable[[dict], None] | None = None) -> TrainHistory:
+    def fit(self, on_step: Callable[[dict], None] | None = None,
+            on_epoch: Callable[[ClipCap], dict] | None = None) -> TrainHistory:
+        """Train to the end; ``on_step(record)`` after each optimizer step and ``on_epoch(model)`` after
+        each epoch's validation (its dict joins the epoch record) run on the main process only."""
         cfg, progress, main = self.cfg, self.progress, self.context.is_main
         if main:
             log.info("parameters: %s", self.model.parameter_summary())
@@ -195,7 +198,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step", disable=not main)
         while progress.epoch < cfg.epochs and not self.history.stopped_early:
             self._run_epoch(bar, on_step)
-            self._end_epoch()
+            self._end_epoch(on_epoch)
             self.save()
         bar.close()
         if self.history.stopped_early and self.best_weights:
@@ -243,7 +246,7 @@ class Trainer:
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch_in_epoch < epoch_batches:
                 self.save()
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, on_epoch: Callable[[ClipCap], dict] | None = None) -> None:
         cfg, progress = self.cfg, self.progress
         progress.epoch += 1
         progress.batch_in_epoch = 0
@@ -260,6 +263,9 @@ class Trainer:
             if cfg.early_stopping_patience and progress.bad_epochs >= cfg.early_stopping_patience:
                 self.history.stopped_early = True
                 record["stopped_early"] = True
+        if on_epoch is not None and self.context.is_main:
+            record.update(on_epoch(self.model))
+        record["step"] = progress.step
         self.history.epochs.append(record)
         if self.context.is_main:
             log.info("epoch %d: %s%s", progress.epoch, ", ".join(
@@ -270,7 +276,8 @@ class Trainer:
 
 def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPairs | None, cfg: TrainConfig,
                 pad_token_id: int, on_step: Callable[[dict], None] | None = None, *,
-                checkpoint_dir: str | Path | None = None, resume: bool = False, fingerprint: str = "") -> TrainHistory:
+                checkpoint_dir: str | Path | None = None, resume: bool = False, fingerprint: str = "",
+                on_epoch: Callable[[ClipCap], dict] | None = None) -> TrainHistory:
     """Train ``model`` in place and return its loss history.
 
     With ``checkpoint_dir``, checkpoints are written every ``cfg.checkpoint_every`` steps and at
@@ -285,4 +292,4 @@ def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPai
         trainer.resume()
     elif checkpoint_dir is not None and trainer.context.is_main and remove_checkpoints(checkpoint_dir):
         log.info("a fresh run: removed the checkpoints of an earlier run from %s", checkpoint_dir)
-    return trainer.fit(on_step)
+    return trainer.fit(on_step, on_epoch)

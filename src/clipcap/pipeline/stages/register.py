@@ -11,7 +11,7 @@ from clipcap.config import Config, config_to_dict
 from clipcap.fileio import read_json, write_json
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.registry import log_and_register
-from clipcap.pipeline.reports import flat_metrics, read_loss_log
+from clipcap.pipeline.reports import flat_metrics, learning_curves
 
 
 def _flatten(prefix: str, value, out: dict) -> dict:
@@ -29,8 +29,8 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
     registration = log_and_register(
         cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(read_json(layout.metrics)),
-        read_loss_log(layout.train_log),
-        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary],
+        learning_curves(layout),
+        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve],
         example_image=example,
     )
     result = {

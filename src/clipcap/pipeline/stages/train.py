@@ -17,12 +17,14 @@ from clipcap.config import Config, RetrievalConfig, config_to_dict
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import save_captioner
+from clipcap.modeling.decode import GREEDY, generate_captions
 from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import CaptionDatastore, Retriever
 from clipcap.pipeline.layout import Layout
-from clipcap.pipeline.reports import write_loss_log
+from clipcap.pipeline.metrics import cider
+from clipcap.pipeline.reports import write_learning_curve, write_loss_log
 from clipcap.pipeline.splits import split_data
 from clipcap.training.batches import CaptionPairs, tokenize_captions
 from clipcap.training.distributed import current_context
@@ -48,15 +50,25 @@ def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
             lm.tokenizer, embeddings, rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity)
         return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
 
-    history = train_model(model, pairs(train_rows, train_emb), pairs(val_rows, val_emb) if len(val_rows) else None,
-                          cfg.train, pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints,
-                          resume=resume, fingerprint=training_fingerprint(cfg, train_rows, val_rows))
+    val_pairs = pairs(val_rows, val_emb) if len(val_rows) else None
+
+    def val_cider(trained: ClipCap) -> dict:
+        """The learning curve's second axis: greedy captions of the val images, scored by CIDEr."""
+        found = generate_captions(trained, lm.tokenizer, val_emb, GREEDY, 32, val_pairs.prompts)
+        return {"val_CIDEr": cider(dict(zip(val_rows["image_id"], val_rows["captions"])),
+                                   {i: c[0] for i, c in zip(val_rows["image_id"], found)})}
+
+    history = train_model(model, pairs(train_rows, train_emb), val_pairs, cfg.train,
+                          pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints, resume=resume,
+                          fingerprint=training_fingerprint(cfg, train_rows, val_rows),
+                          on_epoch=val_cider if val_pairs is not None else None)
     if not current_context().is_main:
         return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
                    tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained, retrieval=cfg.retrieval,
                    datastore=retriever.datastore if retriever else None)
     write_loss_log(layout.train_log, history.steps)
+    write_learning_curve(layout.learning_curve, history.epochs)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
                                       "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
