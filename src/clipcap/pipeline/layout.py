@@ -33,4 +33,5 @@ class Layout:
     evaluation_dir = property(lambda self: self.root / "evaluation")
     predictions = property(lambda self: self.evaluation_dir / "predictions.jsonl")
     samples = property(lambda self: self.evaluation_dir / "samples.md")
+    gallery = property(lambda self: self.evaluation_dir / "gallery.html")
     registered = property(lambda self: self.root / "registered.json")

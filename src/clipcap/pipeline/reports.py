@@ -55,7 +55,7 @@ def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:
 
 
 def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str],
-                  per_image: dict[str, dict[str, dict[str, float]]], count: int) -> None:
+                  per_image: dict[str, dict[str, dict[str, float]]], count: int) -> list[dict]:
     """Every test prediction with each system's scores on that image (``predictions.jsonl``), and
     the first ``count`` as a Markdown table."""
     records = [
@@ -69,6 +69,7 @@ def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retr
         cells = [f"`{r['path']}`", r["references"][0], r["prediction"], r["retrieval"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     write_text(layout.samples, "\n".join(lines) + "\n")
+    return records
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -128,6 +129,8 @@ def summary(layout: Layout = Layout()) -> str:
             lines.append(domain_line(metrics))
     if layout.samples.exists():
         lines += ["", f"Sample captions: {layout.samples}"]
+    if layout.gallery.exists():
+        lines += [f"Gallery (every test image, worst first): {layout.gallery}"]
     if layout.registered.exists():
         reg = read_json(layout.registered)
         champion = "champion" if reg["promoted_to_champion"] else f"challenger (champion stays v{reg['previous_champion']})"

@@ -12,6 +12,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
+from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
 from clipcap.pipeline.reports import domain_line, write_samples
@@ -52,7 +53,8 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         log.info(domain_line(metrics))
     write_json(layout.metrics, metrics)
     per_image = {name: found.per_image for name, found in scores.items()}
-    write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples)
+    records = write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples)
+    write_gallery(layout.gallery, records, f"clipcap-{cfg.dataset.name}: captions of the test split")
     log.info("CIDEr: model %.3f %s | most frequent %.3f | retrieval %.3f %s -> %s",
              metrics["model"]["CIDEr"], metrics["ci95"]["model"].get("CIDEr"),
              metrics["baseline_most_frequent"]["CIDEr"], metrics["baseline_retrieval"]["CIDEr"],

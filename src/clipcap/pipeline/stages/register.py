@@ -30,7 +30,8 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     registration = log_and_register(
         cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(read_json(layout.metrics)),
         learning_curves(layout),
-        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve],
+        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve,
+               layout.gallery],
         example_image=example,
     )
     result = {

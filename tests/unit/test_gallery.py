@@ -1,0 +1,46 @@
+"""The caption gallery, opened in a real headless Chromium: every thumbnail renders, worst first."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+from PIL import Image
+
+from clipcap.pipeline.gallery import write_gallery
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=10000", "--dump-dom"]
+
+
+def test_every_thumbnail_renders_in_chromium_worst_first(tmp_path):
+    images = {"rgb.jpg": Image.new("RGB", (300, 200), (200, 30, 30)),
+              "transparent.png": Image.new("RGBA", (64, 256), (0, 90, 200, 120)),
+              "palette.gif": Image.new("P", (40, 40), 3),
+              "gray16.png": Image.new("I;16", (50, 50), 40000)}
+    records = []
+    for index, (name, image) in enumerate(images.items()):
+        image.save(tmp_path / name)
+        records.append({"path": str(tmp_path / name), "references": [f"A {name} <b>picture</b>."],
+                        "prediction": f"caption {index} <script>alert(1)</script>", "retrieval": "A thing.",
+                        "scores": {"model": {"CIDEr": [0.9, 0.1, 2.5, 0.4][index]},
+                                   "baseline_retrieval": {"CIDEr": 0.5}}})
+    page = tmp_path / "gallery.html"
+    write_gallery(page, records, "clipcap-test: captions")
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed for this test: scripts/test.sh installs Debian's chromium"
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    thumbnails = re.findall(r"<img [^>]*>", dom)
+    assert len(thumbnails) == 4 and not any("data-broken" in img for img in thumbnails)
+    shown = {re.search(r'alt="([^"]+)"', img)[1]: re.search(r'data-shown="([^"]*)"', img)[1] for img in thumbnails}
+    # decoded by the browser at thumbnail size: the longer side shrunk to 160 px, small images kept
+    assert shown == {"rgb.jpg": "160x107", "transparent.png": "40x160", "palette.gif": "40x40",
+                     "gray16.png": "50x50"}, shown
+    assert "<script>alert(1)</script>" not in dom and "&lt;script&gt;" in dom   # captions are escaped
+    scores = [float(s) for s in re.findall(r'<td class="score">([0-9.]+)</td>', dom)[::2]]
+    assert scores == sorted(scores) == [0.1, 0.4, 0.9, 2.5]                       # worst first
+    assert "src=\"data:image/png;base64," in dom and "file://" not in dom.split("<body")[1]  # self-contained
