@@ -28,6 +28,7 @@ TINY_PARAMS = {
     "encoder": {"batch_size": 16, "num_workers": 0},
     "lm": {"name": "tiny-gpt2", "tokenizer": "smollm2-135m"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 1, "num_heads": 2},
+    "retrieval": {"k": 2},   # the retrieval-augmented model: its datastore travels with the registered model
     "train": {"epochs": 3, "batch_size": 8, "lr": 0.001, "warmup_steps": 2},
     "evaluate": {"decoding": {"num_beams": 2, "max_new_tokens": 8}, "num_samples": 5},
 }
@@ -111,6 +112,13 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
     assert metrics["test_images"] >= 5
     samples = (project / "artifacts" / "evaluation" / "samples.md").read_text()
     assert samples.count("\n|") >= 5
+    for system in ("model", "baseline_retrieval"):                      # bootstrap intervals around the scores
+        low, high = metrics["ci95"][system]["CIDEr"]
+        assert low <= metrics[system]["CIDEr"] <= high
+    gallery = (project / "artifacts" / "evaluation" / "gallery.html").read_text()
+    assert gallery.count("<tr>") == metrics["test_images"] and gallery.count("data:image/png;base64,") == metrics["test_images"]
+    curve = (project / "artifacts" / "training" / "curve.csv").read_text().splitlines()
+    assert curve[0] == "epoch,step,train_loss,val_loss,val_CIDEr" and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
 
 
 def test_mlflow_holds_run_loss_and_champion(project, registered):
@@ -125,6 +133,9 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
     losses = client.get_metric_history(champion.run_id, "train_loss")
     steps = len((project / "artifacts" / "training" / "loss.csv").read_text().splitlines()) - 1
     assert len(losses) == steps > 0
+    assert len(client.get_metric_history(champion.run_id, "val_CIDEr")) == TINY_PARAMS["train"]["epochs"]
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
+    assert "gallery.html" in artifacts and "curve.csv" in artifacts
 
 
 def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):

@@ -100,3 +100,10 @@ def test_batched_greedy_with_prompts_equals_one_image_at_a_time(order):
     assert len({tuple(r) for r in batched.tolist()}) > 1
     without = generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=greedy)
     assert not torch.equal(without, batched)                   # the prompt is really in the input
+
+
+def test_a_caption_is_its_first_line():
+    from clipcap.modeling.decode import first_line
+
+    assert first_line("  A hibiscus flower.\n\nHibiscus is a type of flowering plant.") == "A hibiscus flower."
+    assert first_line("A cat.") == "A cat." and first_line("\n") == ""

@@ -51,6 +51,11 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
         )
 
 
+def first_line(text: str) -> str:
+    """A caption is one line: what an LM writes after a line break is not part of it."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decoding: DecodingConfig = GREEDY,
                       batch_size: int = 32, prompts: list[list[int]] | None = None) -> list[list[str]]:
     """``decoding.num_captions`` captions for each embedding, in batches of ``batch_size`` images;
@@ -63,7 +68,7 @@ def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decod
             prompt = {"prompt_ids": ids, "prompt_mask": mask}
         ids = generate_token_ids(model, embeddings[start : start + batch_size], eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id, decoding=decoding, **prompt)
-        texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        texts = [first_line(text) for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         n = decoding.num_captions
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions

@@ -1,0 +1,107 @@
+"""Caption quality of each configuration over several seeds, beside the baselines, in one run.
+
+For every seed, the embedded default (params.yaml as it is: ``model``) and the paper's
+configuration (the same with ``retrieval.k: 0``: ``model_k0``) are trained and evaluated on the
+same clean manifest and stored embeddings; the baselines (``retrieval``: the nearest training
+image's caption; ``most_frequent``) are deterministic and scored in the same runs.
+
+    dvc repro embed                                  # the clean manifest and embeddings it reads
+    python benchmarks/quality.py [--seeds 0 1 2] [--artifacts artifacts]
+
+Writes ``benchmarks/results/quality-<machine>.json`` and ``.md``: dataset -> system -> metric ->
+``{"seeds": [...], "mean": ..., "ci95": [low, high]}``. For the models ``ci95`` is the t-interval of
+the mean over the seeds (how much the result moves with the seed); for the deterministic
+baselines it is the bootstrap interval over the test images (how much it moves with the sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clipcap.environment import apply_offline_env
+
+apply_offline_env()
+
+from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
+
+from clipcap.config import load_config  # noqa: E402
+from clipcap.pipeline.layout import Layout  # noqa: E402
+from clipcap.pipeline.stages import evaluate, train  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5th percentile, by degrees of freedom
+SYSTEMS = {"model": "model", "baseline_retrieval": "retrieval", "baseline_most_frequent": "most_frequent"}
+
+
+def run_one(cfg, source: Path, workdir: Path) -> dict:
+    """Train and evaluate ``cfg`` in ``workdir`` on the manifest and embeddings under ``source``."""
+    layout = Layout(workdir)
+    workdir.mkdir(parents=True)
+    shutil.copy(source / "manifest.parquet", layout.manifest)
+    (layout.embeddings).symlink_to((source / "embeddings").resolve(), target_is_directory=True)
+    train.run(cfg, layout)
+    return evaluate.run(cfg, layout)
+
+
+def summarise(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"seeds": values, "mean": mean, "ci95": [mean, mean]}
+    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return {"seeds": [round(v, 4) for v in values], "mean": round(mean, 4),
+            "ci95": [round(mean - half, 4), round(mean + half, 4)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="holds manifest.parquet, embeddings/")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/quality-<machine>")
+    args = parser.parse_args()
+    base = load_config(args.params)
+    configs = {"model": base, "model_k0": dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0))}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="clipcap-quality-") as scratch:
+        for seed in args.seeds:
+            for name, cfg in configs.items():
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+                print(f"== {name}, seed {seed}", flush=True)
+                runs[name].append(run_one(cfg, args.artifacts, Path(scratch) / f"{name}-{seed}"))
+    first = runs["model"][0]
+    results = {name: {m: summarise([r["model"][m] for r in found]) for m in METRICS} for name, found in runs.items()}
+    for key, system in SYSTEMS.items():
+        if key != "model":
+            results[system] = {m: {"seeds": [first[key][m]], "mean": first[key][m], "ci95": first["ci95"][key][m]}
+                               for m in METRICS}
+    machine = f"cpu-{slug(cpu_model())}"
+    out = args.output or RESULTS / f"quality-{machine}"
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
+              "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": args.seeds,
+              "params": args.params, base.dataset.name: results}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
+             f"Test split: {first['test_images']} images; seeds {args.seeds}; mean and 95% interval "
+             "(models: over the seeds; baselines: bootstrap over the images).", "",
+             "| system | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for system, found in results.items():
+        lines.append(f"| {system} | " + " | ".join(
+            f"{found[m]['mean']:.3f} [{found[m]['ci95'][0]:.3f}, {found[m]['ci95'][1]:.3f}]" for m in METRICS) + " |")
+    lines += ["", "CIDEr per seed: " + "; ".join(
+        f"{name} {', '.join(f'{v:.3f}' for v in results[name]['CIDEr']['seeds'])}" for name in configs)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

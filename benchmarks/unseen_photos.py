@@ -1,0 +1,75 @@
+"""Captions of eight everyday photos the captioner never saw, beside the retrieval baseline's.
+
+The photos ship with scikit-image (astronaut, chelsea, coffee, rocket, stereo_motorcycle),
+scikit-learn (china, flower) and matplotlib (grace_hopper). The retrieval baseline is the caption
+of the nearest training image, the same baseline ``clipcap evaluate`` scores.
+
+    python benchmarks/unseen_photos.py [--model artifacts/model] [--artifacts artifacts]
+
+Prints a Markdown table (and writes it to ``--output`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from clipcap.environment import apply_offline_env
+
+apply_offline_env()
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clipcap.config import load_config  # noqa: E402
+from clipcap.modeling.captioner import Captioner  # noqa: E402
+from clipcap.modeling.retrieval import CaptionDatastore  # noqa: E402
+from clipcap.pipeline.layout import Layout  # noqa: E402
+from clipcap.pipeline.splits import split_data  # noqa: E402
+
+
+def photos(folder: Path) -> list[Path]:
+    import matplotlib.cbook
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    arrays = {name: getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
+    arrays["stereo_motorcycle"] = data.stereo_motorcycle()[0]
+    arrays.update(zip(("china", "flower"), load_sample_images().images))
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        arrays["grace_hopper"] = np.asarray(Image.open(handle).convert("RGB"))
+    paths = []
+    for name, array in arrays.items():
+        path = folder / f"{name}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="artifacts/model")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    captioner = Captioner.load(args.model)
+    (rows, embeddings), = split_data(Layout(args.artifacts), captioner.config["encoder"], "train")
+    training = CaptionDatastore.build(embeddings, [c[0] for c in rows["captions"]], rows["image_id"].tolist())
+    with tempfile.TemporaryDirectory() as folder:
+        paths = photos(Path(folder))
+        found = captioner.embed(paths)
+        captions = captioner.caption_embeddings(found, cfg.evaluate.decoding)
+        nearest = training.nearest(found, 1)
+    lines = ["| photo | model | retrieval baseline |", "|---|---|---|"]
+    lines += [f"| {p.stem} | {c[0]} | {n[0]} |" for p, c, n in zip(paths, captions, nearest)]
+    table = "\n".join(lines) + "\n"
+    if args.output:
+        args.output.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
