@@ -26,6 +26,12 @@ from clipcap.pipeline import STAGES
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "yes", "1")
+
+
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     """One option per DecodingConfig field (``--num-beams``...), defaults from the dataclass."""
     group = parser.add_argument_group("decoding")
@@ -33,8 +39,9 @@ def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(DecodingConfig):
         hint = hints[field.name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        kind = _yes_no if hint is bool else str if choices else hint
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default,
-                           type=str if choices else hint, choices=choices, help=f"(default: {field.default})")
+                           type=kind, choices=choices, help=f"(default: {field.default})")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -241,6 +241,8 @@ class DecodingConfig:
     top_p: float = 0.9                  # sample only: nucleus
     temperature: float = 1.0            # sample only
     num_captions: int = 1               # captions returned per image (<= num_beams for beam)
+    rerank: bool = False                # retrieval-augmented beam: the beams and the retrieved captions are
+                                        # scored by the model given the image; the likeliest is the caption
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -252,6 +254,8 @@ class DecodingConfig:
                               "beam search returns at most one caption per beam")
         if self.strategy == "greedy" and self.num_captions > 1:
             raise ConfigError("decoding.num_captions > 1 needs strategy 'beam' or 'sample' (greedy gives one)")
+        if self.rerank and (self.strategy != "beam" or self.num_captions != 1):
+            raise ConfigError("decoding.rerank needs strategy 'beam' and num_captions 1 (it picks one caption)")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ConfigError("decoding.top_p must be in (0, 1] and decoding.temperature > 0")
 

@@ -9,6 +9,7 @@ reproducible from its name (tiny random test LMs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from clipcap.config import DecodingConfig, MapperConfig, RetrievalConfig
-from clipcap.modeling.decode import generate_captions
+from clipcap.modeling.decode import caption_nll, generate_captions
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, write_json
@@ -111,7 +112,22 @@ class Captioner:
                            batch_size: int = 16) -> list[list[str]]:
         """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt)."""
         prompts = None if self.retriever is None else self.retriever.prompts(self.tokenizer, embeddings)
-        return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts)
+        if not (decoding.rerank and self.retriever is not None):
+            return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts)
+        # rerank: every beam and every retrieved caption, scored by the model given the image
+        beams = generate_captions(self.model, self.tokenizer, embeddings,
+                                  dataclasses.replace(decoding, num_captions=decoding.num_beams, rerank=False),
+                                  batch_size, prompts)
+        retrieved = self.retriever.captions(embeddings)
+        candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(beams, retrieved)]
+        owner = [i for i, found in enumerate(candidates) for _ in found]
+        nll = caption_nll(self.model, self.tokenizer, embeddings[owner], [c for found in candidates for c in found],
+                          [prompts[i] for i in owner], batch_size * 4)
+        best, start = [], 0
+        for found in candidates:
+            best.append([found[int(nll[start : start + len(found)].argmin())]])
+            start += len(found)
+        return best
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                       batch_size: int = 16, num_workers: int = 0, progress: bool = False) -> Iterator[list[str]]:

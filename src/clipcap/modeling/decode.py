@@ -72,3 +72,26 @@ def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decod
         n = decoding.num_captions
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))
     return captions
+
+
+@torch.inference_mode()
+def caption_nll(model: ClipCap, tokenizer, embeddings: torch.Tensor, captions: list[str],
+                prompts: list[list[int]] | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Each caption's mean token negative log-likelihood (EOS included) under the model, given
+    its image embedding (row i of ``embeddings``) and retrieval prompt."""
+    from clipcap.modeling.retrieval import pad_right
+
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.mapper.parameters()).dtype
+    token_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
+    out = []
+    for start in range(0, len(captions), batch_size):
+        ids, mask = pad_right(token_ids[start : start + batch_size], tokenizer.pad_token_id)
+        prompt = {}
+        if prompts is not None:
+            prompt_ids, prompt_mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
+            prompt = {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device)}
+        out.append(model(embeddings[start : start + batch_size].to(device, dtype), ids.to(device), mask.to(device),
+                         per_caption=True, **prompt).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)

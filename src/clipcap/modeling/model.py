@@ -141,22 +141,24 @@ class ClipCap(nn.Module):
         return inputs, mask
 
     def forward(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of the caption tokens: labels are -100 on padding (the prefix and the
-        prompt predict nothing), and the LM head - the largest matrix - is applied only to the
-        hidden states that predict a real caption token."""
+                prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                per_caption: bool = False) -> torch.Tensor:
+        """Mean cross-entropy of the caption tokens (``per_caption``: one mean per caption, shape (B,)):
+        labels are -100 on padding (the prefix and the prompt predict nothing), and the LM head - the
+        largest matrix - is applied only to the hidden states that predict a real caption token."""
         tokens = self.lm.get_input_embeddings()(input_ids)
         if prompt_ids is not None and not self.finetune_lm and self.prompt_order == "prompt_first":
             return self._forward_after_cached_prompt(embedding, tokens, input_ids, attention_mask, prompt_ids,
-                                                     prompt_mask)
+                                                     prompt_mask, per_caption)
         context, context_mask = self.context(embedding, prompt_ids, prompt_mask)
         inputs = torch.cat([context.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([context_mask, attention_mask], dim=1)
         options = {} if prompt_ids is None else {"position_ids": positions(mask)}
         hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, **options).last_hidden_state
-        return self._caption_loss(hidden[:, context.shape[1] - 1 : -1], input_ids, attention_mask)
+        return self._caption_loss(hidden[:, context.shape[1] - 1 : -1], input_ids, attention_mask, per_caption)
 
-    def _forward_after_cached_prompt(self, embedding, tokens, input_ids, attention_mask, prompt_ids, prompt_mask):
+    def _forward_after_cached_prompt(self, embedding, tokens, input_ids, attention_mask, prompt_ids, prompt_mask,
+                                     per_caption: bool = False):
         """The same loss, with the prompt run once without gradients into the KV cache: with a frozen
         LM and the prompt first, nothing trainable comes before it, so it needs no backward pass."""
         with torch.no_grad():
@@ -168,14 +170,19 @@ class ClipCap(nn.Module):
         mask = torch.cat([prompt_mask, attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
         hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, cache=past,
                                     position_ids=positions(mask)[:, prompt_ids.shape[1] :]).last_hidden_state
-        return self._caption_loss(hidden[:, prefix.shape[1] - 1 : -1], input_ids, attention_mask)
+        return self._caption_loss(hidden[:, prefix.shape[1] - 1 : -1], input_ids, attention_mask, per_caption)
 
-    def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      per_caption: bool = False):
         """``predicting[:, i]`` is the hidden state that predicts caption token i."""
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         keep = labels != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(predicting[keep])
-        return F.cross_entropy(logits.float(), labels[keep])
+        if not per_caption:
+            return F.cross_entropy(logits.float(), labels[keep])
+        losses = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        return torch.zeros(len(input_ids), device=losses.device).index_add(0, rows, losses) / keep.sum(1).clamp(min=1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
