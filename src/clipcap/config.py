@@ -43,12 +43,13 @@ def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
 class DatasetConfig:
     """Where the captioned images come from (the ``fetch`` stage).
 
-    ``karpathy`` and ``nocaps`` read an annotations JSON (``annotations``, or downloaded from
+    ``tuxpaint`` and ``openclipart`` read a Debian package's folder (``root``: null = where the package puts
+    it). ``karpathy`` and ``nocaps`` read an annotations JSON (``annotations``, or downloaded from
     ``annotations_url``) and images under ``root`` (or downloaded archives from ``images_url``).
     """
 
     name: str = "tuxpaint"
-    source: Literal["tuxpaint", "folder", "karpathy", "nocaps"] = "tuxpaint"
+    source: Literal["tuxpaint", "openclipart", "folder", "karpathy", "nocaps"] = "tuxpaint"
     root: str | None = None
     annotations: str | None = None
     annotations_url: str | None = None
@@ -133,6 +134,8 @@ class ValidateConfig:
     max_image_pixels: int = 50_000_000   # width x height from the header; larger images are never decoded
     max_bad_fraction: float = 0.05       # quarantined rows / input rows above which the stage fails
     num_workers: int = 2                 # threads decoding images for the checks; 0 = in the calling thread
+    max_caption_repeats: int = 0         # a caption given to more distinct images is a series name; 0 = off
+    boilerplate_patterns: tuple[str, ...] = ()  # regexes (case-insensitive search) marking boilerplate captions
 
     def __post_init__(self) -> None:
         if self.min_caption_chars < 1:
@@ -147,6 +150,14 @@ class ValidateConfig:
             raise ConfigError("validate.max_bad_fraction must be between 0 and 1")
         if self.num_workers < 0:
             raise ConfigError("validate.num_workers must be >= 0")
+        if self.max_caption_repeats < 0:
+            raise ConfigError("validate.max_caption_repeats must be >= 0 (0 turns the check off)")
+        for index, pattern in enumerate(self.boilerplate_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"validate.boilerplate_patterns[{index}]: {pattern!r} is not a regular "
+                                  f"expression ({err})") from err
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from clipcap.config import DatasetConfig
 from clipcap.data.formats import iter_karpathy, iter_nocaps
+from clipcap.data.openclipart import iter_openclipart
 from clipcap.data.remote import dataset_files
 from clipcap.data.sources import SourceRecord, iter_batches, iter_folder, iter_tuxpaint, limit_images
 
@@ -15,6 +16,8 @@ def iter_source(cfg: DatasetConfig) -> Iterator[SourceRecord]:
     """The records of the configured source (``dataset.limit`` images at most), downloading what is configured."""
     if cfg.source == "tuxpaint":
         yield from limit_images(iter_tuxpaint(cfg.root), cfg.limit)
+    elif cfg.source == "openclipart":
+        yield from limit_images(iter_openclipart(cfg.root), cfg.limit)
     elif cfg.source == "folder":
         yield from limit_images(iter_folder(cfg.root or "", source="folder"), cfg.limit)
     else:

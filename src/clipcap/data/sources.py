@@ -1,6 +1,8 @@
 """Sources of captioned images: each yields one :class:`SourceRecord` per (image, caption) pair.
 
 - ``tuxpaint``: the Tux Paint stamps (``X.png`` + line 1 of ``X.txt``), category = top folder.
+- ``openclipart``: the Open Clip Art Library (PNG + the title in its SVG twin): see
+  :mod:`clipcap.data.openclipart`.
 - ``folder``: a directory of images plus ``captions.jsonl`` or ``captions.csv`` whose rows
   name an image path relative to the folder and one caption (``caption``) or several
   (``captions``); an optional ``category`` column.
@@ -42,6 +44,7 @@ INVALID_CSV = "invalid_csv"
 MISSING_FIELD = "missing_field"
 UNSAFE_PATH = "unsafe_path"
 BAD_SPLIT = "bad_split"
+INVALID_METADATA = "invalid_metadata"  # openclipart: the SVG holding the title does not parse
 
 _SURROGATES = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or "\ud800" JSON escapes
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")

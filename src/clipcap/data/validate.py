@@ -13,7 +13,12 @@ reason (each check is a pass over the rows no earlier pass quarantined, returnin
 3. a Great Expectations 1.x suite on the captions and splits, a row failing several
    expectations getting the first of ``control_characters``, ``empty_caption``,
    ``caption_too_short``, ``caption_too_long``, ``bad_split``;
-4. ``duplicate``: the same image (by content) with the same caption again; the first one stays.
+4. what the caption says (:func:`_content_problems`): ``boilerplate_caption`` (matches one of
+   ``validate.boilerplate_patterns``: a collection or theme name), ``uninformative_caption`` (one
+   token that is not a word: a file name, code or number), ``repeated_caption`` (the same caption,
+   ignoring case and the final full stop, given to more than ``validate.max_caption_repeats``
+   distinct images: a series name, not a description; every such row goes);
+5. ``duplicate``: the same image (by content) with the same caption again; the first one stays.
 
 Captions are kept with their whitespace normalised (runs of spaces, tabs and newlines become
 one space; leading and trailing whitespace dropped). The good rows are grouped into the clean
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +61,9 @@ CONTROL_CHARACTERS = "control_characters"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_SHORT = "caption_too_short"
 CAPTION_TOO_LONG = "caption_too_long"
+BOILERPLATE_CAPTION = "boilerplate_caption"
+UNINFORMATIVE_CAPTION = "uninformative_caption"
+REPEATED_CAPTION = "repeated_caption"
 DUPLICATE = "duplicate"
 
 # Every reason a row can be quarantined for, and how to fix it (the report prints these).
@@ -66,6 +75,8 @@ REASONS = {
     sources.UNSAFE_PATH: "give image paths relative to the dataset folder, without '..', a leading '/' or "
                          "symlinks pointing outside it",
     sources.BAD_SPLIT: "use one of the splits train, val, test (Karpathy: also restval)",
+    sources.INVALID_METADATA: "the image's metadata file (openclipart: the SVG twin holding the title) does not "
+                              "parse: repair or re-export it",
     UNREADABLE_FILE: "make the image file readable (permissions)",
     MISSING_FILE: "add the image file, or remove its row",
     EMPTY_FILE: "the file is empty (0 bytes): copy or download it again",
@@ -78,9 +89,16 @@ REASONS = {
     EMPTY_CAPTION: "write a caption, or remove the row",
     CAPTION_TOO_SHORT: "write a longer caption, or lower validate.min_caption_chars",
     CAPTION_TOO_LONG: "shorten the caption, or raise validate.max_caption_chars",
+    BOILERPLATE_CAPTION: "the caption names a collection, theme or author rather than the picture: write one that "
+                         "describes the image, or narrow validate.boilerplate_patterns",
+    UNINFORMATIVE_CAPTION: "the caption is one token that is not a word (a file name, code or number): write one "
+                           "that describes the image",
+    REPEATED_CAPTION: "the same caption is given to more than validate.max_caption_repeats images (a series or "
+                      "collection name): write captions that tell the images apart, or raise the limit (0 = off)",
     DUPLICATE: "the same image with the same caption appears earlier: remove the repeated row",
 }
 CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # C0 and C1 controls except tab, newline, return
+_FILE_EXTENSION = re.compile(r"\.(svg|png|jpe?g|gif|bmp|tiff?|webp)$", re.IGNORECASE)
 QUARANTINE_COLUMNS = ["record", "reason", "detail", "path", "caption", "source"]
 
 
@@ -332,6 +350,7 @@ def validate_records(records: pd.DataFrame, cfg: ValidateConfig) -> ValidationRe
     verdicts |= _image_problems(records, _clean(records, verdicts), cfg)
     found, record_results = _caption_problems(records, raw, captions, _clean(records, verdicts), suites, cfg)
     verdicts |= found
+    verdicts |= _content_problems(records, captions, _clean(records, verdicts), cfg)
     verdicts |= _duplicates(records, captions, _clean(records, verdicts))
 
     good = _clean(records, verdicts)
@@ -382,8 +401,57 @@ def _caption_problems(records: pd.DataFrame, raw: pd.Series, captions: pd.Series
     return verdicts, expectations
 
 
+def uninformative(caption: str) -> str:
+    """Why ``caption`` (normalised) says nothing about a picture, or "" when it may.
+
+    Only one-token captions are judged: a token holding a digit or an underscore, ending in an image file
+    extension, or made of Latin letters without a vowel (``Fc``, ``pfd``; acronyms such as ``TV`` excepted) is not
+    a word. Longer captions and real single words ("Lighthouse.") pass; so does non-Latin script.
+    """
+    tokens = caption.split()
+    if len(tokens) != 1:
+        return ""
+    token = tokens[0].rstrip(".!?")
+    if _FILE_EXTENSION.search(token):
+        return "a file name"
+    if any(ch.isdigit() for ch in token) or "_" in token:
+        return "a code, number or file name, not a word"
+    letters = "".join(ch for ch in token if ch.isalpha())
+    if letters.isascii() and letters and not letters.isupper() and not set(letters.lower()) & set("aeiouy"):
+        return "Latin letters without a vowel, not a word"
+    return ""
+
+
+def _repeat_key(caption: str) -> str:
+    return caption.casefold().rstrip(".!? ")
+
+
+def _content_problems(records: pd.DataFrame, captions: pd.Series, rows: list[int], cfg: ValidateConfig) -> Verdicts:
+    """4. Boilerplate, uninformative and repeated captions among ``rows`` (the first that applies)."""
+    verdicts: Verdicts = {}
+    patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
+    for i in rows:
+        match = next((p for p in patterns if p.search(captions[i])), None)
+        if match is not None:
+            verdicts[i] = (BOILERPLATE_CAPTION, f"caption {captions[i]!r} matches the boilerplate pattern "
+                                                f"'{match.pattern}' (validate.boilerplate_patterns)")
+        elif why := uninformative(captions[i]):
+            verdicts[i] = (UNINFORMATIVE_CAPTION, f"caption {captions[i]!r} is one token: {why}")
+    if cfg.max_caption_repeats:
+        left = [i for i in rows if i not in verdicts]
+        images: dict[str, set[str]] = {}
+        for i in left:
+            images.setdefault(_repeat_key(captions[i]), set()).add(records.at[i, "image_id"])
+        for i in left:
+            count = len(images[_repeat_key(captions[i])])
+            if count > cfg.max_caption_repeats:
+                verdicts[i] = (REPEATED_CAPTION, f"caption {captions[i]!r} is given to {count} images, more than "
+                                                 f"validate.max_caption_repeats={cfg.max_caption_repeats}")
+    return verdicts
+
+
 def _duplicates(records: pd.DataFrame, captions: pd.Series, rows: list[int]) -> Verdicts:
-    """4. The same image content with the same normalised caption as an earlier row of ``rows``."""
+    """5. The same image content with the same normalised caption as an earlier row of ``rows``."""
     first_seen: dict[tuple[str, str], str] = {}
     verdicts: Verdicts = {}
     for i in rows:
