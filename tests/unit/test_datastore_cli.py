@@ -74,3 +74,22 @@ def test_datastore_add_refuses_a_captioner_without_retrieval(tmp_path, capsys):
     (tmp_path / "f" / "captions.jsonl").write_text('{"image": "a.png", "caption": "A thing."}\n')
     assert main(["datastore", "add", str(tmp_path / "f"), "--model", str(plain)]) == 1
     assert "retrieval.k: 0" in capsys.readouterr().err
+
+
+def test_rerank_picks_the_likeliest_of_the_beams_and_the_retrieved_captions(captioner_dir, tmp_path):
+    from clipcap.config import DecodingConfig
+    from clipcap.modeling.decode import caption_nll
+
+    captioner = Captioner.load(captioner_dir)
+    embeddings = captioner.embed([noise(tmp_path / f"{i}.png", i) for i in range(3)])
+    decoding = DecodingConfig(num_beams=3, max_new_tokens=5, rerank=True)
+    chosen = captioner.caption_embeddings(embeddings, decoding)
+    beams = captioner.caption_embeddings(embeddings, DecodingConfig(num_beams=3, num_captions=3, max_new_tokens=5))
+    retrieved = captioner.retriever.captions(embeddings)
+    prompts = captioner.retriever.prompts(captioner.tokenizer, embeddings)
+    for i, (best,) in enumerate(chosen):
+        candidates = list(dict.fromkeys(c for c in [*beams[i], *retrieved[i]] if c))
+        assert best in candidates
+        nll = caption_nll(captioner.model, captioner.tokenizer, embeddings[[i] * len(candidates)], candidates,
+                          [prompts[i]] * len(candidates))
+        assert best == candidates[int(nll.argmin())]

@@ -107,3 +107,12 @@ def test_a_caption_is_its_first_line():
 
     assert first_line("  A hibiscus flower.\n\nHibiscus is a type of flowering plant.") == "A hibiscus flower."
     assert first_line("A cat.") == "A cat." and first_line("\n") == ""
+
+
+def test_per_caption_losses_are_each_rows_own_loss():
+    model, batch = _model("prompt_first"), _batch()
+    model.eval()
+    per_caption = model(**batch.model_inputs(), per_caption=True)
+    rows = [(randn(16, seed=1), [5, 6, 7, EOS], [9, 10, 11, 12]), (randn(16, seed=2), [8, EOS], [13])]
+    alone = torch.stack([model(**PadCollator(PAD)([row]).model_inputs()) for row in rows])
+    torch.testing.assert_close(per_caption, alone)
