@@ -197,7 +197,7 @@ class RetrievalConfig:
     """Retrieval augmentation (after SmallCap): the captions of the ``k`` nearest training images are
     written into the LM's input as a text prompt beside the image prefix."""
 
-    k: int = 0                          # 0 = the paper's ClipCap (image prefix only)
+    k: int = 1                          # 0 = the paper's ClipCap (image prefix only)
     order: Literal["prompt_first", "prefix_first"] = "prompt_first"  # the prompt before / after the prefix
     max_caption_tokens: int = 24        # each retrieved caption is cut to this many tokens
     duplicate_similarity: float = 0.995  # training: an image never retrieves itself or entries this similar
@@ -252,8 +252,9 @@ class DecodingConfig:
     top_p: float = 0.9                  # sample only: nucleus
     temperature: float = 1.0            # sample only
     num_captions: int = 1               # captions returned per image (<= num_beams for beam)
-    rerank: bool = False                # retrieval-augmented beam: the beams and the retrieved captions are
-                                        # scored by the model given the image; the likeliest is the caption
+    rerank: bool = True                 # retrieval-augmented beam search with one caption: the beams and the
+                                        # retrieved captions are scored by the model given the image, the
+                                        # likeliest is the caption (no effect otherwise)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -265,8 +266,6 @@ class DecodingConfig:
                               "beam search returns at most one caption per beam")
         if self.strategy == "greedy" and self.num_captions > 1:
             raise ConfigError("decoding.num_captions > 1 needs strategy 'beam' or 'sample' (greedy gives one)")
-        if self.rerank and (self.strategy != "beam" or self.num_captions != 1):
-            raise ConfigError("decoding.rerank needs strategy 'beam' and num_captions 1 (it picks one caption)")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ConfigError("decoding.top_p must be in (0, 1] and decoding.temperature > 0")
 

@@ -33,10 +33,12 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_name: str,
-                   tokenizer_name: str | None, lm_pretrained: bool, retrieval: RetrievalConfig = RetrievalConfig(),
+                   tokenizer_name: str | None, lm_pretrained: bool, retrieval: RetrievalConfig | None = None,
                    datastore: CaptionDatastore | None = None, extra: dict | None = None) -> Path:
+    """Write a captioner folder; ``retrieval`` None (or ``k: 0``) is the paper's model, without datastore."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    retrieval = retrieval or RetrievalConfig(k=0)
     if retrieval.k and datastore is None:
         raise ValueError("a retrieval-augmented captioner needs its datastore")
     if datastore is not None:
@@ -112,7 +114,8 @@ class Captioner:
                            batch_size: int = 16) -> list[list[str]]:
         """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt)."""
         prompts = None if self.retriever is None else self.retriever.prompts(self.tokenizer, embeddings)
-        if not (decoding.rerank and self.retriever is not None):
+        if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
+                and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts)
         # rerank: every beam and every retrieved caption, scored by the model given the image
         beams = generate_captions(self.model, self.tokenizer, embeddings,
