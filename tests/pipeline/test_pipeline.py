@@ -116,7 +116,8 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
         low, high = metrics["ci95"][system]["CIDEr"]
         assert low <= metrics[system]["CIDEr"] <= high
     gallery = (project / "artifacts" / "evaluation" / "gallery.html").read_text()
-    assert gallery.count("<tr>") == metrics["test_images"] and gallery.count("data:image/png;base64,") == metrics["test_images"]
+    assert gallery.count("<tr>") == 1 + metrics["test_images"]                    # a header row, then one per image
+    assert gallery.count("data:image/png;base64,") == metrics["test_images"]
     curve = (project / "artifacts" / "training" / "curve.csv").read_text().splitlines()
     assert curve[0] == "epoch,step,train_loss,val_loss,val_CIDEr" and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
 
