@@ -172,7 +172,8 @@ def _stages_to_rerun(project: Path) -> list[str]:
 
 @pytest.mark.parametrize(("module", "stages"), [
     ("src/clipcap/data/validate.py", ["validate"]),
-    ("src/clipcap/pipeline/metrics.py", ["evaluate"]),
+    ("src/clipcap/pipeline/metrics.py", ["evaluate", "train"]),         # train scores val CIDEr per epoch
+    ("src/clipcap/pipeline/gallery.py", ["evaluate"]),
     ("src/clipcap/modeling/decode.py", ["evaluate", "register", "train"]),
     ("src/clipcap/training/loop.py", ["train"]),
 ])
