@@ -72,26 +72,32 @@ def main() -> None:
     configs = {"model": base, "model_k0": dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0))}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     started = time.time()
+    machine = f"cpu-{slug(cpu_model())}"
+    out = args.output or RESULTS / f"quality-{machine}"
     with tempfile.TemporaryDirectory(prefix="clipcap-quality-") as scratch:
         for seed in args.seeds:
             for name, cfg in configs.items():
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 print(f"== {name}, seed {seed}", flush=True)
                 runs[name].append(run_one(cfg, args.artifacts, Path(scratch) / f"{name}-{seed}"))
+            # written after every seed: an interrupted run still leaves the seeds it finished
+            write_report(out, runs, configs, base, args, started)
+
+
+def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, args, started: float) -> None:
     first = runs["model"][0]
+    seeds = args.seeds[: len(runs["model"])]
     results = {name: {m: summarise([r["model"][m] for r in found]) for m in METRICS} for name, found in runs.items()}
     for key, system in SYSTEMS.items():
         if key != "model":
             results[system] = {m: {"seeds": [first[key][m]], "mean": first[key][m], "ci95": first["ci95"][key][m]}
                                for m in METRICS}
-    machine = f"cpu-{slug(cpu_model())}"
-    out = args.output or RESULTS / f"quality-{machine}"
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
-              "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": args.seeds,
+              "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": seeds,
               "params": args.params, base.dataset.name: results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
-             f"Test split: {first['test_images']} images; seeds {args.seeds}; mean and 95% interval "
+             f"Test split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
              "(models: over the seeds; baselines: bootstrap over the images).", "",
              "| system | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for system, found in results.items():
@@ -100,7 +106,7 @@ def main() -> None:
     lines += ["", "CIDEr per seed: " + "; ".join(
         f"{name} {', '.join(f'{v:.3f}' for v in results[name]['CIDEr']['seeds'])}" for name in configs)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
