@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ APPROXIMATE_ABOVE = 10_000   # entries; a store this size or smaller is searched
 NPROBE = 16                  # inverted lists visited per query by the approximate index
 RERANK = 256                 # candidates of the approximate index re-scored exactly per query
 TRAIN_PER_LIST = 64          # k-means training vectors per inverted list (faiss wants >= 39)
+FEW_QUERIES = 20             # searches of fewer queries run on one faiss thread (faiss's own BLAS threshold)
 TIE = 1e-5                   # similarities this close count as equal where exactness is decided
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def nlist_for(entries: int) -> int:
 
 @contextmanager
 def one_faiss_thread() -> Iterator[None]:
-    """faiss on one OpenMP thread for a while (process-wide). Training runs thousands of small k-means
+    """faiss on one OpenMP thread for a while (the calling thread's OpenMP setting). Training runs thousands of small k-means
     steps (hundreds of product-quantiser parts x 25 iterations) whose thread barriers cost more than
     they save: 3.5x slower on two threads than on one, measured on two cores shared with other work."""
     before = faiss.omp_get_max_threads()
@@ -190,10 +191,14 @@ class CaptionDatastore:
         return self._rows_of.get(image_id, [])
 
     def _search(self, queries: np.ndarray, count: int, nprobe: int) -> np.ndarray:
-        """Candidate rows (q, count), -1 past the last one the index found."""
-        if self.approximate:
-            return self.index.search(queries, count, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
-        return self.index.search(queries, count)[1]
+        """Candidate rows (q, count), -1 past the last one the index found. A few queries search on one
+        thread: the exact index splits a single query's scan across threads, and waiting for the
+        second one cost ~20 ms a query where the cores were shared (24 ms on two threads, 4.4 on one,
+        for 10,000 x 1280)."""
+        with one_faiss_thread() if len(queries) < FEW_QUERIES else nullcontext():
+            if self.approximate:
+                return self.index.search(queries, count, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+            return self.index.search(queries, count)[1]
 
     def _rescore(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """The exact similarity of each query to its candidate rows (q, count), -inf where there is none.
