@@ -39,6 +39,120 @@ def test_datastore_round_trip_and_add(tmp_path):
     assert grown.captions == ["a", "b", "c", "new"] and len(grown.embeddings) == 4
 
 
+def brute_force_nearest(store: CaptionDatastore, queries: torch.Tensor, k: int, query_ids=None,
+                        duplicate_similarity=None) -> list[list[str]]:
+    """The search as one matrix product and a full sort (the datastore's behaviour before faiss)."""
+    similarity = torch.nn.functional.normalize(queries.float(), dim=-1) @ store.embeddings.T
+    out = []
+    for q in range(len(queries)):
+        found: list[str] = []
+        for row in similarity[q].argsort(descending=True, stable=True).tolist():
+            sim = float(similarity[q, row])
+            if len(found) == k:
+                break
+            if (query_ids is not None and store.image_ids[row] == query_ids[q]) or (
+                    duplicate_similarity is not None and sim >= duplicate_similarity):
+                continue
+            if store.captions[row] not in found:
+                found.append(store.captions[row])
+        out.append(found)
+    return out
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> torch.Tensor:
+    """Unit vectors around random centres (real image embeddings have neighbourhoods; uniform noise has none)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(randn(clusters, dim, seed=99), dim=-1)
+    points = centres[torch.randint(clusters, (n,), generator=g)] + 0.35 * torch.randn(n, dim, generator=g) / dim ** 0.5
+    return torch.nn.functional.normalize(points, dim=-1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_faiss_exact_search_equals_brute_force(k):
+    n = 300
+    vectors = randn(n, 24, seed=5)
+    captions = [f"c{row % 16}" for row in range(n)]            # repeated captions: each must come once
+    image_ids = [f"i{row // 3}" for row in range(n)]           # three entries per image
+    store = CaptionDatastore.build(vectors, captions, image_ids)
+    assert store.index_kind == "Flat" and not store.approximate
+    queries = torch.cat([randn(30, 24, seed=6), vectors[::25] * 1.0001])   # new images and stored ones
+    ids = [f"new{q}" for q in range(30)] + [image_ids[row] for row in range(0, n, 25)]
+    assert store.nearest(queries, k) == brute_force_nearest(store, queries, k)
+    loo = store.nearest(queries, k, query_ids=ids, duplicate_similarity=0.999)
+    assert loo == brute_force_nearest(store, queries, k, query_ids=ids, duplicate_similarity=0.999)
+    assert all(len(found) == k for found in loo)
+    # more than there is: every distinct caption once, nearest first
+    assert store.nearest(queries[:2], 100) == brute_force_nearest(store, queries[:2], 100)
+    assert sorted(store.nearest(queries[:1], 100)[0]) == sorted(set(captions))
+
+
+def test_approximate_index_above_the_threshold_finds_the_exact_neighbours():
+    vectors, queries = clustered(6000, 32, 150, seed=1), clustered(200, 32, 150, seed=2)
+    captions, image_ids = [f"c{row}" for row in range(6000)], [f"i{row}" for row in range(6000)]
+    exact = CaptionDatastore.build(vectors, captions, image_ids)
+    approx = CaptionDatastore.build(vectors, captions, image_ids, approximate_above=5000, nprobe=4)
+    assert approx.approximate and approx.index_kind.startswith("IVF") and approx.index_kind.endswith("x4fsr")
+    truth, found = exact.nearest(queries, 3), approx.nearest(queries, 3)
+    recall = sum(len(set(t) & set(f)) for t, f in zip(truth, found)) / (3 * len(queries))
+    assert 0.9 <= recall <= 1.0, recall
+    assert all(len(f) == 3 for f in found)
+    # leave-one-out holds: a stored entry queried under its own id never comes back
+    rows = list(range(0, 6000, 97))
+    loo = approx.nearest(vectors[rows], 3, query_ids=[image_ids[r] for r in rows], duplicate_similarity=0.999)
+    assert all(captions[r] not in f and len(f) == 3 for r, f in zip(rows, loo))
+    # exhausting the probed lists widens the search until every entry was a candidate
+    assert len(approx.nearest(queries[:1], 5999, query_ids=["i0"])[0]) == 5999
+
+
+def test_add_keeps_a_trained_approximate_index_and_crossing_the_threshold_builds_one():
+    vectors = clustered(3000, 16, 60, seed=3)
+    approx = CaptionDatastore.build(vectors, [f"c{r}" for r in range(3000)], [f"i{r}" for r in range(3000)],
+                                    approximate_above=1000)
+    centroids = approx._ivf().quantizer.reconstruct_n(0, approx._ivf().nlist)
+    new = clustered(2, 16, 60, seed=4)
+    grown = approx.add(new, ["fresh", "c0"], ["n0", "i0"])      # (i0, c0) is there already
+    assert len(grown) == 3001 and grown.index.ntotal == 3001 and approx.index.ntotal == 3000
+    assert (grown._ivf().quantizer.reconstruct_n(0, grown._ivf().nlist) == centroids).all()
+    assert grown.nearest(new[:1], 1) == [["fresh"]]
+    small = CaptionDatastore.build(vectors[:1000], [f"c{r}" for r in range(1000)], [f"i{r}" for r in range(1000)],
+                                   approximate_above=1000)
+    assert small.index_kind == "Flat"
+    assert small.add(new[:1], ["fresh"], ["n0"]).index_kind.startswith("IVF")
+
+
+@pytest.mark.parametrize("approximate_above", [100_000, 1000])
+def test_saved_and_loaded_datastore_searches_identically(tmp_path, monkeypatch, approximate_above):
+    vectors, queries = clustered(2500, 16, 50, seed=7), clustered(60, 16, 50, seed=8)
+    store = CaptionDatastore.build(vectors, [f"c{r % 2000}" for r in range(2500)], [f"i{r // 2}" for r in range(2500)],
+                                   approximate_above=approximate_above, nprobe=3)
+    store.save(tmp_path)
+    saved = (tmp_path / "datastore.faiss").exists()
+    assert saved == store.approximate                           # only the slow-to-build index is saved
+    if saved:                                                   # read back, not rebuilt
+        monkeypatch.setattr(CaptionDatastore, "_build_index", lambda self: pytest.fail("rebuilt a saved index"))
+    loaded = CaptionDatastore.load(tmp_path)
+    monkeypatch.undo()
+    assert (loaded.approximate_above, loaded.nprobe, loaded.index_kind) == (approximate_above, 3, store.index_kind)
+    ids = [f"i{r // 2}" for r in range(60)]
+    assert loaded.nearest(queries, 3) == store.nearest(queries, 3)
+    assert loaded.nearest(queries, 3, ids, 0.999) == store.nearest(queries, 3, ids, 0.999)
+
+
+def test_a_saved_index_that_no_longer_matches_the_embeddings_is_rebuilt(tmp_path, monkeypatch):
+    vectors = clustered(2000, 16, 40, seed=9)
+    names = [f"c{r}" for r in range(2000)]
+    CaptionDatastore.build(vectors, names, names, approximate_above=1000, nprobe=2).save(tmp_path)
+    other = tmp_path / "other"
+    CaptionDatastore.build(vectors.flip(0), names, names, approximate_above=1000, nprobe=2).save(other)
+    (other / "datastore.safetensors").replace(tmp_path / "datastore.safetensors")   # embeddings swapped under it
+    built = []
+    build_index = CaptionDatastore._build_index
+    monkeypatch.setattr(CaptionDatastore, "_build_index", lambda self: built.append(1) or build_index(self))
+    loaded = CaptionDatastore.load(tmp_path)
+    assert built == [1]
+    assert loaded.nearest(vectors[:5], 1) == [[names[1999 - r]] for r in range(5)]
+
+
 def test_prompt_text_and_left_padding():
     assert prompt_text(["A cat.", "a dog"]) == "Similar images show: A cat. a dog. This image shows:"
     ids, mask = pad_left([[5, 6, 7], [8]], 0)

