@@ -15,16 +15,21 @@ from clipcap.pipeline.layout import Layout
 LOSS_FIELDS = ("step", "epoch", "loss", "lr")
 
 
-def write_loss_log(path: Path, steps: list[dict]) -> None:
-    """One row per optimizer step (``dvc plots`` reads it)."""
+def _write_csv(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
+    """``rows`` as CSV with a header, written atomically; keys outside ``fields`` are left out."""
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOSS_FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({k: s[k] for k in LOSS_FIELDS} for s in steps)
+            writer.writerows(rows)
 
     write_atomic(path, write)
+
+
+def write_loss_log(path: Path, steps: list[dict]) -> None:
+    """One row per optimizer step (``dvc plots`` reads it)."""
+    _write_csv(path, LOSS_FIELDS, steps)
 
 
 CURVE_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_CIDEr")
@@ -32,14 +37,7 @@ CURVE_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_CIDEr")
 
 def write_learning_curve(path: Path, epochs: list[dict]) -> None:
     """One row per epoch: the optimizer step it ended at, train and val loss, val CIDEr (``dvc plots``)."""
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(epochs)
-
-    write_atomic(path, write)
+    _write_csv(path, CURVE_FIELDS, epochs)
 
 
 def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:
