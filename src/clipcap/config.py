@@ -214,7 +214,7 @@ class RetrievalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 16                # per process and per micro-step
     grad_accum_steps: int = 1           # optimizer step every N micro-batches
     lr: float = 3e-4
@@ -248,7 +248,7 @@ class DecodingConfig:
     num_beams: int = 5                  # beam only
     max_new_tokens: int = 20
     length_penalty: float = 1.0         # beam only: >1 favours longer captions, <1 shorter
-    no_repeat_ngram_size: int = 0       # forbid repeating any n-gram of this size; 0 = off
+    no_repeat_ngram_size: int = 3       # forbid repeating any n-gram of this size; 0 = off
     top_p: float = 0.9                  # sample only: nucleus
     temperature: float = 1.0            # sample only
     num_captions: int = 1               # captions returned per image (<= num_beams for beam)

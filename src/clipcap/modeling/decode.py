@@ -9,7 +9,7 @@ import torch
 
 from clipcap.config import DecodingConfig
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import pad_left
+from clipcap.modeling.retrieval import PROMPT_HEAD, PROMPT_TAIL, pad_left
 
 GREEDY = DecodingConfig(strategy="greedy")
 
@@ -52,8 +52,12 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
 
 
 def first_line(text: str) -> str:
-    """A caption is one line: what an LM writes after a line break is not part of it."""
-    return text.strip().split("\n", 1)[0].strip()
+    """A caption is one line, and never the retrieval prompt's own words: what an LM writes after a
+    line break, or from a repeated "This image shows:" on, is not part of it."""
+    line = text.strip().split("\n", 1)[0]
+    for marker in (PROMPT_TAIL, PROMPT_HEAD):
+        line = line.split(marker, 1)[0]
+    return line.strip()
 
 
 def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decoding: DecodingConfig = GREEDY,
