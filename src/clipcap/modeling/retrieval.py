@@ -98,6 +98,12 @@ def fingerprint(embeddings: torch.Tensor) -> str:
     return digest.hexdigest()[:32]
 
 
+def per_caption(captions_per_image) -> tuple[list[int], list[str]]:
+    """One entry per caption of images with one or more captions each: (image index, caption) as two lists."""
+    index = [i for i, captions in enumerate(captions_per_image) for _ in captions]
+    return index, [c for captions in captions_per_image for c in captions]
+
+
 def _checked(embeddings: torch.Tensor, captions: list[str], image_ids: list[str]) -> torch.Tensor:
     if not (len(embeddings) == len(captions) == len(image_ids)):
         raise ValueError(f"{len(embeddings)} embeddings, {len(captions)} captions, {len(image_ids)} ids")
@@ -135,6 +141,13 @@ class CaptionDatastore:
         return cls(_checked(embeddings, captions, image_ids), list(captions), list(image_ids),
                    approximate_above, nprobe)
 
+    @classmethod
+    def of_images(cls, embeddings: torch.Tensor, captions_per_image, image_ids, **kwargs) -> CaptionDatastore:
+        """A datastore of images with one or more captions each: one entry per caption."""
+        index, captions = per_caption(captions_per_image)
+        image_ids = list(image_ids)
+        return cls.build(embeddings[index], captions, [image_ids[i] for i in index], **kwargs)
+
     def __len__(self) -> int:
         return len(self.captions)
 
@@ -164,6 +177,12 @@ class CaptionDatastore:
             index.train(vectors[np.sort(sample)])
         index.add(vectors)
         return index
+
+    def add_images(self, embeddings: torch.Tensor, captions_per_image, image_ids) -> CaptionDatastore:
+        """:meth:`add` for images with one or more captions each."""
+        index, captions = per_caption(captions_per_image)
+        image_ids = list(image_ids)
+        return self.add(embeddings[index], captions, [image_ids[i] for i in index])
 
     def add(self, embeddings: torch.Tensor, captions: list[str], image_ids: list[str]) -> CaptionDatastore:
         """A datastore with these entries appended (an entry already present, same image and caption, is skipped).

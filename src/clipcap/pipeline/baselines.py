@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
+from clipcap.modeling.retrieval import CaptionDatastore
 from clipcap.pipeline.metrics import CaptionScores, score_captions
 
 
@@ -27,9 +27,9 @@ def most_frequent_caption(train_captions: list[list[str]]) -> str:
 
 def retrieval_captions(train_embeddings: torch.Tensor, train_captions: list[list[str]],
                        query_embeddings: torch.Tensor) -> list[str]:
-    similarity = F.normalize(query_embeddings, dim=-1) @ F.normalize(train_embeddings, dim=-1).T
-    nearest = similarity.argmax(dim=1).tolist()
-    return [train_captions[i][0] for i in nearest]
+    """The first caption of the nearest training image: the search a retrieval-augmented captioner makes."""
+    datastore = CaptionDatastore.of_images(train_embeddings, train_captions, [str(i) for i in range(len(train_captions))])
+    return [found[0] for found in datastore.nearest(query_embeddings, 1)]
 
 
 def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]],

@@ -40,12 +40,11 @@ def extend_datastore(model_dir: str | Path, folder: str | Path, cfg: ValidateCon
     if clean.empty:
         raise ClipcapError(f"{folder}: no usable captioned image ({result.reasons_text()}); nothing was added")
     embeddings = captioner.embed(clean["path"].tolist())
-    image_index = [i for i, captions in enumerate(clean["captions"]) for _ in captions]
-    captions = [c for cs in clean["captions"] for c in cs]
     before = captioner.retriever.datastore
-    after = before.add(embeddings[image_index], captions, [clean["image_id"].iloc[i] for i in image_index])
+    after = before.add_images(embeddings, clean["captions"], clean["image_id"])
     after.save(model_dir)
-    update = DatastoreUpdate(len(after) - len(before), len(captions) - (len(after) - len(before)),
+    offered = sum(len(c) for c in clean["captions"])
+    update = DatastoreUpdate(len(after) - len(before), offered - (len(after) - len(before)),
                              result.reason_counts, len(after))
     log.info("datastore of %s: %d entries added, %d already there, %d rows skipped (%s); %d entries now",
              model_dir, update.added, update.already_there, result.quarantined, result.reasons_text(), update.size)

@@ -21,7 +21,7 @@ from clipcap.modeling.decode import GREEDY, generate_captions
 from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CaptionDatastore, Retriever
+from clipcap.modeling.retrieval import CaptionDatastore, Retriever, per_caption
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
@@ -90,9 +90,7 @@ def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: tor
     """The datastore of the training split (one entry per caption), or None for the paper's model."""
     if not cfg.k:
         return None
-    image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
-    datastore = CaptionDatastore.build(embeddings[image_index], [c for cs in rows["captions"] for c in cs],
-                                       [rows["image_id"].iloc[i] for i in image_index])
+    datastore = CaptionDatastore.of_images(embeddings, rows["captions"], rows["image_id"])
     log.info("retrieval: %d captions of %d training images in the datastore; %d per prompt (%s)",
              len(datastore), len(rows), cfg.k, cfg.order)
     return Retriever(datastore, cfg.k, cfg.max_caption_tokens)
@@ -101,6 +99,5 @@ def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: tor
 def caption_pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int,
                   prompts: list[list[int]] | None = None) -> CaptionPairs:
     """One pair per caption (several per image), captions tokenised and EOS-terminated."""
-    image_index = [i for i, captions in enumerate(rows["captions"]) for _ in captions]
-    captions = [c for captions in rows["captions"] for c in captions]
+    image_index, captions = per_caption(rows["captions"])
     return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens), prompts)
