@@ -38,3 +38,11 @@ def test_efficientnet_features_tell_images_apart(make_image):
     features = encoder(torch.stack([red, blue]))
     assert features.shape == (2, 1280)
     assert not torch.allclose(features[0], features[1], atol=1e-3)
+
+
+def test_building_the_real_encoder_prints_nothing_on_stdout(capfd):
+    """stdout carries captions (``clipcap caption --format jsonl``): the weights' load message goes to stderr."""
+    build_encoder("efficientnet-lite0")
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "Loaded pretrained weights" in err

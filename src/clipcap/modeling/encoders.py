@@ -13,6 +13,8 @@ workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``;
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,7 +60,8 @@ class EfficientNetLite0(ImageEncoder):
         from efficientnet_lite_pytorch import EfficientNet
 
         if pretrained:
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=_efficientnet_weights())
+            with contextlib.redirect_stdout(sys.stderr):  # its "Loaded pretrained weights" is a log, not output
+                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=_efficientnet_weights())
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         preprocess = transforms.Compose(
