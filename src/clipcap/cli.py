@@ -11,6 +11,7 @@ Multi-GPU training: ``torchrun --nproc_per_node N -m clipcap.cli train``.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import importlib
 import json
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--batch-size", type=int, default=16)
     caption.add_argument("--workers", type=int, default=2, help="processes decoding images (default: 2)")
     caption.add_argument("--format", choices=("tsv", "jsonl"), default="tsv",
-                         help="tsv: 'path<TAB>caption' per caption; jsonl: one object per image")
+                         help="tsv: 'path<TAB>caption' per caption (a field holding a tab, newline or quote is "
+                              "double-quoted, as Python's csv and pandas read it); jsonl: one object per image")
     caption.add_argument("--seed", type=int, default=0, help="random seed (strategy 'sample')")
     _add_decoding_options(caption)
     datastore = verbs.add_parser("datastore", help="extend a retrieval-augmented captioner's caption datastore")
@@ -122,12 +124,13 @@ def _caption(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     found = captioner.iter_captions(paths, decoding, batch_size=args.batch_size, num_workers=args.workers,
                                     progress=len(paths) > args.batch_size)
+    tsv = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n")
     for path, captions in zip(paths, found):
         if args.format == "jsonl":
             print(json.dumps({"image": path, "captions": captions}, ensure_ascii=False), flush=True)
         else:
-            for text in captions:
-                print(f"{path}\t{text}", flush=True)
+            tsv.writerows([path, text] for text in captions)
+            sys.stdout.flush()
 
 
 def _interpret(args: argparse.Namespace) -> None:

@@ -89,3 +89,14 @@ def test_nearest_tokens_finds_the_token_a_prefix_vector_equals():
     assert [row[0].token_id for row in found] == [7, 3, 11, 5]
     assert all(row[0].token == f"t{row[0].token_id}" and row[0].cosine == pytest.approx(1.0) for row in found)
     assert all(row[1].cosine < row[0].cosine for row in found)
+
+
+def test_tsv_output_survives_tabs_and_newlines_in_file_names(captioner_dir, make_image, capsys):
+    import csv
+    import io
+
+    odd = make_image("odd/tab\there\nnewline.png", color=(10, 200, 10))
+    assert main(["caption", str(odd), "--model", str(captioner_dir), "--max-new-tokens", "3", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.reader(io.StringIO(out), delimiter="\t"))
+    assert len(rows) == 1 and rows[0][0] == str(odd) and len(rows[0]) == 2
