@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from clipcap.pipeline.stages.embed import embed_missing
-from clipcap.pipeline.embedding_store import INDEX, EmbeddingStore
+from clipcap.pipeline.embedding_store import INDEX, DamagedShardError, EmbeddingStore
 from clipcap.modeling.encoders import build_encoder
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "embed_images.py"
@@ -40,6 +40,30 @@ def test_stale_or_missing_index_is_rebuilt_from_the_shards(tmp_path):
     assert len(reopened) == 3 and reopened.get(["c"]).shape == (1, 4)
     reopened.add(["d"], torch.randn(1, 4))  # the next write brings the index up to date
     assert len(json.loads((store.dir / INDEX).read_text())["ids"]) == 4
+
+
+def _truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _overwrite_values(shard: Path) -> None:
+    """Same size, same header, other numbers: what a bad disk or a stray write leaves."""
+    data = bytearray(shard.read_bytes())
+    tail = np.full(16, 1e30, dtype=np.float32).tobytes()
+    data[-len(tail):] = tail
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _overwrite_values])
+def test_a_reader_refuses_a_damaged_shard_by_name(tmp_path, damage):
+    store = EmbeddingStore(tmp_path, "enc@1")
+    store.add(["a", "b"], torch.randn(2, 8))
+    shard = store.add(["c", "d"], torch.randn(2, 8))
+    damage(shard)
+    reader = EmbeddingStore(tmp_path, "enc@1")
+    assert reader.get(["a"]).shape == (1, 8)  # the intact shard still reads
+    with pytest.raises(DamagedShardError, match=rf"{shard.name}.*clipcap embed"):
+        reader.get(["a", "c"])
 
 
 @pytest.fixture
@@ -97,3 +121,20 @@ def test_sigkill_mid_run_resumes_without_reencoding_finished_shards(images, tmp_
     _embed(paths, uninterrupted, encoder, shard_size=4)
     torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids),
                                EmbeddingStore(uninterrupted, encoder.key).get(ids))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _overwrite_values])
+def test_embed_sets_a_damaged_shard_aside_and_encodes_its_images_again(images, tmp_path, damage):
+    paths = sorted(str(p) for p in images.glob("*.png"))[:6]
+    encoder = build_encoder("efficientnet-lite0:random")
+    store_dir = tmp_path / "store"
+    _embed(paths, store_dir, encoder, shard_size=2)
+    store = EmbeddingStore(store_dir, encoder.key)
+    ids = [Path(p).stem for p in paths]
+    before = store.get(ids)
+    damaged = store.shards()[1]
+    damage(damaged)
+    again = _embed(paths, store_dir, encoder, shard_size=2)
+    assert (again.encoded, again.reused) == (2, 4)  # exactly the damaged shard's images
+    assert (store_dir / store.dir.name / "damaged" / damaged.name).exists()  # kept for inspection
+    torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids), before)

@@ -12,10 +12,17 @@ Layout under ``<root>/<encoder slug>/``:
 
 A re-run encodes only the ids no shard holds. Another encoder (or other weights) has another
 key, hence another folder: changing the encoder re-encodes everything, keeping the old store.
+
+Shards are verified, not trusted: each records the sha256 of its embedding bytes in its metadata.
+``clipcap embed`` checks every shard (:meth:`EmbeddingStore.repair`): a truncated, unreadable or
+altered one is moved to ``damaged/`` (kept for inspection, never deleted) and its images are
+encoded again. Readers (:meth:`EmbeddingStore.get`) check the shards they read and stop with an
+error naming the shard and the fix, so a damaged store is never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -31,10 +38,40 @@ from clipcap.fileio import atomic_path, read_json, write_json
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
+DAMAGED = "damaged"
 
 
 class MissingEmbeddingError(ClipcapError, KeyError):
     pass
+
+
+class DamagedShardError(ClipcapError):
+    pass
+
+
+def _digest(embeddings: torch.Tensor) -> str:
+    return hashlib.sha256(embeddings.numpy().tobytes()).hexdigest()
+
+
+def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
+    """(image ids, embeddings) of a shard whose bytes match its recorded digest, else DamagedShardError
+    saying what is wrong with it (shards written before digests were recorded are checked for
+    readable, finite values only)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            embeddings = handle.get_tensor("embeddings")
+        ids = json.loads(metadata["ids"])
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise DamagedShardError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    if embeddings.ndim != 2 or len(ids) != embeddings.shape[0]:
+        raise DamagedShardError(f"{path}: {len(ids)} ids for embeddings of shape {tuple(embeddings.shape)}")
+    recorded = metadata.get("sha256")
+    if recorded is not None and _digest(embeddings) != recorded:
+        raise DamagedShardError(f"{path}: its embeddings do not match the digest recorded when it was written")
+    if recorded is None and not torch.isfinite(embeddings).all():
+        raise DamagedShardError(f"{path}: holds non-finite values")
+    return ids, embeddings
 
 
 def _slug(key: str) -> str:
@@ -66,11 +103,28 @@ class EmbeddingStore:
     def _rebuild_index(self) -> dict[str, tuple[str, int]]:
         index: dict[str, tuple[str, int]] = {}
         for shard in self.shards():
-            with safe_open(shard, framework="pt") as handle:
-                ids = json.loads(handle.metadata()["ids"])
+            ids, _ = read_shard(shard)
             for row, image_id in enumerate(ids):
                 index.setdefault(image_id, (shard.name, row))
         return index  # written by the next add(): readers never write
+
+    def repair(self) -> list[Path]:
+        """Check every shard; move the damaged ones to ``damaged/`` (their images then count as
+        missing, so the next encoding pass re-creates them) and return where they went."""
+        moved = []
+        for shard in self.shards():
+            try:
+                read_shard(shard)
+            except DamagedShardError as err:
+                target = self.dir / DAMAGED / shard.name
+                target.parent.mkdir(exist_ok=True)
+                shard.replace(target)
+                moved.append(target)
+                log.warning("%s; moved to %s, its images will be encoded again", err, target)
+        if moved:
+            self._index = self._rebuild_index()
+            self._write_index(self._index)
+        return moved
 
     def _write_index(self, index: dict[str, tuple[str, int]]) -> None:
         write_json(self.dir / INDEX, {"encoder": self.encoder_key, "shards": [p.name for p in self.shards()],
@@ -92,9 +146,10 @@ class EmbeddingStore:
         existing = self.shards()
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         path = self.dir / f"shard-{number:06d}.safetensors"
-        metadata = {"ids": json.dumps(image_ids), "encoder": self.encoder_key}
+        embeddings = embeddings.detach().float().contiguous().cpu()
+        metadata = {"ids": json.dumps(image_ids), "encoder": self.encoder_key, "sha256": _digest(embeddings)}
         with atomic_path(path) as tmp:
-            save_file({"embeddings": embeddings.detach().float().contiguous().cpu()}, str(tmp), metadata=metadata)
+            save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
         for row, image_id in enumerate(image_ids):
             index.setdefault(image_id, (path.name, row))
         self._write_index(index)
@@ -114,8 +169,11 @@ class EmbeddingStore:
             by_shard.setdefault(shard, []).append((position, row))
         out: torch.Tensor | None = None
         for shard, pairs in by_shard.items():
-            with safe_open(self.dir / shard, framework="pt") as handle:
-                block = handle.get_tensor("embeddings")
+            try:
+                _, block = read_shard(self.dir / shard)
+            except DamagedShardError as err:
+                raise DamagedShardError(f"{err}. Run 'clipcap embed' (or 'dvc repro'): it sets damaged shards "
+                                        "aside and encodes their images again") from err
             if out is None:
                 out = torch.empty(len(image_ids), block.shape[1])
             positions, rows = zip(*pairs)

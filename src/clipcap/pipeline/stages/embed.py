@@ -39,6 +39,7 @@ def embed_missing(image_ids: list[str], paths: list[str], encoder: ImageEncoder,
     shard every ``shard_size`` images: memory holds one shard of vectors, never the images, and
     a killed run loses at most the shard in progress."""
     path_of = dict(zip(image_ids, paths))
+    store.repair()
     todo = store.missing(image_ids)
     log.info("%d images, %d already embedded with %s, %d to encode",
              len(path_of), len(path_of) - len(todo), store.encoder_key, len(todo))
