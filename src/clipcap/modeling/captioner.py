@@ -5,6 +5,11 @@ The frozen LM and the image encoder are not copied into every captioner: they ar
 resolved by name (``lm.name``, ``encoder``) when loading, so many dataset-specific
 captioners share one base LM. LM weights are saved when the LM was fine-tuned or is not
 reproducible from its name (tiny random test LMs).
+
+Nothing is trusted on load: ``config.json`` records the sha256 of every file saved beside it, of
+the base LM's weights and the encoder's key (which names its weights' digest). A damaged or
+altered file, or a base LM or encoder that resolves to other weights on this machine, is an
+error naming what differs and what to do, never a captioner that silently says something else.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from clipcap.config import DecodingConfig, MapperConfig, RetrievalConfig
 from clipcap.modeling.decode import caption_nll, generate_captions
-from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
+from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images, encoder_key
 from clipcap.errors import ClipcapError
-from clipcap.fileio import atomic_path, write_json
-from clipcap.modeling.lms import load_lm
+from clipcap.fileio import atomic_path, file_sha256, write_json
+from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CaptionDatastore, Retriever
+from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -46,11 +51,14 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
     save_lm = model.finetune_lm or not lm_pretrained
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(model.weights(include_lm=save_lm), str(tmp))
+    saved = [WEIGHTS_FILE, *([EMBEDDINGS_FILE, CAPTIONS_FILE] if datastore is not None else [])]
     write_json(directory / CONFIG_FILE, {
         "format": FORMAT,
         "encoder": encoder,
+        "encoder_key": encoder_key(encoder),
         "lm": {"name": lm_name, "tokenizer": tokenizer_name, "finetuned": model.finetune_lm,
-               "weights_saved": save_lm},
+               "weights_saved": save_lm, **({} if save_lm else {"base_sha256": weights_digest(model.lm)})},
+        "files": {name: file_sha256(directory / name) for name in saved},
         "mapper": asdict(model.mapper_cfg),
         "dim_embedding": model.dim_embedding,
         "retrieval": asdict(retrieval),
@@ -68,15 +76,48 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     config = json.loads(config_path.read_text())
     if config.get("format") != FORMAT:
         raise ClipcapError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
+    verify_files(directory, config)
     lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"])
+    recorded = config["lm"].get("base_sha256")
+    if recorded and weights_digest(lm.model) != recorded:
+        raise ClipcapError(
+            f"{directory}: the base LM {config['lm']['name']!r} resolves here to other weights than the ones this "
+            "captioner was trained with (their sha256 differs from config.json's lm.base_sha256); install the "
+            "LM it names (see its requirements.txt) or retrain on this machine")
     retrieval = RetrievalConfig(**config.get("retrieval", {}))
     model = ClipCap(MapperConfig(**config["mapper"]), config["dim_embedding"], lm.model,
                     finetune_lm=config["lm"]["finetuned"], prompt_order=retrieval.order)
     try:
-        model.load_weights(load_file(str(directory / WEIGHTS_FILE)))
+        weights = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise ClipcapError(f"{directory / WEIGHTS_FILE}: unreadable ({type(err).__name__}: {err}); "
+                           "restore it (dvc checkout, or the registered version) or retrain") from err
+    try:
+        model.load_weights(weights)
     except ValueError as err:
         raise ClipcapError(f"{directory / WEIGHTS_FILE}: {err}; it does not belong to {CONFIG_FILE}") from err
     return model.eval(), lm.tokenizer, config
+
+
+def verify_files(directory: Path, config: dict) -> None:
+    """Each file ``config.json`` lists has the sha256 recorded when the captioner was saved
+    (``clipcap datastore add`` records the datastore it rewrites)."""
+    for name, digest in config.get("files", {}).items():
+        path = directory / name
+        if not path.exists():
+            raise ClipcapError(f"{path}: missing; a captioner folder holds {', '.join(config['files'])}")
+        if file_sha256(path) != digest:
+            raise ClipcapError(f"{path}: does not match the sha256 recorded in {CONFIG_FILE} (damaged or altered "
+                               "after saving); restore it (dvc checkout, or download the registered version again) "
+                               "or retrain")
+
+
+def record_files(directory: str | Path, *names: str) -> None:
+    """Record the current sha256 of files a tool rewrote in a captioner folder (its datastore)."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    config.setdefault("files", {}).update({name: file_sha256(directory / name) for name in names})
+    write_json(directory / CONFIG_FILE, config)
 
 
 def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
@@ -102,9 +143,15 @@ class Captioner:
 
     @property
     def encoder(self) -> ImageEncoder:
-        """The image encoder the captioner was trained with (built on first use)."""
+        """The image encoder the captioner was trained with (built on first use, and checked: an
+        encoder name that resolves to other weights here would embed images in another space)."""
         if self._encoder is None:
-            self._encoder = build_encoder(self.config["encoder"]).to(next(self.model.parameters()).device)
+            encoder = build_encoder(self.config["encoder"])
+            recorded = self.config.get("encoder_key")
+            if recorded and encoder.key != recorded:
+                raise ClipcapError(f"encoder {self.config['encoder']!r} resolves here to {encoder.key}, but this "
+                                   f"captioner was trained with {recorded}; install those weights or retrain")
+            self._encoder = encoder.to(next(self.model.parameters()).device)
         return self._encoder
 
     def embed(self, images: list[str | Path | Image.Image], batch_size: int = 32, num_workers: int = 0) -> torch.Tensor:

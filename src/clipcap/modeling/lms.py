@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import shutil
@@ -102,6 +103,17 @@ def _tiny_config(name: str, vocab_size: int) -> GPT2Config:
             raise LMSpecError(f"lm.name: bad option {item!r} in {name!r}; allowed: {', '.join(TINY_DEFAULTS)} (integers)")
         overrides[key] = int(value)
     return GPT2Config(vocab_size=vocab_size, **overrides)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over an LM's weights (names, shapes, dtypes and bytes, in state-dict order): the base LM
+    a captioner was trained with, recorded so that loading it on another machine can check it."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_lm(name: str, tokenizer_name: str | None = None, seed: int = 0) -> LoadedLM:

@@ -17,7 +17,8 @@ from clipcap.data.manifest import build_records
 from clipcap.data.sources import iter_folder
 from clipcap.data.validate import validate_records
 from clipcap.errors import ClipcapError
-from clipcap.modeling.captioner import Captioner
+from clipcap.modeling.captioner import Captioner, record_files
+from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def extend_datastore(model_dir: str | Path, folder: str | Path, cfg: ValidateCon
     before = captioner.retriever.datastore
     after = before.add_images(embeddings, clean["captions"], clean["image_id"])
     after.save(model_dir)
+    record_files(model_dir, EMBEDDINGS_FILE, CAPTIONS_FILE)
     offered = sum(len(c) for c in clean["captions"])
     update = DatastoreUpdate(len(after) - len(before), offered - (len(after) - len(before)),
                              result.reason_counts, len(after))
