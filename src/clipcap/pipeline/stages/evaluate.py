@@ -4,6 +4,8 @@ frequent training caption, and nearest-neighbour retrieval), scored the same way
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 
 from clipcap.config import Config
@@ -19,6 +21,12 @@ from clipcap.pipeline.reports import domain_line, write_samples
 from clipcap.pipeline.splits import split_data
 
 log = logging.getLogger(__name__)
+
+
+def test_set_digest(references: dict[str, list[str]]) -> str:
+    """sha256 of the test images (content ids) and their reference captions."""
+    canonical = json.dumps(sorted((i, list(refs)) for i, refs in references.items()), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def run(cfg: Config, layout: Layout = Layout()) -> dict:
@@ -44,6 +52,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     metrics = {
         **{name: found.corpus for name, found in scores.items()},
         "test_images": len(ids),
+        "test_set": test_set_digest(references),   # what makes two runs' scores comparable (the promotion gate)
         "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
         "ci95": {name: found.ci95 for name, found in scores.items()},   # bootstrap over the test images
     }

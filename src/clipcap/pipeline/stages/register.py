@@ -33,6 +33,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve,
                layout.gallery],
         example_image=example,
+        test_set=read_json(layout.metrics).get("test_set"),
     )
     result = {
         "name": registration.name,
@@ -42,6 +43,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         "metric": registration.metric,
         "value": registration.value,
         "promoted_to_champion": registration.promoted,
+        "gate": registration.reason,
         "previous_champion": registration.champion_before,
         "tracking_uri": cfg.register.tracking_uri,
     }
