@@ -285,6 +285,29 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """What a served model accepts (stored with the registered model; ``mlflow.pyfunc.load_model(uri,
+    model_config={...})`` overrides it). Requests beyond a limit get a 4xx with a one-line reason."""
+
+    max_images: int = 64                # images per request
+    max_image_bytes: int = 20_000_000   # encoded bytes per image
+    max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    max_num_beams: int = 8
+    max_num_captions: int = 8
+    max_new_tokens: int = 64
+    max_seconds: float = 20.0           # generation time per batch of images; then the captions end where they are
+    image_root: str | None = None       # a folder whose files requests may name by path; None: paths are refused
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_num_beams", "max_num_captions",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1")
+        if self.max_seconds <= 0:
+            raise ConfigError("serve.max_seconds must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -296,6 +319,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import shutil
@@ -12,6 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -142,8 +144,14 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
 def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/clipcap-tuxpaint@champion")
-    captions = model.predict(pd.DataFrame({"image": photos}))
+    encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in photos]  # what HTTP clients send
+    captions = model.predict(pd.DataFrame({"image": encoded}))
     assert len(captions) == 2 and all(isinstance(c, str) and c.strip() for c in captions), captions
+    with pytest.raises(MlflowException, match="does not open file paths"):
+        model.predict(pd.DataFrame({"image": photos}))  # a served model opens no client-given path
+    local = mlflow.pyfunc.load_model("models:/clipcap-tuxpaint@champion",
+                                     model_config={"image_root": str(Path(photos[0]).parent)})
+    assert local.predict(pd.DataFrame({"image": photos[:1]})) == captions[:1]  # unless the folder is allowed
 
 
 def test_test_split_captions_are_non_empty_and_depend_on_the_image(project, registered):

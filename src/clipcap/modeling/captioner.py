@@ -158,16 +158,17 @@ class Captioner:
         return torch.cat(list(encode_images(self.encoder, images, batch_size, num_workers)))
 
     def caption_embeddings(self, embeddings: torch.Tensor, decoding: DecodingConfig = DecodingConfig(),
-                           batch_size: int = 16) -> list[list[str]]:
-        """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt)."""
+                           batch_size: int = 16, max_time: float | None = None) -> list[list[str]]:
+        """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt);
+        ``max_time``: seconds of generation per batch, after which captions end where they are."""
         prompts = None if self.retriever is None else self.retriever.prompts(self.tokenizer, embeddings)
         if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
-            return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts)
+            return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)
         # rerank: every beam and every retrieved caption, scored by the model given the image
         beams = generate_captions(self.model, self.tokenizer, embeddings,
                                   dataclasses.replace(decoding, num_captions=decoding.num_beams, rerank=False),
-                                  batch_size, prompts)
+                                  batch_size, prompts, max_time)
         retrieved = self.retriever.captions(embeddings)
         candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(beams, retrieved)]
         owner = [i for i, found in enumerate(candidates) for _ in found]
@@ -180,15 +181,16 @@ class Captioner:
         return best
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
-                      batch_size: int = 16, num_workers: int = 0, progress: bool = False) -> Iterator[list[str]]:
+                      batch_size: int = 16, num_workers: int = 0, progress: bool = False,
+                      max_time: float | None = None) -> Iterator[list[str]]:
         """``decoding.num_captions`` captions per image, image by image, encoding and decoding in
         batches of ``batch_size`` (images are decoded in ``num_workers`` processes)."""
         for embeddings in encode_images(self.encoder, images, batch_size, num_workers, progress=progress):
-            yield from self.caption_embeddings(embeddings, decoding, batch_size)
+            yield from self.caption_embeddings(embeddings, decoding, batch_size, max_time)
 
     def captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
-                 batch_size: int = 16) -> list[list[str]]:
-        return list(self.iter_captions(images, decoding, batch_size))
+                 batch_size: int = 16, max_time: float | None = None) -> list[list[str]]:
+        return list(self.iter_captions(images, decoding, batch_size, max_time=max_time))
 
     def caption(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                 batch_size: int = 16) -> list[str]:

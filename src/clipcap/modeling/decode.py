@@ -30,10 +30,11 @@ def generate_kwargs(decoding: DecodingConfig) -> dict:
 @torch.inference_mode()
 def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
                        decoding: DecodingConfig = GREEDY, prompt_ids: torch.Tensor | None = None,
-                       prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       prompt_mask: torch.Tensor | None = None, max_time: float | None = None) -> torch.Tensor:
     """New token ids, shape (B * num_captions, <= max_new_tokens): the captions of image i are rows
     i*num_captions ... (i+1)*num_captions-1, best first for beam search; finished rows are padded.
-    ``prompt_ids``/``prompt_mask``: the left-padded retrieval prompts of a retrieval-augmented model."""
+    ``prompt_ids``/``prompt_mask``: the left-padded retrieval prompts of a retrieval-augmented model.
+    ``max_time``: seconds after which generation stops where it is (a served model's time budget)."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.mapper.parameters()).dtype  # a bf16 model takes fp32 embeddings too
@@ -47,6 +48,7 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
             attention_mask=mask,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            max_time=max_time,
             **generate_kwargs(decoding),
         )
 
@@ -61,7 +63,8 @@ def first_line(text: str) -> str:
 
 
 def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decoding: DecodingConfig = GREEDY,
-                      batch_size: int = 32, prompts: list[list[int]] | None = None) -> list[list[str]]:
+                      batch_size: int = 32, prompts: list[list[int]] | None = None,
+                      max_time: float | None = None) -> list[list[str]]:
     """``decoding.num_captions`` captions for each embedding, in batches of ``batch_size`` images;
     ``prompts``: each image's retrieval prompt (token ids) for a retrieval-augmented model."""
     captions: list[list[str]] = []
@@ -71,7 +74,7 @@ def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decod
             ids, mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
             prompt = {"prompt_ids": ids, "prompt_mask": mask}
         ids = generate_token_ids(model, embeddings[start : start + batch_size], eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, decoding=decoding, **prompt)
+                                 pad_token_id=tokenizer.pad_token_id, decoding=decoding, max_time=max_time, **prompt)
         texts = [first_line(text) for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         n = decoding.num_captions
         captions.extend(texts[i : i + n] for i in range(0, len(texts), n))

@@ -1,56 +1,56 @@
 """The MLflow pyfunc wrapper of a captioner, logged as "models from code" (no pickle).
 
-Input: a DataFrame with an ``image`` column (file paths, or base64-encoded image bytes for
-HTTP serving), or a plain list of paths. Output: one caption per image, or a list of
-``num_captions`` captions per image when that param is above 1.
-Params: the fields of :class:`clipcap.config.DecodingConfig` (``strategy``, ``num_beams``,
-``max_new_tokens``, ``length_penalty``, ``no_repeat_ngram_size``, ``top_p``, ``temperature``,
-``num_captions``).
+Request (``POST /invocations``, JSON)::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/JPEG bytes>"], ...]},
+     "params": {"num_beams": 3, "num_captions": 2}}
+
+``image``: base64-encoded image bytes (or raw bytes in Python); a file path only inside the
+folder ``serve.image_root`` names (None by default: a served model opens no client-given path).
+In Python, ``mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [...]}))`` takes the
+same, and ``model_config={"image_root": "/data/photos"}`` at load time allows paths under it.
+Params: the fields of :class:`clipcap.config.DecodingConfig`. Response: one caption per image, or
+a list of ``num_captions`` captions per image when that param is above 1.
+
+Limits (:class:`clipcap.config.ServeConfig`, the ``serve`` section of params.yaml, stored with the
+model): images per request, bytes and pixels per image (the pixels read from the header before
+decoding), beams, captions and new tokens, and seconds of generation. A request beyond them, or
+with an unreadable image, is refused with HTTP 400 and a one-line reason naming the image by position.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-from pathlib import Path
-
 import mlflow
 import pandas as pd
-from PIL import Image
-
-
-def _as_image(value):
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    text = str(value)
-    if Path(text).exists():
-        return text
-    try:
-        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
-    except (binascii.Error, ValueError, OSError) as err:
-        raise ValueError(f"image {text[:80]!r} is neither an existing file path nor base64 image bytes") from err
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from clipcap.config import ServeConfig, config_from_mapping
         from clipcap.modeling.captioner import Captioner
 
         self.captioner = Captioner.load(context.artifacts["captioner"])
+        self.limits = config_from_mapping(ServeConfig, dict(getattr(context, "model_config", None) or {}), "serve")
 
-    def predict(self, context, model_input, params=None) -> list[str]:
-        params = params or {}
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise ValueError(f"input needs an 'image' column, got columns {list(model_input.columns)}")
-            values = model_input["image"].tolist()
-        else:
-            values = list(model_input)
-        images = [_as_image(v) for v in values]
-        from clipcap.config import DecodingConfig, config_from_mapping
+    def predict(self, context, model_input, params=None) -> list:
+        from clipcap.modeling.serving import RequestError, check_request_size, request_decoding, request_image
 
-        decoding = config_from_mapping(DecodingConfig, dict(params), "params")
-        found = self.captioner.captions(images, decoding)
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                if "image" not in model_input.columns:
+                    raise RequestError(f"the input needs an 'image' column; it has {len(model_input.columns)} "
+                                       "other columns")
+                values = model_input["image"].tolist()
+            else:
+                values = list(model_input)
+            check_request_size(len(values), self.limits)
+            decoding = request_decoding(params, self.limits)
+            images = [request_image(value, index, self.limits) for index, value in enumerate(values)]
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        found = self.captioner.captions(images, decoding, max_time=self.limits.max_seconds)
         return [c[0] for c in found] if decoding.num_captions == 1 else found
 
 

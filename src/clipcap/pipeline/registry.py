@@ -153,7 +153,7 @@ def gate(value: float, champion_value: float | None, test_set: str | None, champ
 
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
-                     example_image: str, test_set: str | None = None) -> Registration:
+                     example_image: str, test_set: str | None = None, serve: dict | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
     it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable)."""
     client = connect(cfg)
@@ -182,6 +182,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             code_paths=[str(inference_code(Path(staging)))],
             pip_requirements=_pinned(SERVING_PACKAGES),
             signature=signature,
+            model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
     value = float(metrics[metric_key])
     with promotion_lock(cfg.tracking_uri, name):  # read, register and move the aliases as one step

@@ -34,6 +34,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
                layout.gallery],
         example_image=example,
         test_set=read_json(layout.metrics).get("test_set"),
+        serve=config_to_dict(cfg.serve),
     )
     result = {
         "name": registration.name,
