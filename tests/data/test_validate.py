@@ -30,7 +30,7 @@ from clipcap.config import Config, DatasetConfig, EncoderConfig, SplitConfig, Va
 from clipcap.images import load_rgb
 from clipcap.data.manifest import build_records, read_manifest, read_records
 from clipcap.data.sources import iter_folder
-from clipcap.data.validate import DataValidationError, validate_records
+from clipcap.data.validate import DataValidationError, validate_records, write_quarantine
 from clipcap.pipeline.embedding_store import EmbeddingStore
 from clipcap.modeling.encoders import encoder_key
 
@@ -273,3 +273,32 @@ def test_a_name_too_long_for_the_file_system_is_quarantined_not_fatal(tmp_path):
     (root / "captions.jsonl").write_bytes(_line("a.png", "A fine picture.") + _line("x" * 5000 + ".png", "Too long."))
     result = validate_records(build_records(iter_folder(root), SplitConfig()), ValidateConfig(min_image_side=8))
     assert result.quarantine["reason"].tolist() == ["unreadable_file"] and result.clean_records == 1
+
+
+def test_a_huge_caption_line_is_quarantined_without_being_held(tmp_path):
+    """A 50 MB captions.jsonl line: skipped in chunks (never decoded whole), quarantined with its size;
+    a merely long caption (under the line limit) is cut in quarantine.jsonl, its length kept."""
+    import tracemalloc
+
+    root = tmp_path / "b"
+    noise(root / "a.png", size=(24, 24))
+    noise(root / "b.png", size=(24, 24))
+    with (root / "captions.jsonl").open("wb") as handle:
+        handle.write(_line("a.png", "A fine picture."))
+        handle.write(b'{"image": "b.png", "caption": "' + b"x" * 50_000_000 + b'"}\n')
+        handle.write(_line("b.png", "y" * 5000))
+    tracemalloc.start()
+    try:
+        records = build_records(iter_folder(root), SplitConfig())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    result = validate_records(records, ValidateConfig(min_image_side=8))
+    assert result.quarantine["reason"].tolist() == ["line_too_long", "caption_too_long"]
+    assert "50000034 bytes" in result.quarantine["detail"].iloc[0]
+    assert result.clean_records == 1
+    assert peak < 10_000_000  # reading the 50 MB line never held it whole
+    out = tmp_path / "quarantine.jsonl"
+    write_quarantine(result.quarantine, out)
+    long_row = json.loads(out.read_text().splitlines()[1])
+    assert len(long_row["caption"]) == 2003 and long_row["caption_chars"] == 5000

@@ -45,6 +45,8 @@ MISSING_FIELD = "missing_field"
 UNSAFE_PATH = "unsafe_path"
 BAD_SPLIT = "bad_split"
 INVALID_METADATA = "invalid_metadata"  # openclipart: the SVG holding the title does not parse
+LINE_TOO_LONG = "line_too_long"        # a captions.jsonl line longer than MAX_LINE_BYTES: skipped unread
+MAX_LINE_BYTES = 1 << 20               # no caption needs a megabyte; a longer line is never held in memory
 
 _SURROGATES = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or "\ud800" JSON escapes
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -199,10 +201,27 @@ class _Row:
     detail: str = ""
 
 
+def _lines(handle, limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line, its full length in bytes) of a binary file, each line cut to ``limit + 1`` bytes: the rest
+    of a longer line is read past in chunks, never held."""
+    while raw := handle.readline(limit + 1):
+        length = len(raw)
+        if length > limit and not raw.endswith(b"\n"):
+            while chunk := handle.readline(limit):
+                length += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+        yield raw, length
+
+
 def _jsonl_rows(path: Path) -> Iterator[_Row]:
     """Each line decoded and parsed on its own: one bad line never hides the others."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, (raw, length) in enumerate(_lines(handle, MAX_LINE_BYTES), start=1):
+            if length > MAX_LINE_BYTES:
+                yield _Row(number, None, LINE_TOO_LONG,
+                           f"{length} bytes, more than {MAX_LINE_BYTES}; starts {shown(raw[:80])}")
+                continue
             line = raw.rstrip(b"\r\n")
             if number == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark

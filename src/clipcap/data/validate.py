@@ -71,6 +71,7 @@ REASONS = {
     sources.INVALID_UTF8: "save the captions file as UTF-8",
     sources.INVALID_JSON: 'make each line one JSON object: {"image": "a.jpg", "caption": "..."}',
     sources.INVALID_CSV: "quote CSV fields that hold commas or quotes; one row per line",
+    sources.LINE_TOO_LONG: "a captions.jsonl line is over a megabyte: write one short caption per line",
     sources.MISSING_FIELD: "give every row an image path and a caption",
     sources.UNSAFE_PATH: "give image paths relative to the dataset folder, without '..', a leading '/' or "
                          "symlinks pointing outside it",
@@ -325,10 +326,19 @@ def _cell(text: str) -> str:
     return sources.visible(text).replace("|", "\\|")
 
 
+QUARANTINE_CAPTION_CHARS = 2000  # a longer caption is cut in quarantine.jsonl (its length is kept)
+
+
 def write_quarantine(frame: pd.DataFrame, path: str | Path) -> None:
-    """One JSON object per quarantined row: record, reason, detail, path, caption, source."""
-    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in frame[QUARANTINE_COLUMNS].to_dict("records"))
-    write_text(path, "".join(lines))
+    """One JSON object per quarantined row: record, reason, detail, path, caption, source (a caption
+    longer than QUARANTINE_CAPTION_CHARS is cut, with ``caption_chars`` giving its length)."""
+    def entry(row: dict) -> str:
+        caption = row.get("caption")
+        if isinstance(caption, str) and len(caption) > QUARANTINE_CAPTION_CHARS:
+            row = {**row, "caption": caption[:QUARANTINE_CAPTION_CHARS] + "...", "caption_chars": len(caption)}
+        return json.dumps(row, ensure_ascii=False) + "\n"
+
+    write_text(path, "".join(entry(row) for row in frame[QUARANTINE_COLUMNS].to_dict("records")))
 
 
 # ---------------------------------------------------------------- validation
