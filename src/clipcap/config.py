@@ -295,7 +295,7 @@ class ServeConfig:
     max_num_beams: int = 8
     max_num_captions: int = 8
     max_new_tokens: int = 64
-    max_seconds: float = 20.0           # generation time per batch of images; then the captions end where they are
+    max_seconds: float = 20.0           # generation time per request; then the captions end where they are
     image_root: str | None = None       # a folder whose files requests may name by path; None: paths are refused
 
     def __post_init__(self) -> None:

@@ -132,3 +132,10 @@ def test_the_served_model_refuses_with_a_400_naming_the_image(pyfunc_model):
     assert "Traceback" not in err.value.message and "\n" not in err.value.message
     with pytest.raises(MlflowException, match="serve.max_images"):
         pyfunc_model.predict(None, pd.DataFrame({"image": [_b64(_png())] * 101}))
+
+
+def test_large_photos_are_held_small():
+    big = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, format="JPEG")
+    image = request_image(big.getvalue(), 0, ServeConfig())
+    assert image.size == (1024, 768) and image.mode == "RGB"

@@ -17,6 +17,7 @@ from clipcap.config import ConfigError, DecodingConfig, ServeConfig, config_from
 from clipcap.errors import ClipcapError
 
 MAX_PATH_CHARS = 4096
+HELD_SIDE = 1024  # a request's images are held at most this large (encoders take 224-384 px): 3 MB each
 
 
 class RequestError(ClipcapError, ValueError):
@@ -61,7 +62,9 @@ def _encoded_bytes(value, index: int, limits: ServeConfig) -> bytes | Path:
 
 
 def request_image(value, index: int, limits: ServeConfig) -> Image.Image:
-    """One image of a request, decoded to RGB after its header passed the size checks."""
+    """One image of a request, decoded to RGB after its header passed the size checks, and held at
+    most ``HELD_SIDE`` pixels on its longer side (JPEGs are decoded at reduced size directly), so a
+    full request of large photos takes tens of megabytes, not gigabytes."""
     source = _encoded_bytes(value, index, limits)
     try:
         image = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
@@ -72,7 +75,10 @@ def request_image(value, index: int, limits: ServeConfig) -> Image.Image:
         raise RequestError(f"image {index}: {width}x{height} pixels; at most {limits.max_image_pixels} "
                            "(serve.max_image_pixels)")
     try:
-        return image.convert("RGB")
+        image.draft("RGB", (HELD_SIDE, HELD_SIDE))
+        image = image.convert("RGB")
+        image.thumbnail((HELD_SIDE, HELD_SIDE), Image.Resampling.BICUBIC)
+        return image
     except (OSError, ValueError, Image.DecompressionBombError):
         raise RequestError(f"image {index}: the image data is damaged") from None
 

@@ -14,7 +14,8 @@ a list of ``num_captions`` captions per image when that param is above 1.
 
 Limits (:class:`clipcap.config.ServeConfig`, the ``serve`` section of params.yaml, stored with the
 model): images per request, bytes and pixels per image (the pixels read from the header before
-decoding), beams, captions and new tokens, and seconds of generation. A request beyond them, or
+decoding; images are held at most 1024 px on a side), beams, captions and new tokens, and seconds
+of generation per request. A request beyond them, or
 with an unreadable image, is refused with HTTP 400 and a one-line reason naming the image by position.
 """
 
@@ -50,7 +51,8 @@ class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
             images = [request_image(value, index, self.limits) for index, value in enumerate(values)]
         except RequestError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
-        found = self.captioner.captions(images, decoding, max_time=self.limits.max_seconds)
+        # one batch: generation is one generate() call, so serve.max_seconds bounds the whole request
+        found = self.captioner.captions(images, decoding, batch_size=len(images), max_time=self.limits.max_seconds)
         return [c[0] for c in found] if decoding.num_captions == 1 else found
 
 
