@@ -210,3 +210,61 @@ def test_a_second_version_is_gated_against_the_champion(project, registered):
     champion = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
     assert int(champion.version) == (2 if second["value"] > first_cider else 1)
     assert int(client.get_model_version_by_alias("clipcap-tuxpaint", "challenger").version) == 2
+
+
+def test_mlflow_serves_the_champion_over_http(project, registered, photos):
+    """``mlflow models serve`` on the registered champion: base64 images in, captions out; a client path or
+    an over-limit param is a 400 with one line and no traceback; SIGTERM stops the server promptly."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/clipcap-tuxpaint@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def post(body: dict) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(0.5)
+        encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in photos]
+        status, body = post({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]},
+                             "params": {"num_beams": 2, "num_captions": 2}})
+        assert status == 200, body
+        predictions = json.loads(body)["predictions"]
+        assert len(predictions) == 2 and all(len(c) == 2 for c in predictions)
+        for request, expected in (({"dataframe_split": {"columns": ["image"], "data": [[photos[0]]]}},
+                                   "image 0: not base64-encoded image bytes"),
+                                  ({"dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]},
+                                    "params": {"num_beams": 64}}, "serve.max_num_beams")):
+            status, body = post(request)
+            assert status == 400 and expected in body and "Traceback" not in body and "stack_trace" not in body, body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 10

