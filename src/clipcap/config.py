@@ -222,7 +222,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0              # max gradient norm; 0 = off
     max_caption_tokens: int = 32
-    early_stopping_patience: int = 0    # stop after N epochs without a better val loss; 0 = off
+    early_stopping_patience: int = 2    # stop after N epochs without a better val loss, keep the best; 0 = off
     checkpoint_every: int = 0           # also checkpoint every N optimizer steps; 0 = epoch ends only
     keep_checkpoints: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere

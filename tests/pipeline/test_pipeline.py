@@ -31,7 +31,7 @@ TINY_PARAMS = {
     "lm": {"name": "tiny-gpt2", "tokenizer": "smollm2-135m"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 1, "num_heads": 2},
     "retrieval": {"k": 2},   # the retrieval-augmented model: its datastore travels with the registered model
-    "train": {"epochs": 3, "batch_size": 8, "lr": 0.001, "warmup_steps": 2},
+    "train": {"epochs": 3, "batch_size": 8, "lr": 0.001, "warmup_steps": 2, "early_stopping_patience": 0},
     "evaluate": {"decoding": {"num_beams": 2, "max_new_tokens": 8}, "num_samples": 5},
 }
 

@@ -201,7 +201,7 @@ class Trainer:
             self._end_epoch(on_epoch)
             self.save()
         bar.close()
-        if self.history.stopped_early and self.best_weights:
+        if self.best_weights and progress.bad_epochs:  # early stopping on: the model is the best epoch's
             self.model.load_weights(self.best_weights)
             log.info("restored the weights of the best epoch (val loss %.4f)", progress.best_val)
         self.model.eval()
