@@ -214,7 +214,7 @@ class RetrievalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    epochs: int = 10
+    epochs: int = 4
     batch_size: int = 16                # per process and per micro-step
     grad_accum_steps: int = 1           # optimizer step every N micro-batches
     lr: float = 3e-4
