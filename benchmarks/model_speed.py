@@ -336,9 +336,11 @@ def measure_decoding(s: Settings) -> list[Row]:
     ours = ClipCap(MapperConfig(prefix_length=s.prefix_length, clip_length=s.clip_length), s.dim_embedding,
                    build_lm(s)).to(s.device, dtype).eval()
     strategies = [
-        ("greedy", reference.greedy, DecodingConfig(strategy="greedy", max_new_tokens=s.new_tokens)),
+        ("greedy", reference.greedy, DecodingConfig(strategy="greedy", max_new_tokens=s.new_tokens,
+                                                    no_repeat_ngram_size=0)),  # the reference blocks nothing
         (f"beam-{s.num_beams}", reference.beam,
-         DecodingConfig(strategy="beam", num_beams=s.num_beams, max_new_tokens=s.new_tokens)),
+         DecodingConfig(strategy="beam", num_beams=s.num_beams, max_new_tokens=s.new_tokens,
+                        no_repeat_ngram_size=0)),
     ]
     rows = []
     for what, decode_one, decoding in strategies:
