@@ -28,7 +28,7 @@ from clipcap.config import DecodingConfig, MapperConfig, RetrievalConfig
 from clipcap.modeling.decode import caption_nll, generate_captions
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images, encoder_key
 from clipcap.errors import ClipcapError
-from clipcap.fileio import atomic_path, file_sha256, write_json
+from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever
@@ -117,7 +117,7 @@ def verify_files(directory: Path, config: dict) -> None:
 def record_files(directory: str | Path, *names: str) -> None:
     """Record the current sha256 of files a tool rewrote in a captioner folder (its datastore)."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = read_json(directory / CONFIG_FILE)
     config.setdefault("files", {}).update({name: file_sha256(directory / name) for name in names})
     write_json(directory / CONFIG_FILE, config)
 

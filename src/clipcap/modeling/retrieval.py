@@ -104,6 +104,13 @@ def per_caption(captions_per_image) -> tuple[list[int], list[str]]:
     return index, [c for captions in captions_per_image for c in captions]
 
 
+def _entries(embeddings: torch.Tensor, captions_per_image, image_ids) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(embeddings, captions, image ids) with one row per caption of images with several captions each."""
+    index, captions = per_caption(captions_per_image)
+    image_ids = list(image_ids)
+    return embeddings[index], captions, [image_ids[i] for i in index]
+
+
 def _checked(embeddings: torch.Tensor, captions: list[str], image_ids: list[str]) -> torch.Tensor:
     if not (len(embeddings) == len(captions) == len(image_ids)):
         raise ValueError(f"{len(embeddings)} embeddings, {len(captions)} captions, {len(image_ids)} ids")
@@ -144,9 +151,7 @@ class CaptionDatastore:
     @classmethod
     def of_images(cls, embeddings: torch.Tensor, captions_per_image, image_ids, **kwargs) -> CaptionDatastore:
         """A datastore of images with one or more captions each: one entry per caption."""
-        index, captions = per_caption(captions_per_image)
-        image_ids = list(image_ids)
-        return cls.build(embeddings[index], captions, [image_ids[i] for i in index], **kwargs)
+        return cls.build(*_entries(embeddings, captions_per_image, image_ids), **kwargs)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -180,9 +185,7 @@ class CaptionDatastore:
 
     def add_images(self, embeddings: torch.Tensor, captions_per_image, image_ids) -> CaptionDatastore:
         """:meth:`add` for images with one or more captions each."""
-        index, captions = per_caption(captions_per_image)
-        image_ids = list(image_ids)
-        return self.add(embeddings[index], captions, [image_ids[i] for i in index])
+        return self.add(*_entries(embeddings, captions_per_image, image_ids))
 
     def add(self, embeddings: torch.Tensor, captions: list[str], image_ids: list[str]) -> CaptionDatastore:
         """A datastore with these entries appended (an entry already present, same image and caption, is skipped).
