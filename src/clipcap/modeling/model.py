@@ -145,7 +145,7 @@ class ClipCap(nn.Module):
                 per_caption: bool = False) -> torch.Tensor:
         """Mean cross-entropy of the caption tokens (``per_caption``: one mean per caption, shape (B,)):
         labels are -100 on padding (the prefix and the prompt predict nothing), and the LM head - the
-        largest matrix - is applied only to the hidden states that predict a real caption token."""
+        largest matrix - is applied only to the hidden states that predict caption tokens."""
         tokens = self.lm.get_input_embeddings()(input_ids)
         if prompt_ids is not None and not self.finetune_lm and self.prompt_order == "prompt_first":
             return self._forward_after_cached_prompt(embedding, tokens, input_ids, attention_mask, prompt_ids,
@@ -174,15 +174,17 @@ class ClipCap(nn.Module):
 
     def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       per_caption: bool = False):
-        """``predicting[:, i]`` is the hidden state that predicts caption token i."""
+        """``predicting[:, i]`` is the hidden state that predicts caption token i. The LM head runs on
+        the caption positions only (never the prefix or prompt), padding included: batches are grouped
+        by length, so little is wasted, and no shape depends on the data (``torch.compile`` keeps one
+        graph, where selecting the real tokens first broke it at ``nonzero``)."""
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        keep = labels != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(predicting[keep])
+        logits = self.lm.get_output_embeddings()(predicting).float()
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none" if per_caption else "mean")
         if not per_caption:
-            return F.cross_entropy(logits.float(), labels[keep])
-        losses = F.cross_entropy(logits.float(), labels[keep], reduction="none")
-        rows = keep.nonzero()[:, 0]
-        return torch.zeros(len(input_ids), device=losses.device).index_add(0, rows, losses) / keep.sum(1).clamp(min=1)
+            return losses
+        return losses.view(labels.shape).sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

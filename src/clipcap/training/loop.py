@@ -119,8 +119,11 @@ class Trainer:
                                f"process for {self.context.world_size} processes: lower train.batch_size")
         # a private generator: the loader must not draw from the global RNG (dropout's), or a
         # resumed run would see different dropout masks than an uninterrupted one
+        # on a GPU one worker process pads the next batch while the current one trains
+        cuda = self.device.type == "cuda"
         self.loader = DataLoader(train_pairs, batch_sampler=self.batches, collate_fn=collate,
-                                 generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+                                 generator=torch.Generator(), pin_memory=cuda, num_workers=int(cuda),
+                                 persistent_workers=cuda)
         self.val_loader = None
         if val_pairs is not None and len(val_pairs):
             sampler = (DistributedSampler(val_pairs, self.context.world_size, self.context.rank, shuffle=False)
