@@ -352,9 +352,9 @@ def prompt_token_ids(tokenizer, retrieved: list[list[str]], max_caption_tokens: 
     return out
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of the sequences padded on the right to the longest."""
-    length = max(len(s) for s in sequences)
+def pad_right(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the sequences padded on the right to the longest, rounded up to ``multiple``."""
+    length = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -363,7 +363,7 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of the sequences padded on the left to the longest (each ends at the last column)."""
-    ids, mask = pad_right([s[::-1] for s in sequences], pad_id)
+    ids, mask = pad_right([s[::-1] for s in sequences], pad_id, multiple)
     return ids.flip(1), mask.flip(1)

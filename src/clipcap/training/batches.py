@@ -74,16 +74,19 @@ class CaptionBatch:
 
 class PadCollator:
     """Pads token ids to the longest caption of the batch (not a global maximum); retrieval prompts
-    are padded on the left, so that every prompt ends right where the model's input continues."""
+    are padded on the left, so that every prompt ends right where the model's input continues.
+    ``multiple`` > 1 rounds lengths up to a multiple of it: a compiled model then sees a few static
+    shapes instead of one per length."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, multiple: int = 1) -> None:
+        self.pad_token_id, self.multiple = pad_token_id, multiple
 
     def __call__(self, items: list[tuple]) -> CaptionBatch:
         """Items are (embedding, caption ids) or (embedding, caption ids, prompt ids or None)."""
-        input_ids, mask = pad_right([item[1] for item in items], self.pad_token_id)
+        input_ids, mask = pad_right([item[1] for item in items], self.pad_token_id, self.multiple)
         prompts = [item[2] if len(item) > 2 else None for item in items]
-        prompt_ids, prompt_mask = (None, None) if prompts[0] is None else pad_left(prompts, self.pad_token_id)
+        prompt_ids, prompt_mask = ((None, None) if prompts[0] is None
+                                   else pad_left(prompts, self.pad_token_id, self.multiple))
         return CaptionBatch(torch.stack([item[0] for item in items]), input_ids, mask, prompt_ids, prompt_mask)
 
 

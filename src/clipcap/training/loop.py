@@ -31,6 +31,7 @@ from clipcap.errors import ClipcapError
 from clipcap.modeling.model import ClipCap
 
 log = logging.getLogger(__name__)
+COMPILE_PAD_MULTIPLE = 8
 
 
 @dataclass
@@ -111,7 +112,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
         self.bf16 = use_bf16(cfg, self.device)
-        collate = PadCollator(pad_token_id)
+        # compiled: lengths padded to multiples of 8 and static shapes, a handful of graphs (inductor's
+        # dynamic-shape backward of the tuned LM failed at run time on CUDA, torch 2.11)
+        collate = PadCollator(pad_token_id, multiple=COMPILE_PAD_MULTIPLE if cfg.compile else 1)
         self.batches = LengthGroupedBatches(train_pairs.lengths(), cfg.batch_size, seed=cfg.seed,
                                             rank=self.context.rank, world_size=self.context.world_size)
         if len(self.batches) == 0:
@@ -138,7 +141,7 @@ class Trainer:
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.context.enabled else None)
         forward = self.ddp or model
-        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
         self.progress = Progress()
         self.history = TrainHistory()
         self.best_weights: dict[str, torch.Tensor] = {}
