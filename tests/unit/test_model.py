@@ -30,6 +30,18 @@ def test_loss_ignores_padding_and_prefix():
     torch.testing.assert_close(padded, expected)
 
 
+def test_padding_to_a_multiple_changes_no_loss():
+    """Compiled training pads captions to multiples of 8 (static shapes): the batch loss and each
+    caption's own loss are those of the shortest padding."""
+    model = tiny_clipcap().eval()
+    items = [(torch.randn(16), [5, 6, 7, 8, EOS]), (torch.randn(16), [9, 10, EOS])]
+    tight, rounded = PadCollator(PAD)(items), PadCollator(PAD, multiple=8)(items)
+    assert rounded.input_ids.shape == (2, 8) and rounded.attention_mask.sum(1).tolist() == [5, 3]
+    for per_caption in (False, True):
+        torch.testing.assert_close(model(**rounded.model_inputs(), per_caption=per_caption),
+                                   model(**tight.model_inputs(), per_caption=per_caption))
+
+
 def test_loss_scores_caption_tokens_only():
     """Same value as full-vocabulary logits over every position with -100 on prefix and padding."""
     model = tiny_clipcap().eval()

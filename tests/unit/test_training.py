@@ -308,16 +308,18 @@ def test_torch_compile_trains_like_eager():
     from torch._dynamo.utils import counters
 
     pairs = _pairs(8, 0)
-    losses, graphs = [], []
+    losses, graphs, breaks = [], [], []
     for compile_model in (False, True):
         torch._dynamo.reset()  # nothing compiled before (by another test) is reused
         counters.clear()
         cfg = TrainConfig(seed=0, epochs=2, batch_size=4, lr=3e-3, warmup_steps=0, compile=compile_model, device="cpu")
         losses.append([s["loss"] for s in train_model(tiny_clipcap(), pairs, None, cfg, pad_token_id=PAD).steps])
         graphs.append(counters["stats"]["unique_graphs"])  # graphs dynamo captured and compiled
+        breaks.append(sum(counters["graph_break"].values()))
     eager, compiled = losses
     assert graphs[0] == 0 and graphs[1] > 0  # the flag compiled the model, and only the flag did
-    assert compiled == pytest.approx(eager, rel=1e-3)
+    assert breaks[1] == 0  # one graph for the whole loss: a break (data-dependent shapes) costs speed on a GPU
+    assert compiled == pytest.approx(eager, rel=1e-3)  # padding to multiples of 8 changes no loss
 
 
 def test_on_epoch_adds_to_each_epoch_record_without_changing_training():
