@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     datastore.add_argument("action", choices=("add",), help="add: append a folder of captioned images")
     datastore.add_argument("folder", help="images + captions.jsonl or captions.csv (like a data/ batch)")
     datastore.add_argument("--model", default="artifacts/model", help="the captioner folder (default: artifacts/model)")
+    promote = verbs.add_parser("promote", help="make a registered version the champion by hand "
+                                               "(register.promote: manual leaves every promotion to this)")
+    promote.add_argument("version", type=int, help="the version of clipcap-<dataset.name> to serve")
     interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
     interpret.add_argument("image")
     _add_model_options(interpret)
@@ -171,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             update = extend_datastore(args.model, args.folder)
             print(f"{update.added} captions added ({update.already_there} already there; skipped rows: "
                   f"{update.skipped or 'none'}); the datastore holds {update.size}")
+        elif args.verb == "promote":
+            from clipcap.pipeline.registry import model_name, promote
+
+            cfg = load_config(args.params)
+            print(f"{model_name(cfg.dataset.name)} version {args.version} is the champion: "
+                  f"{promote(cfg.register, cfg.dataset.name, args.version)}")
         elif args.verb == "summary":
             from clipcap.pipeline.reports import summary
 

@@ -282,6 +282,8 @@ class RegisterConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "clipcap"
     metric: str = "CIDEr"
+    min_delta: float = 0.0              # a challenger must beat the champion's metric by more than this
+    promote: Literal["auto", "manual"] = "auto"  # manual: only `clipcap promote VERSION` moves the champion
 
 
 @dataclass(frozen=True)

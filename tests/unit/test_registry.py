@@ -1,12 +1,15 @@
 """Promotion gating against a real MLflow sqlite store and registry."""
 
+import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from clipcap.config import ConfigError, RegisterConfig
-from clipcap.pipeline.registry import log_and_register, promotion_lock
+from clipcap.errors import ClipcapError
+from clipcap.pipeline.registry import GATE_TAG, log_and_register, promote, promotion_lock
 
 
 @pytest.fixture
@@ -18,10 +21,14 @@ def store(tmp_path, monkeypatch):
     return RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t", metric="CIDEr"), captioner
 
 
-def _register(cfg, captioner, cider, test_set="test-split-1"):
+def _register(cfg, captioner, cider, test_set="test-split-1", rescore=None):
     return log_and_register(cfg, "toy", captioner, {"p": "1"}, {"model_CIDEr": cider, "model_BLEU-4": 0.1},
                             {"train_loss": [(1, 2.0), (2, 1.5)]}, files=[],
-                            example_image="x.png", test_set=test_set)
+                            example_image="x.png", test_set=test_set, rescore=rescore)
+
+
+def _champion(cfg) -> int:
+    return int(MlflowClient(cfg.tracking_uri).get_model_version_by_alias("clipcap-toy", "champion").version)
 
 
 def test_champion_only_moves_when_the_metric_beats_the_champion(store):
@@ -75,3 +82,105 @@ def test_the_gate_waits_for_a_registration_in_progress(store):
         assert len(client.search_model_versions("name='clipcap-toy'")) == 1  # the second version waits
     worker.join(timeout=120)
     assert done and done[0].promoted and done[0].version == 2
+
+
+def test_a_champion_scored_on_another_test_set_is_rescored_on_this_one_first(store):
+    """The champion (0.9 on its old test set) scores 0.3 on the new one: a challenger at 0.5 there beats it;
+    the re-score is kept on the champion's version (not recomputed) and the decision on the new one."""
+    cfg, captioner = store
+    _register(cfg, captioner, 0.9, test_set="old split")
+    calls = []
+
+    def rescore(uri):
+        calls.append(uri)
+        return 0.3
+
+    better = _register(cfg, captioner, 0.5, test_set="new split", rescore=rescore)
+    assert better.promoted and calls == ["models:/clipcap-toy/1"]
+    assert "0.5000 > 0.3000 of version 1 (re-scored on this test set)" in better.reason
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_model_version("clipcap-toy", "2").tags[GATE_TAG] == better.reason
+    assert client.get_model_version("clipcap-toy", "1").tags["clipcap.score.CIDEr.new split"] == "0.3"
+    # version 2 was scored on "new split" itself: the next challenger needs no re-score
+    assert not _register(cfg, captioner, 0.4, test_set="new split", rescore=rescore).promoted
+    assert calls == ["models:/clipcap-toy/1"] and _champion(cfg) == 2
+
+
+def test_a_rescored_champion_that_still_wins_stays(store):
+    cfg, captioner = store
+    _register(cfg, captioner, 0.9, test_set="old split")
+    worse = _register(cfg, captioner, 0.5, test_set="new split", rescore=lambda uri: 0.7)
+    assert not worse.promoted and "0.5000 <= 0.7000 of version 1 (re-scored" in worse.reason
+    assert _champion(cfg) == 1
+
+
+def test_a_champion_that_cannot_be_rescored_is_kept_with_the_reason(store):
+    cfg, captioner = store
+    _register(cfg, captioner, 0.1, test_set="old split")
+
+    def rescore(uri):
+        raise ClipcapError(f"{uri} reads open_clip embeddings; this test set was embedded with efficientnet-lite0")
+
+    found = _register(cfg, captioner, 0.9, test_set="new split", rescore=rescore)
+    assert not found.promoted and "re-scoring failed" in found.reason and "open_clip" in found.reason
+    assert _champion(cfg) == 1
+
+
+def test_min_delta_asks_for_a_clear_improvement(store):
+    cfg, captioner = store
+    cfg = dataclasses.replace(cfg, min_delta=0.05)
+    _register(cfg, captioner, 0.50)
+    small = _register(cfg, captioner, 0.54)
+    assert not small.promoted and "+ 0.05" in small.reason
+    assert _register(cfg, captioner, 0.56).promoted and _champion(cfg) == 3
+
+
+def test_manual_promotion_registers_challengers_only_and_promote_moves_the_champion(store):
+    cfg, captioner = store
+    _register(cfg, captioner, 0.5)
+    manual = dataclasses.replace(cfg, promote="manual")
+    found = _register(manual, captioner, 0.9)
+    assert not found.promoted and "clipcap promote" in found.reason and _champion(cfg) == 1
+    assert "champion before: 1" in promote(manual, "toy", found.version)
+    assert _champion(cfg) == 2
+    assert "by hand" in MlflowClient(cfg.tracking_uri).get_model_version("clipcap-toy", "2").tags[GATE_TAG]
+    with pytest.raises(ClipcapError, match="no version 7"):
+        promote(manual, "toy", 7)
+
+
+RACE = Path(__file__).resolve().parents[1] / "jobs" / "register_race.py"
+
+
+@pytest.mark.pipeline  # 20 registrations in two processes
+def test_two_registrations_at_once_always_leave_the_better_champion(tmp_path):
+    """2 processes x 10 trials, each registering at the same moment into a fresh store whose champion
+    scored 0.3: a better model (0.9) and a worse one (0.5), both better than that champion, so without
+    the lock both would read 0.3, both promote, and the last to move the alias would win."""
+    import subprocess
+    import sys
+    import time
+
+    trials = 10
+    (tmp_path / "captioner").mkdir()
+    (tmp_path / "captioner" / "config.json").write_text("{}")
+    for trial in range(trials):
+        cfg = RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / str(trial) / 'mlflow.db'}", experiment="race")
+        (tmp_path / str(trial)).mkdir()
+        _register(cfg, tmp_path / "captioner", 0.3, test_set="one split")
+    racers = [subprocess.Popen([sys.executable, str(RACE), str(tmp_path), value, str(trials)], cwd=tmp_path)
+              for value in ("0.9", "0.5")]
+    for trial in range(trials):
+        store = tmp_path / str(trial)
+        deadline = time.time() + 300
+        while not all((store / f"ready-{v}").exists() for v in ("0.9", "0.5")):
+            assert time.time() < deadline and all(r.poll() is None for r in racers), "a racer died"
+            time.sleep(0.01)
+        (store / "go").touch()
+    assert [r.wait(timeout=600) for r in racers] == [0, 0]
+    champions = []
+    for trial in range(trials):
+        client = MlflowClient(f"sqlite:///{tmp_path / str(trial) / 'mlflow.db'}")
+        champion = client.get_model_version_by_alias("clipcap-toy", "champion")
+        champions.append(client.get_run(champion.run_id).data.metrics["model_CIDEr"])
+        assert len(client.search_model_versions("name='clipcap-toy'")) == 3
+    assert champions == [0.9] * trials

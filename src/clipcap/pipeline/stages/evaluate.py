@@ -3,7 +3,6 @@ frequent training caption, and nearest-neighbour retrieval), scored the same way
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
 from clipcap.pipeline.reports import domain_line, write_samples
+from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
     captioner = Captioner.load(layout.model, device=resolve_device(cfg.train.device))
     ids = test_rows["image_id"].tolist()
-    decoding = dataclasses.replace(cfg.evaluate.decoding, num_captions=1)
-    log.info("captioning %d test images (%s%s)", len(ids), decoding,
-             f"; {captioner.retriever.k} retrieved captions each" if captioner.retriever else "")
-    predicted = [c[0] for c in captioner.caption_embeddings(test_emb, decoding, cfg.evaluate.batch_size)]
+    predicted = caption_test_split(captioner, test_emb, cfg.evaluate)
     train_captions = train_rows["captions"].tolist()
     frequent = most_frequent_caption(train_captions)
     retrieved = retrieval_captions(train_emb, train_captions, test_emb)

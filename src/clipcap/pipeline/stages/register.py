@@ -1,5 +1,6 @@
 """``clipcap register``: log the run to MLflow, register the captioner as a new version of
-``clipcap-<dataset>`` and move ``champion`` to it only when its test metric beats the champion's."""
+``clipcap-<dataset>`` and move ``champion`` to it only when its test metric beats the champion's on the
+same test set (a champion scored on another is re-scored on this run's test split first)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import platform
 
 import pandas as pd
 
+from collections.abc import Callable
+
 from clipcap.config import Config, config_to_dict
+from clipcap.environment import resolve_device
+from clipcap.errors import ClipcapError
 from clipcap.fileio import read_json, write_json
+from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.layout import Layout
-from clipcap.pipeline.registry import log_and_register
+from clipcap.pipeline.metrics import score_captions
+from clipcap.pipeline.registry import download_captioner, log_and_register
+from clipcap.pipeline.scoring import caption_test_split
+from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.reports import flat_metrics, learning_curves
 
 
@@ -21,6 +30,24 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     else:
         out[prefix] = value
     return out
+
+
+def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
+    """``rescore(model_uri)``: a registered version's metric on this run's test split, captioned and
+    scored as the evaluate stage scores the new model."""
+
+    def rescore(uri: str) -> float:
+        (rows, embeddings), = split_data(layout, cfg.encoder.name, "test")
+        captioner = Captioner.load(download_captioner(uri, cfg.register.tracking_uri),
+                                   device=resolve_device(cfg.train.device))
+        if captioner.config.get("encoder") != cfg.encoder.name:
+            raise ClipcapError(f"{uri} reads {captioner.config.get('encoder')} embeddings; this test set was "
+                               f"embedded with {cfg.encoder.name}")
+        predictions = dict(zip(rows["image_id"], caption_test_split(captioner, embeddings, cfg.evaluate)))
+        references = dict(zip(rows["image_id"], rows["captions"]))
+        return score_captions(references, predictions, bootstrap=0).corpus[cfg.register.metric]
+
+    return rescore
 
 
 def run(cfg: Config, layout: Layout = Layout()) -> dict:
@@ -35,6 +62,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         example_image=example,
         test_set=read_json(layout.metrics).get("test_set"),
         serve=config_to_dict(cfg.serve),
+        rescore=champion_rescorer(cfg, layout),
     )
     result = {
         "name": registration.name,
