@@ -54,6 +54,7 @@ def project(tmp_path_factory) -> Path:
     """A fresh project: this repo's pipeline and code, tiny params, a user batch under data/."""
     project = tmp_path_factory.mktemp("project")
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "scripts" / "bin", project / "scripts" / "bin")  # what dvc.yaml's stages run
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, project / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -210,6 +211,25 @@ def test_a_second_version_is_gated_against_the_champion(project, registered):
     champion = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
     assert int(champion.version) == (2 if second["value"] > first_cider else 1)
     assert int(client.get_model_version_by_alias("clipcap-tuxpaint", "challenger").version) == 2
+
+
+def test_a_champion_from_another_test_set_is_rescored_before_the_gate(project, registered):
+    """Another split -> another test set: the register stage downloads the champion, scores it on the new
+    test split the way evaluate scores the new model, and gates on that score; the re-score is kept on
+    the champion's version and the decision on the new one."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"]["test_fraction"] = 0.3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["dvc", "repro"], project)
+    found = json.loads((project / "artifacts" / "registered.json").read_text())
+    test_set = json.loads((project / "artifacts" / "metrics.json").read_text())["test_set"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    champion_before = found["previous_champion"]
+    rescored = client.get_model_version("clipcap-tuxpaint", str(champion_before)).tags[
+        f"clipcap.score.CIDEr.{test_set[:32]}"]
+    assert f"of version {champion_before} (re-scored on this test set)" in found["gate"]
+    assert f"{float(rescored):.4f}" in found["gate"]
+    assert client.get_model_version("clipcap-tuxpaint", str(found["version"])).tags["clipcap.gate"] == found["gate"]
 
 
 def test_mlflow_serves_the_champion_over_http(project, registered, photos):
