@@ -17,6 +17,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from clipcap.errors import ClipcapError
+
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,7 +183,8 @@ def _stages_to_rerun(project: Path) -> list[str]:
 
 @pytest.mark.parametrize(("module", "stages"), [
     ("src/clipcap/data/validate.py", ["validate"]),
-    ("src/clipcap/pipeline/metrics.py", ["evaluate", "train"]),         # train scores val CIDEr per epoch
+    ("src/clipcap/pipeline/metrics.py", ["evaluate", "register", "train"]),  # train: val CIDEr per epoch;
+                                                                                # register: a champion re-scored
     ("src/clipcap/pipeline/gallery.py", ["evaluate"]),
     ("src/clipcap/modeling/decode.py", ["evaluate", "register", "train"]),
     ("src/clipcap/training/loop.py", ["train"]),
@@ -230,6 +233,25 @@ def test_a_champion_from_another_test_set_is_rescored_before_the_gate(project, r
     assert f"of version {champion_before} (re-scored on this test set)" in found["gate"]
     assert f"{float(rescored):.4f}" in found["gate"]
     assert client.get_model_version("clipcap-tuxpaint", str(found["version"])).tags["clipcap.gate"] == found["gate"]
+
+
+def test_dvc_repro_recovers_from_a_damaged_shard_and_model_file(project, registered):
+    """A truncated embedding shard and bit-flipped model weights: the next plain `dvc repro` sets the
+    shard aside and encodes its images again, replaces the model, and leaves the pipeline up to date."""
+    from clipcap.modeling.captioner import Captioner
+
+    shard = sorted((project / "artifacts" / "embeddings").rglob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    weights = project / "artifacts" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ClipcapError, match="model.safetensors"):
+        Captioner.load(project / "artifacts" / "model")
+    _run(["dvc", "repro"], project)
+    assert (shard.parent / "damaged" / shard.name).exists()  # set aside for inspection, its images encoded again
+    Captioner.load(project / "artifacts" / "model")  # digests verified on load
+    assert _stages_to_rerun(project) == []
 
 
 def test_mlflow_serves_the_champion_over_http(project, registered, photos):

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from clipcap.pipeline.stages.embed import embed_missing
+from clipcap.errors import ClipcapError
 from clipcap.pipeline.embedding_store import INDEX, DamagedShardError, EmbeddingStore
 from clipcap.modeling.encoders import build_encoder
 
@@ -54,7 +55,33 @@ def _overwrite_values(shard: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _overwrite_values])
+def _nan_with_its_digest(shard: Path) -> None:
+    """A NaN written as if it were a value, the digest recomputed to match: what a broken encoder run
+    that bypassed the store's own check would leave."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipcap.pipeline.embedding_store import _digest
+
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata, embeddings = handle.metadata(), handle.get_tensor("embeddings")
+    embeddings[0, 0] = float("nan")
+    save_file({"embeddings": embeddings}, str(shard), metadata=metadata | {"sha256": _digest(embeddings)})
+
+
+DAMAGE = [_truncate, _overwrite_values, _nan_with_its_digest]
+
+
+def test_the_store_refuses_to_write_non_finite_embeddings_and_names_the_image(tmp_path):
+    store = EmbeddingStore(tmp_path, "enc@1")
+    embeddings = torch.randn(3, 8)
+    embeddings[1, 2] = float("inf")
+    with pytest.raises(ClipcapError, match=r"NaN or inf for 1 of 3 images \(first: b\)"):
+        store.add(["a", "b", "c"], embeddings)
+    assert len(store) == 0 and not store.shards()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_a_reader_refuses_a_damaged_shard_by_name(tmp_path, damage):
     store = EmbeddingStore(tmp_path, "enc@1")
     store.add(["a", "b"], torch.randn(2, 8))
@@ -123,7 +150,7 @@ def test_sigkill_mid_run_resumes_without_reencoding_finished_shards(images, tmp_
                                EmbeddingStore(uninterrupted, encoder.key).get(ids))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _overwrite_values])
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_embed_sets_a_damaged_shard_aside_and_encodes_its_images_again(images, tmp_path, damage):
     paths = sorted(str(p) for p in images.glob("*.png"))[:6]
     encoder = build_encoder("efficientnet-lite0:random")

@@ -55,8 +55,8 @@ def _digest(embeddings: torch.Tensor) -> str:
 
 def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
     """(image ids, embeddings) of a shard whose bytes match its recorded digest, else DamagedShardError
-    saying what is wrong with it (shards written before digests were recorded are checked for
-    readable, finite values only)."""
+    saying what is wrong with it: unreadable, altered since it was written, or holding non-finite values
+    (shards written before digests were recorded are checked for the first and the last only)."""
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -69,8 +69,8 @@ def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
     recorded = metadata.get("sha256")
     if recorded is not None and _digest(embeddings) != recorded:
         raise DamagedShardError(f"{path}: its embeddings do not match the digest recorded when it was written")
-    if recorded is None and not torch.isfinite(embeddings).all():
-        raise DamagedShardError(f"{path}: holds non-finite values")
+    if not torch.isfinite(embeddings).all():
+        raise DamagedShardError(f"{path}: holds non-finite values (NaN or inf)")
     return ids, embeddings
 
 
@@ -147,6 +147,12 @@ class EmbeddingStore:
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         path = self.dir / f"shard-{number:06d}.safetensors"
         embeddings = embeddings.detach().float().contiguous().cpu()
+        finite = torch.isfinite(embeddings).all(dim=1).tolist()
+        if not all(finite):
+            bad = [image_id for image_id, ok in zip(image_ids, finite) if not ok]
+            raise ClipcapError(f"the encoder {self.encoder_key} gave NaN or inf for {len(bad)} of {len(image_ids)} "
+                               f"images (first: {bad[0]}); nothing of this batch was stored: check that image "
+                               "and the encoder's weights")
         metadata = {"ids": json.dumps(image_ids), "encoder": self.encoder_key, "sha256": _digest(embeddings)}
         with atomic_path(path) as tmp:
             save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
