@@ -57,3 +57,16 @@ def assert_batched_greedy_equals_sequential(model: ClipCap, embeddings: torch.Te
     # the comparison means something only when the images get different captions
     assert len({tuple(r) for r in batched.tolist()}) > 1, "every image got the same caption: the check is vacuous"
     return batched
+
+
+def decompression_bomb_png(side: int = 60_000) -> bytes:
+    """A PNG whose header claims side x side pixels, in a few hundred bytes: past Pillow's own bomb limit."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
+            + chunk(b"IEND", b""))

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from clipcap.config import ServeConfig
+from helpers import decompression_bomb_png
 from clipcap.modeling.serving import RequestError, check_request_size, request_decoding, request_image
 
 
@@ -71,6 +72,11 @@ def test_oversized_images_are_refused_before_decoding():
     Image.new("L", (6000, 5000)).save(flat, format="PNG")  # 30 MP that compress to a few kB: a bomb's shape
     with pytest.raises(RequestError, match=r"6000x5000 pixels; at most 1000000 \(serve.max_image_pixels\)"):
         request_image(flat.getvalue(), 0, ServeConfig(max_image_pixels=1_000_000))
+    bomb = decompression_bomb_png()  # 3.6 GP in a few hundred bytes: past Pillow's own limit, refused all the same
+    assert len(bomb) < 1000
+    for value in (bomb, _b64(bomb)):
+        with pytest.raises(RequestError, match=r"image 0: more pixels than 40000000 \(serve.max_image_pixels\)"):
+            request_image(value, 0, ServeConfig())
 
 
 def test_garbage_is_a_one_line_refusal_without_the_payload():

@@ -70,6 +70,9 @@ def request_image(value, index: int, limits: ServeConfig) -> Image.Image:
         image = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
     except (UnidentifiedImageError, OSError):
         raise RequestError(f"image {index}: not an image format this server reads") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours, refused from the header too
+        raise RequestError(f"image {index}: more pixels than {limits.max_image_pixels} "
+                           "(serve.max_image_pixels)") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise RequestError(f"image {index}: {width}x{height} pixels; at most {limits.max_image_pixels} "

@@ -27,6 +27,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
+class RequestRefused(MlflowException):
+    """A 400 whose message stays the one line it was made with: MLflow's scoring server prefixes the
+    message of an error raised by ``predict`` with the request's data ("Failed to predict data '...'"),
+    which would echo the payload - client paths, base64 - back in the error body."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._refusal
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_refusal"):  # set once, by MlflowException.__init__
+            self._refusal = value
+
+
 class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from clipcap.config import ServeConfig, config_from_mapping
@@ -50,7 +68,7 @@ class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
             decoding = request_decoding(params, self.limits)
             images = [request_image(value, index, self.limits) for index, value in enumerate(values)]
         except RequestError as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+            raise RequestRefused(str(err)) from None
         # one batch: generation is one generate() call, so serve.max_seconds bounds the whole request
         found = self.captioner.captions(images, decoding, batch_size=len(images), max_time=self.limits.max_seconds)
         return [c[0] for c in found] if decoding.num_captions == 1 else found
