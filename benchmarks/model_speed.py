@@ -98,6 +98,7 @@ class Settings:
     baseline_batch_size: int = 40
     prefix_length: int = 10
     clip_length: int = 10
+    mapper_layers: int = 8      # the paper's transformer mapper (the reference side has 8)
     dim_embedding: int = 512
     new_tokens: int = 20
     num_beams: int = 5
@@ -254,7 +255,8 @@ def train_baseline(s: Settings, mapper: str, finetune: bool) -> tuple[float, int
 def train_clipcap(s: Settings, mapper: str, finetune: bool, compile: bool) -> tuple[float, int, dict]:
     """(samples/s over the timed steps that did not compile, parameters updated by the optimizer,
     details: the rate over all timed steps and how many of them recompiled)"""
-    model = ClipCap(MapperConfig(type=mapper, prefix_length=s.prefix_length, clip_length=s.clip_length),
+    model = ClipCap(MapperConfig(type=mapper, prefix_length=s.prefix_length, clip_length=s.clip_length,
+                                 num_layers=s.mapper_layers),
                     s.dim_embedding, build_lm(s), finetune_lm=finetune)
     total = s.warmup_steps + s.steps
     embeddings, token_ids = synthetic_pairs(s, s.batch_size * total)
@@ -333,7 +335,8 @@ def measure_decoding(s: Settings) -> list[Row]:
     baseline = reference.ReferenceClipCap(
         reference.mapper("transformer", s.dim_embedding, lm.config.n_embd, s.prefix_length, s.clip_length), lm,
         s.prefix_length, frozen_lm=True).to(s.device).eval()
-    ours = ClipCap(MapperConfig(prefix_length=s.prefix_length, clip_length=s.clip_length), s.dim_embedding,
+    ours = ClipCap(MapperConfig(prefix_length=s.prefix_length, clip_length=s.clip_length,
+                                num_layers=s.mapper_layers), s.dim_embedding,
                    build_lm(s)).to(s.device, dtype).eval()
     strategies = [
         ("greedy", reference.greedy, DecodingConfig(strategy="greedy", max_new_tokens=s.new_tokens,

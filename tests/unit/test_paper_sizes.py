@@ -25,7 +25,8 @@ def gpt2_small():
     ],
 )
 def test_trainable_parameters_match_the_paper(gpt2_small, mapper, finetune, expected):
-    model = ClipCap(MapperConfig(type=mapper, prefix_length=10, clip_length=10), 512, gpt2_small, finetune_lm=finetune)
+    paper = MapperConfig(type=mapper, prefix_length=10, clip_length=10, num_layers=8)  # the default has 2 layers
+    model = ClipCap(paper, 512, gpt2_small, finetune_lm=finetune)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     assert trainable == expected, f"{trainable:,}"
     assert sum(p.numel() for p in gpt2_small.parameters()) == GPT2_SMALL
