@@ -94,7 +94,7 @@ def server(tmp_path_factory):
                 break
             assert process.poll() is None, "mlflow models serve exited"
             time.sleep(0.25)
-        yield base, process
+        yield base, process, root
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -122,7 +122,7 @@ def _message(body: str) -> str:
 
 
 def test_requests_and_attacks_over_http(server):
-    base, process = server
+    base, process, root = server
     photo = _png((200, 200))                       # ~120 KB of PNG, ~160 KB as base64
     assert len(_b64(photo)) > 100_000
     many = [_b64(_png((48, 40), seed=i)) for i in range(32)]
@@ -136,6 +136,9 @@ def test_requests_and_attacks_over_http(server):
         assert len(body) < 2_000 or status == 200, f"{what}: a {len(body):,}-byte error body"
         return status, body
 
+    example = next(root.rglob("serving_input_example.json"))  # logged with the model: its own request format
+    status, body = attempt("the model's serving_input_example.json", example.read_bytes())
+    assert status == 200 and isinstance(json.loads(body)["predictions"][0], str), body
     status, body = attempt("base64 PNG of 160 KB", _frame([_b64(photo)]))
     assert status == 200 and isinstance(json.loads(body)["predictions"][0], str), body
     status, body = attempt("base64 JPEG", _frame([_b64(_jpeg())], {"num_beams": 2, "num_captions": 2}))

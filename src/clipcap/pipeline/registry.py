@@ -239,8 +239,9 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
                 mlflow.log_metric(curve, value, step=step)
         for path in files:
             mlflow.log_artifact(str(path))
+        example = _input_example(example_image)
         signature = mlflow.models.infer_signature(
-            pd.DataFrame({"image": [example_image]}), ["a caption"], params=asdict(DecodingConfig())
+            pd.DataFrame({"image": ["<base64 image bytes>"]}), ["a caption"], params=asdict(DecodingConfig())
         )
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -249,6 +250,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             code_paths=[str(inference_code(Path(staging)))],
             pip_requirements=_pinned(SERVING_PACKAGES),
             signature=signature,
+            input_example=example,   # MLflow serves it once while logging: the model answers its own example
             model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
     return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key]), test_set, rescore)
@@ -291,6 +293,25 @@ def promote(cfg: RegisterConfig, dataset: str, version: int) -> str:
         client.set_model_version_tag(name, str(version), GATE_TAG, reason)
     log.info("%s version %d is the champion: %s", name, version, reason)
     return reason
+
+
+def _input_example(image: str | Path) -> pd.DataFrame | None:
+    """A request as the served model takes it: one base64 PNG (the image, at most 64 px a side);
+    None when the image cannot be read."""
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            thumbnail = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        return None
+    thumbnail.thumbnail((64, 64))
+    encoded = io.BytesIO()
+    thumbnail.save(encoded, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(encoded.getvalue()).decode()]})
 
 
 def download_captioner(uri: str, tracking_uri: str) -> Path:
