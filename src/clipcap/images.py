@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,11 +25,17 @@ WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class ImageTooLargeError(ClipcapError, ValueError):
-    """The header announces more pixels than allowed: the image is not decoded."""
+    """The header announces more pixels than allowed: the image is not decoded. ``size`` is the
+    (width, height) the header gave, None where Pillow's own bomb limit refused it first."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.size = size
 
 
-def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open ``path`` reading only its header; refuse it before decoding when it has over ``max_pixels`` pixels.
+def open_image(path: str | Path | IO[bytes], max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` (or a binary file object) reading only its header; refuse it before decoding
+    when it has over ``max_pixels`` pixels.
 
     PIL's own decompression-bomb refusal (twice ``Image.MAX_IMAGE_PIXELS``) is raised as
     :class:`ImageTooLargeError` as well, so callers see one error for "too large".
@@ -41,7 +48,7 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     if max_pixels is not None and width * height > max_pixels:
         image.close()
         raise ImageTooLargeError(f"{path}: {width}x{height} = {width * height:,} pixels, more than "
-                                 f"validate.max_image_pixels={max_pixels:,}")
+                                 f"validate.max_image_pixels={max_pixels:,}", (width, height))
     return image
 
 

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipcap.config import ConfigError, DecodingConfig, ServeConfig, config_from_mapping
 from clipcap.errors import ClipcapError
+from clipcap.images import ImageTooLargeError, open_image
 
 MAX_PATH_CHARS = 4096
 HELD_SIDE = 1024  # a request's images are held at most this large (encoders take 224-384 px): 3 MB each
@@ -67,16 +68,12 @@ def request_image(value, index: int, limits: ServeConfig) -> Image.Image:
     full request of large photos takes tens of megabytes, not gigabytes."""
     source = _encoded_bytes(value, index, limits)
     try:
-        image = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+        image = open_image(source if isinstance(source, Path) else io.BytesIO(source), limits.max_image_pixels)
+    except ImageTooLargeError as err:  # from the header; size None: past Pillow's own bomb limit
+        found = (f"{err.size[0]}x{err.size[1]} pixels; at most" if err.size else "more pixels than")
+        raise RequestError(f"image {index}: {found} {limits.max_image_pixels} (serve.max_image_pixels)") from None
     except (UnidentifiedImageError, OSError):
         raise RequestError(f"image {index}: not an image format this server reads") from None
-    except Image.DecompressionBombError:  # Pillow's own limit, far above ours, refused from the header too
-        raise RequestError(f"image {index}: more pixels than {limits.max_image_pixels} "
-                           "(serve.max_image_pixels)") from None
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise RequestError(f"image {index}: {width}x{height} pixels; at most {limits.max_image_pixels} "
-                           "(serve.max_image_pixels)")
     try:
         image.draft("RGB", (HELD_SIDE, HELD_SIDE))
         image = image.convert("RGB")

@@ -120,10 +120,9 @@ class Trainer:
         if len(self.batches) == 0:
             raise ClipcapError(f"{len(train_pairs)} training captions make no batch of {cfg.batch_size} per "
                                f"process for {self.context.world_size} processes: lower train.batch_size")
+        cuda = self.device.type == "cuda"  # there one worker process pads the next batch while one trains
         # a private generator: the loader must not draw from the global RNG (dropout's), or a
         # resumed run would see different dropout masks than an uninterrupted one
-        # on a GPU one worker process pads the next batch while the current one trains
-        cuda = self.device.type == "cuda"
         self.loader = DataLoader(train_pairs, batch_sampler=self.batches, collate_fn=collate,
                                  generator=torch.Generator(), pin_memory=cuda, num_workers=int(cuda),
                                  persistent_workers=cuda)

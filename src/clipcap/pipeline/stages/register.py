@@ -5,10 +5,9 @@ same test set (a champion scored on another is re-scored on this run's test spli
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
 import pandas as pd
-
-from collections.abc import Callable
 
 from clipcap.config import Config, config_to_dict
 from clipcap.environment import resolve_device
@@ -54,13 +53,14 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
     params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
     params["host.python"] = platform.python_version()
     example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
+    metrics = read_json(layout.metrics)
     registration = log_and_register(
-        cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(read_json(layout.metrics)),
+        cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(metrics),
         learning_curves(layout),
         files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve,
                layout.gallery],
         example_image=example,
-        test_set=read_json(layout.metrics).get("test_set"),
+        test_set=metrics.get("test_set"),
         serve=config_to_dict(cfg.serve),
         rescore=champion_rescorer(cfg, layout),
     )
