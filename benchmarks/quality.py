@@ -6,7 +6,7 @@ same clean manifest and stored embeddings; the baselines (``retrieval``: the nea
 image's caption; ``most_frequent``) are deterministic and scored in the same runs.
 
     dvc repro embed                                  # the clean manifest and embeddings it reads
-    python benchmarks/quality.py [--seeds 0 1 2] [--artifacts artifacts] [--jobs 2]
+    python benchmarks/quality.py [--dataset tuxpaint] [--seeds 0 1 2] [--artifacts artifacts/<dataset>] [--jobs 2]
 
 Writes ``benchmarks/results/quality-<machine>.json`` and ``.md``: dataset -> system -> metric ->
 ``{"seeds": [...], "mean": ..., "ci95": [low, high]}``. For the models ``ci95`` is the t-interval of
@@ -56,6 +56,7 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     workdir.mkdir(parents=True)
     shutil.copy(source / "manifest.parquet", layout.manifest)
     (layout.embeddings).symlink_to((source / "embeddings").resolve(), target_is_directory=True)
+    cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))  # each seed from scratch
     started = time.perf_counter()
     train.run(cfg, layout)
     seconds = time.perf_counter() - started
@@ -74,7 +75,9 @@ def summarise(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="holds manifest.parquet, embeddings/")
+    parser.add_argument("--dataset", default=None, help="one of params.yaml's datasets (default: the first)")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="holds manifest.parquet, embeddings/ (default: artifacts/<dataset>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/quality-<machine>")
     parser.add_argument("--jobs", type=int, default=1,
@@ -83,7 +86,8 @@ def main() -> None:
                         help="epochs of the paper configuration (default: the default's); its steps cost about "
                              "half as much (no retrieval prompt), so twice the epochs take the same training time")
     args = parser.parse_args()
-    base = load_config(args.params)
+    base = load_config(args.params, args.dataset)
+    args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
     k0 = dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0),
                              train=dataclasses.replace(base.train, epochs=args.k0_epochs or base.train.epochs))
     configs = {"model": base, "model_k0": k0}

@@ -4,7 +4,7 @@ The photos ship with scikit-image (astronaut, chelsea, coffee, rocket, stereo_mo
 scikit-learn (china, flower) and matplotlib (grace_hopper). The retrieval baseline is the caption
 of the nearest training image, the same baseline ``clipcap evaluate`` scores.
 
-    python benchmarks/unseen_photos.py [--model artifacts/model] [--artifacts artifacts]
+    python benchmarks/unseen_photos.py [--dataset tuxpaint] [--model artifacts/<dataset>/model] [--artifacts artifacts/<dataset>]
 
 Prints a Markdown table (and writes it to ``--output`` when given).
 """
@@ -49,12 +49,15 @@ def photos(folder: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="artifacts/model")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--dataset", default=None, help="one of params.yaml's datasets (default: the first)")
+    parser.add_argument("--model", default=None, help="default: artifacts/<dataset>/model")
+    parser.add_argument("--artifacts", type=Path, default=None, help="default: artifacts/<dataset>")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    cfg = load_config(args.params)
+    cfg = load_config(args.params, args.dataset)
+    args.artifacts = args.artifacts or Layout.of(cfg.dataset.name).root
+    args.model = args.model or str(args.artifacts / "model")
     captioner = Captioner.load(args.model)
     (rows, embeddings), = split_data(Layout(args.artifacts), captioner.config["encoder"], "train")
     training = CaptionDatastore.build(embeddings, [c[0] for c in rows["captions"]], rows["image_id"].tolist())

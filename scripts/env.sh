@@ -21,11 +21,11 @@ _clipcap_need_root() {
     echo "clipcap: need root for: $*" >&2; return 1; fi
 }
 
-# Java runs the METEOR scorer and the PTB tokenizer; the stamps are the embedded dataset.
-if ! command -v java >/dev/null || [ ! -d /usr/share/tuxpaint/stamps ]; then
-  echo "clipcap: installing Debian packages (tuxpaint-stamps-default, Java runtime)..."
+# Java runs the METEOR scorer and the PTB tokenizer; the stamps and the clip art are the shipped datasets.
+if ! command -v java >/dev/null || [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -d /usr/share/openclipart/svg ]; then
+  echo "clipcap: installing Debian packages (tuxpaint-stamps-default, openclipart-png/-svg, Java runtime)..."
   _clipcap_need_root apt-get update -q >/dev/null
-  pkgs=(tuxpaint-stamps-default); command -v java >/dev/null || pkgs+=(default-jre-headless)
+  pkgs=(tuxpaint-stamps-default openclipart-png openclipart-svg); command -v java >/dev/null || pkgs+=(default-jre-headless)
   _clipcap_need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
 

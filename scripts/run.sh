@@ -5,13 +5,14 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 [ -d data ] || dvc checkout -q data.dvc 2>/dev/null || mkdir -p data
+for dataset in $(clipcap datasets); do mkdir -p "data/$dataset"; done  # each dataset's batches folder (a stage dep)
 start=$(date +%s)
 dvc repro "$@"
 echo "dvc repro took $(( $(date +%s) - start )) s"
 
 echo
-clipcap summary
+for dataset in $(clipcap datasets); do echo "== $dataset =="; clipcap --dataset "$dataset" summary; echo; done
 echo
-echo "Metrics: dvc metrics show | Loss curve: dvc plots show | Samples: artifacts/evaluation/samples.md"
+echo "Metrics: dvc metrics show | Curves: dvc plots show | Samples: artifacts/<dataset>/evaluation/samples.md"
 echo "Caption your own images:  source scripts/env.sh && clipcap caption IMAGE... --model models:/clipcap-tuxpaint@champion"
 echo "Browse runs:              source scripts/env.sh && mlflow ui --backend-store-uri sqlite:///mlflow.db"

@@ -20,7 +20,7 @@ import sys
 import typing
 from pathlib import Path
 
-from clipcap.config import DecodingConfig, config_from_mapping, load_config
+from clipcap.config import DecodingConfig, config_from_mapping, dataset_names, load_config, read_params
 from clipcap.environment import apply_offline_env
 from clipcap.errors import ClipcapError
 from clipcap.pipeline import STAGES
@@ -46,8 +46,9 @@ def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="artifacts/model",
-                        help="captioner folder or MLflow URI such as models:/clipcap-tuxpaint@champion")
+    parser.add_argument("--model", default=None,
+                        help="captioner folder or MLflow URI such as models:/clipcap-tuxpaint@champion "
+                             "(default: artifacts/<dataset>/model)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (default: cpu)")
 
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version(),
                         help="the version and the folder whose code runs (each clone runs its own src/)")
     parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument("--dataset", default=None,
+                        help="which of params.yaml's datasets (default: the first listed); its artifacts are "
+                             "artifacts/<dataset>/")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for stage in STAGES:
@@ -72,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--resume", action="store_true",
                                       help="continue from the newest checkpoint of an interrupted run")
     verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
+    verbs.add_parser("datasets", help="list the datasets params.yaml defines, one name per line")
     caption = verbs.add_parser("caption", help="caption images (files or folders) with a trained model")
     caption.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     _add_model_options(caption)
@@ -85,10 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     datastore = verbs.add_parser("datastore", help="extend a retrieval-augmented captioner's caption datastore")
     datastore.add_argument("action", choices=("add",), help="add: append a folder of captioned images")
     datastore.add_argument("folder", help="images + captions.jsonl or captions.csv (like a data/ batch)")
-    datastore.add_argument("--model", default="artifacts/model", help="the captioner folder (default: artifacts/model)")
-    promote = verbs.add_parser("promote", help="make a registered version the champion by hand "
-                                               "(register.promote: manual leaves every promotion to this)")
-    promote.add_argument("version", type=int, help="the version of clipcap-<dataset.name> to serve")
+    datastore.add_argument("--model", default=None, help="the captioner folder (default: artifacts/<dataset>/model)")
+    models = verbs.add_parser("models", help="the registry by hand: list the versions of clipcap-DATASET, promote "
+                                             "one to champion, roll the champion back (who, when, why are "
+                                             "recorded on the version)")
+    models.add_argument("action", choices=("list", "promote", "rollback"))
+    models.add_argument("name", metavar="DATASET", help="one of params.yaml's datasets")
+    models.add_argument("version", type=int, nargs="?",
+                        help="promote: the version to serve; rollback: the version to return to "
+                             "(default: the one the champion replaced)")
+    models.add_argument("--reason", default="", help="why (recorded with the change)")
     interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
     interpret.add_argument("image")
     _add_model_options(interpret)
@@ -116,13 +127,19 @@ def image_files(items: list[str]) -> list[str]:
 def _load_captioner(args: argparse.Namespace):
     from clipcap.modeling.captioner import Captioner
 
-    model = args.model
+    model = args.model or str(_layout(args).model)
     if model.startswith(("models:/", "runs:/")):
         from clipcap.pipeline.registry import download_captioner
 
-        tracking_uri = args.tracking_uri or load_config(args.params).register.tracking_uri
+        tracking_uri = args.tracking_uri or load_config(args.params, args.dataset).register.tracking_uri
         model = download_captioner(model, tracking_uri)
     return Captioner.load(model, device=args.device)
+
+
+def _layout(args: argparse.Namespace):
+    from clipcap.pipeline.layout import Layout
+
+    return Layout.of(load_config(args.params, args.dataset).dataset.name)
 
 
 def _caption(args: argparse.Namespace) -> None:
@@ -156,6 +173,23 @@ def _interpret(args: argparse.Namespace) -> None:
         print(f"prefix {position + 1:2d}: " + "  ".join(f"{t.token!r} {t.cosine:.2f}" for t in tokens))
 
 
+def _models(args: argparse.Namespace) -> None:
+    from clipcap.pipeline import models
+
+    cfg = load_config(args.params, args.name)  # that dataset's register section (its tracking store)
+    if args.action == "list":
+        for row in models.list_versions(cfg.register, args.name):
+            print(row.line(cfg.register.metric))
+    elif args.action == "promote":
+        if args.version is None:
+            raise ClipcapError("models promote: name the version to make champion")
+        print(f"clipcap-{args.name} version {args.version} is the champion: "
+              f"{models.promote(cfg.register, args.name, args.version, args.reason)}")
+    else:
+        version, why = models.rollback(cfg.register, args.name, args.version, args.reason)
+        print(f"clipcap-{args.name} version {version} is the champion: {why}")
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_offline_env()
     args = _parser().parse_args(argv)
@@ -171,22 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "datastore":
             from clipcap.pipeline.datastore import extend_datastore
 
-            update = extend_datastore(args.model, args.folder)
+            update = extend_datastore(args.model or _layout(args).model, args.folder)
             print(f"{update.added} captions added ({update.already_there} already there; skipped rows: "
                   f"{update.skipped or 'none'}); the datastore holds {update.size}")
-        elif args.verb == "promote":
-            from clipcap.pipeline.registry import model_name, promote
-
-            cfg = load_config(args.params)
-            print(f"{model_name(cfg.dataset.name)} version {args.version} is the champion: "
-                  f"{promote(cfg.register, cfg.dataset.name, args.version)}")
+        elif args.verb == "models":
+            _models(args)
         elif args.verb == "summary":
             from clipcap.pipeline.reports import summary
 
-            print(summary())
-        else:
+            print(summary(_layout(args)))
+        elif args.verb == "datasets":
+            print("\n".join(dataset_names(read_params(args.params))))
+        else:  # a stage: it reads and writes artifacts/<dataset>/
             stage = importlib.import_module(f"clipcap.pipeline.stages.{args.verb}")
-            cfg = load_config(args.params)
+            cfg = load_config(args.params, args.dataset)
             options = {"resume": args.resume} if args.verb == "train" else {}
             stage.run(cfg, **options)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v

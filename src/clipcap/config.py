@@ -31,6 +31,7 @@ class ConfigError(ClipcapError, ValueError):
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 ANNOTATED_SOURCES = ("karpathy", "nocaps")
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -56,8 +57,14 @@ class DatasetConfig:
     annotations_sha256: str | None = None
     images_url: str | tuple[str, ...] | None = None
     images_sha256: str | tuple[str, ...] | None = None
-    batches_dir: str = "data"
+    batches_dir: str | None = None  # None: data/<name>
     limit: int | None = None
+    hash_workers: int = 4  # threads hashing new image files (fetch)
+
+    @property
+    def batches(self) -> Path:
+        """The folder of this dataset's user batches."""
+        return Path(self.batches_dir) if self.batches_dir else Path("data") / self.name
 
     @property
     def image_urls(self) -> tuple[str, ...]:
@@ -70,8 +77,13 @@ class DatasetConfig:
         return digests or (None,) * len(self.image_urls)
 
     def __post_init__(self) -> None:
+        if not DATASET_NAME.match(self.name):
+            raise ConfigError(f"dataset.name: {self.name!r} is not a usable name (letters, digits, '-' and '_', "
+                              "starting with a letter or digit): it names a folder and a registered model")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("dataset.limit must be >= 1 (or null for all items)")
+        if self.hash_workers < 1:
+            raise ConfigError("dataset.hash_workers must be >= 1")
         for key in ("annotations_url", "images_url"):
             for url in _as_tuple(getattr(self, key)):
                 parsed = urlparse(url)
@@ -241,6 +253,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """Retraining on more data: start from the champion's weights instead of from scratch."""
+
+    warm_start: bool = True   # when the champion has this architecture and this train section (only the data grew)
+    epochs: int = 2           # epochs of a warm-started run, over old + new data
+    lr: float = 1e-4          # its peak learning rate (after train.warmup_steps)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("retrain.epochs must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("retrain.lr must be > 0")
+
+
+@dataclass(frozen=True)
 class DecodingConfig:
     """How captions are generated (transformers ``generate`` with the KV cache)."""
 
@@ -283,7 +310,7 @@ class RegisterConfig:
     experiment: str = "clipcap"
     metric: str = "CIDEr"
     min_delta: float = 0.0              # a challenger must beat the champion's metric by more than this
-    promote: Literal["auto", "manual"] = "auto"  # manual: only `clipcap promote VERSION` moves the champion
+    promote: Literal["auto", "manual"] = "auto"  # manual: only `clipcap models promote` moves the champion
 
 
 @dataclass(frozen=True)
@@ -319,6 +346,7 @@ class Config:
     mapper: MapperConfig = field(default_factory=MapperConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -393,19 +421,21 @@ def config_from_mapping(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build a :class:`Config` from a parsed ``params.yaml`` mapping."""
+def config_from_dict(data: dict[str, Any], dataset: str | None = None) -> Config:
+    """Build a :class:`Config` from a parsed ``params.yaml`` mapping, for one of its datasets
+    (:func:`dataset_params`)."""
     if not isinstance(data, dict):
         raise ConfigError("params.yaml: expected a mapping of sections at the top level")
+    data = dataset_params(data, dataset)
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(hints)})")
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(hints)}, datasets)")
     return Config(**{name: config_from_mapping(hints[name], data.get(name), name) for name in hints})
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Load and check ``params.yaml``."""
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """``params.yaml`` as parsed YAML (a mapping), with a readable error when it is missing or broken."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
@@ -413,7 +443,60 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return config_from_dict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def dataset_names(data: dict[str, Any]) -> list[str]:
+    """The datasets a parsed ``params.yaml`` defines: the keys of ``datasets``, or the one of its
+    ``dataset`` section when it has no ``datasets``."""
+    datasets = data.get("datasets")
+    if datasets is None:
+        section = data.get("dataset")
+        return [section.get("name", DatasetConfig.name) if isinstance(section, dict) else DatasetConfig.name]
+    if not isinstance(datasets, dict) or not datasets:
+        raise ConfigError("datasets: expected a mapping of dataset names to their overrides, e.g. "
+                          "'datasets: {tuxpaint: {}}'")
+    for name in datasets:
+        if not isinstance(name, str) or not DATASET_NAME.match(name):
+            raise ConfigError(f"datasets.{name}: not a usable dataset name (letters, digits, '-' and '_', "
+                              "starting with a letter or digit)")
+    return list(datasets)
+
+
+def dataset_params(data: dict[str, Any], dataset: str | None = None) -> dict[str, Any]:
+    """The sections of one dataset: the shared sections of ``params.yaml`` with that dataset's
+    overrides from ``datasets.<name>`` merged in, key by key (``dataset: None`` = the first listed)."""
+    names = dataset_names(data)
+    name = names[0] if dataset is None else dataset
+    if name not in names:
+        raise ConfigError(f"dataset {name!r}: not defined in params.yaml (datasets: {', '.join(names)})")
+    base = {section: values for section, values in data.items() if section != "datasets"}
+    if "datasets" not in data:
+        return base
+    overrides = data["datasets"][name] or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"datasets.{name}: expected a mapping of sections to override (or {{}}), got {overrides!r}")
+    merged = dict(base)
+    for section, values in overrides.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"datasets.{name}.{section}: expected a mapping of keys, got {values!r}")
+        merged[section] = {**(base.get(section) or {}), **values}
+    given = (overrides.get("dataset") or {}).get("name", name)
+    if given != name:
+        raise ConfigError(f"datasets.{name}.dataset.name: {given!r}; a dataset's name is its key in datasets")
+    merged["dataset"] = {**(merged.get("dataset") or {}), "name": name}
+    return merged
+
+
+def load_config(path: str | Path = "params.yaml", dataset: str | None = None) -> Config:
+    """Load and check ``params.yaml`` for one of its datasets (``None``: the first listed)."""
+    data = read_params(path)
+    try:
+        return config_from_dict(data, dataset)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -3,6 +3,8 @@ titles (boilerplate, uninformative and repeated captions), on generated PNG + SV
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from pathlib import Path
@@ -225,11 +227,13 @@ def test_bad_new_validate_params_name_the_key(params, key):
     assert str(err.value).startswith(key), err.value
 
 
-def test_params_openclipart_changes_only_the_dataset_and_validation():
-    cfg = load_config(ROOT / "params-openclipart.yaml")
+def test_the_openclipart_dataset_changes_only_the_source_validation_and_epochs():
+    cfg = load_config(ROOT / "params.yaml", "openclipart")
     assert (cfg.dataset.name, cfg.dataset.source, cfg.dataset.root) == ("openclipart", "openclipart", None)
+    assert cfg.dataset.batches == Path("data/openclipart")
     assert cfg.validate.max_caption_repeats > 6 and cfg.validate.boilerplate_patterns  # tuxpaint repeats 6 at most
     default = Config()
-    assert [cfg.split, cfg.encoder, cfg.lm, cfg.mapper, cfg.retrieval, cfg.train, cfg.evaluate, cfg.register] == [
-        default.split, default.encoder, default.lm, default.mapper, default.retrieval, default.train,
+    assert cfg.train == dataclasses.replace(default.train, epochs=cfg.train.epochs)  # 2,586 captions: fewer epochs
+    assert [cfg.split, cfg.encoder, cfg.lm, cfg.mapper, cfg.retrieval, cfg.evaluate, cfg.register] == [
+        default.split, default.encoder, default.lm, default.mapper, default.retrieval,
         default.evaluate, default.register]

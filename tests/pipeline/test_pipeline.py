@@ -22,6 +22,7 @@ from clipcap.errors import ClipcapError
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+TUXPAINT = Path("artifacts") / "tuxpaint"  # the tuxpaint dataset's artifacts
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 BATCH = ["vehicles/flight/planes/747.png", "food/pizza.png", "sports/soccer.png", "clothes/t_baseballcap.png",
          "people/cartoon/mermaid.png", "animals/mammals/cats/tiger_sumatran.png"]
@@ -62,8 +63,9 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():
         params[section].update(values)
+    params["datasets"] = {"tuxpaint": {}}  # a second dataset joins in the last test
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    batch = project / "data" / "batch-001"
+    batch = project / "data" / "tuxpaint" / "batch-001"
     batch.mkdir(parents=True)
     rows = []
     for relative in BATCH:
@@ -102,28 +104,28 @@ def photos(tmp_path) -> list[str]:
 def test_flow_registers_a_champion(project, registered):
     assert registered["name"] == "clipcap-tuxpaint" and registered["version"] == 1
     assert registered["promoted_to_champion"] is True
-    manifest = pd.read_parquet(project / "artifacts" / "manifest.parquet")
+    manifest = pd.read_parquet(project / TUXPAINT / "manifest.parquet")
     assert len(manifest) == 40 + len(BATCH)
     assert (manifest["source"] == "batch:batch-001").sum() == len(BATCH)
 
 
 def test_metrics_hold_model_and_both_baselines(project, registered):
-    metrics = json.loads((project / "artifacts" / "metrics.json").read_text())
+    metrics = json.loads((project / TUXPAINT / "metrics.json").read_text())
     for system in ("model", "baseline_most_frequent", "baseline_retrieval"):
         for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
             assert isinstance(metrics[system][name], float), (system, name)
             assert 0.0 <= metrics[system][name] <= 10.0
         assert "SPICE" in metrics[system]
     assert metrics["test_images"] >= 5
-    samples = (project / "artifacts" / "evaluation" / "samples.md").read_text()
+    samples = (project / TUXPAINT / "evaluation" / "samples.md").read_text()
     assert samples.count("\n|") >= 5
     for system in ("model", "baseline_retrieval"):                      # bootstrap intervals around the scores
         low, high = metrics["ci95"][system]["CIDEr"]
         assert low <= metrics[system]["CIDEr"] <= high
-    gallery = (project / "artifacts" / "evaluation" / "gallery.html").read_text()
+    gallery = (project / TUXPAINT / "evaluation" / "gallery.html").read_text()
     assert gallery.count("<tr>") == 1 + metrics["test_images"]                    # a header row, then one per image
     assert gallery.count("data:image/png;base64,") == metrics["test_images"]
-    curve = (project / "artifacts" / "training" / "curve.csv").read_text().splitlines()
+    curve = (project / TUXPAINT / "training" / "curve.csv").read_text().splitlines()
     assert curve[0] == "epoch,step,train_loss,val_loss,val_CIDEr" and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
 
 
@@ -137,7 +139,7 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
     assert "model_CIDEr" in run.data.metrics and "baseline_retrieval_CIDEr" in run.data.metrics
     assert run.data.params["lm.name"] == "tiny-gpt2"
     losses = client.get_metric_history(champion.run_id, "train_loss")
-    steps = len((project / "artifacts" / "training" / "loss.csv").read_text().splitlines()) - 1
+    steps = len((project / TUXPAINT / "training" / "loss.csv").read_text().splitlines()) - 1
     assert len(losses) == steps > 0
     assert len(client.get_metric_history(champion.run_id, "val_CIDEr")) == TINY_PARAMS["train"]["epochs"]
     artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
@@ -158,7 +160,7 @@ def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):
 
 
 def test_test_split_captions_are_non_empty_and_depend_on_the_image(project, registered):
-    lines = (project / "artifacts" / "evaluation" / "predictions.jsonl").read_text().splitlines()
+    lines = (project / TUXPAINT / "evaluation" / "predictions.jsonl").read_text().splitlines()
     predictions = [json.loads(line)["prediction"] for line in lines]
     assert predictions and all(p.strip() for p in predictions), predictions
     assert len(set(predictions)) >= 2, f"every test image got the same caption: {predictions[0]!r}"
@@ -170,15 +172,29 @@ def test_cli_captions_from_registry_uri(project, registered, photos):
     assert [line.split("\t")[0] for line in lines] == photos
 
 
-def test_second_repro_is_up_to_date(project, registered):
+def test_second_repro_only_looks_for_new_data(project, registered):
+    """fetch always runs (a source folder outside the project is invisible to DVC), hashes nothing it
+    has seen, and writes the same table: nothing after it runs."""
     out = _run(["dvc", "repro"], project)
-    assert "Running stage" not in out
-    assert "Data and pipelines are up to date" in _run(["dvc", "status"], project)
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == ["Running stage 'fetch@tuxpaint':"]
+    assert "0 hashed now" in out
+    assert _stages_to_rerun(project) == []
+
+
+def test_the_flow_skips_when_nothing_is_new(project, registered):
+    from prefect.testing.utilities import prefect_test_harness
+
+    before = (project / TUXPAINT / "registered.json").read_text()
+    with prefect_test_harness(server_startup_timeout=120):
+        again = _load_flow_module().retrain(str(project), "tuxpaint")
+    assert again == {"dataset": "tuxpaint", "skipped": True, "reason": "nothing new since the last run"}
+    assert (project / TUXPAINT / "registered.json").read_text() == before
 
 
 def _stages_to_rerun(project: Path) -> list[str]:
+    """Stages `dvc status` finds out of date, leaving out fetch's 'always changed'."""
     done = subprocess.run(["dvc", "status", "--json"], cwd=project, capture_output=True, text=True, check=True)
-    return sorted(json.loads(done.stdout))
+    return sorted(stage for stage, why in json.loads(done.stdout).items() if why != ["always changed"])
 
 
 @pytest.mark.parametrize(("module", "stages"), [
@@ -194,7 +210,7 @@ def test_changing_a_module_reruns_exactly_the_stages_that_run_it(project, regist
     original = path.read_text()
     try:
         path.write_text(original + "\n# touched\n")
-        assert _stages_to_rerun(project) == stages
+        assert _stages_to_rerun(project) == [f"{stage}@tuxpaint" for stage in stages]
     finally:
         path.write_text(original)
     assert _stages_to_rerun(project) == []
@@ -206,7 +222,7 @@ def test_a_second_version_is_gated_against_the_champion(project, registered):
     params["train"]["seed"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "repro"], project)
-    second = json.loads((project / "artifacts" / "registered.json").read_text())
+    second = json.loads((project / TUXPAINT / "registered.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     first_cider = client.get_run(client.get_model_version("clipcap-tuxpaint", "1").run_id).data.metrics["model_CIDEr"]
     assert second["version"] == 2 and second["previous_champion"] == 1
@@ -224,8 +240,8 @@ def test_a_champion_from_another_test_set_is_rescored_before_the_gate(project, r
     params["split"]["test_fraction"] = 0.3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "repro"], project)
-    found = json.loads((project / "artifacts" / "registered.json").read_text())
-    test_set = json.loads((project / "artifacts" / "metrics.json").read_text())["test_set"]
+    found = json.loads((project / TUXPAINT / "registered.json").read_text())
+    test_set = json.loads((project / TUXPAINT / "metrics.json").read_text())["test_set"]
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     champion_before = found["previous_champion"]
     rescored = client.get_model_version("clipcap-tuxpaint", str(champion_before)).tags[
@@ -240,17 +256,17 @@ def test_dvc_repro_recovers_from_a_damaged_shard_and_model_file(project, registe
     shard aside and encodes its images again, replaces the model, and leaves the pipeline up to date."""
     from clipcap.modeling.captioner import Captioner
 
-    shard = sorted((project / "artifacts" / "embeddings").rglob("shard-*.safetensors"))[0]
+    shard = sorted((project / TUXPAINT / "embeddings").rglob("shard-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    weights = project / "artifacts" / "model" / "model.safetensors"
+    weights = project / TUXPAINT / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     weights.write_bytes(bytes(data))
     with pytest.raises(ClipcapError, match="model.safetensors"):
-        Captioner.load(project / "artifacts" / "model")
+        Captioner.load(project / TUXPAINT / "model")
     _run(["dvc", "repro"], project)
     assert (shard.parent / "damaged" / shard.name).exists()  # set aside for inspection, its images encoded again
-    Captioner.load(project / "artifacts" / "model")  # digests verified on load
+    Captioner.load(project / TUXPAINT / "model")  # digests verified on load
     assert _stages_to_rerun(project) == []
 
 
@@ -310,3 +326,70 @@ def test_mlflow_serves_the_champion_over_http(project, registered, photos):
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGKILL)
     assert time.monotonic() - started < 10
+
+
+MINE = ["food/fruit/cartoon/apple.png", "animals/insects/cartoon/dragonfly.png", "vehicles/masstransit/green_korean_bus.png",
+        "sports/tennis_racket.png", "animals/marsupials/koala.png", "food/fruit/apple_sierra_beauty.png",
+        "food/fruit/cartoon/lemon_slice.png", "food/fruit/avocado.png", "animals/fish/lobster.png",
+        "vehicles/construction/cartoon/terex.png", "vehicles/construction/cartoon/cementMixer.png",
+        "food/fruit/orange_seville.png"]
+
+
+def _captioned_folder(folder: Path, stamps: list[str]) -> None:
+    folder.mkdir(parents=True)
+    rows = []
+    for relative in stamps:
+        source = STAMPS / relative
+        shutil.copy(source, folder / source.name)
+        rows.append(json.dumps({"image": source.name, "caption": source.with_suffix(".txt").read_text().splitlines()[0]}))
+    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_a_second_dataset_is_its_own_pipeline_and_new_data_reruns_only_it(project, registered):
+    """A user's folder dataset joins params.yaml's datasets: `dvc repro` builds only its stages, into
+    artifacts/mine/ and clipcap-mine; a batch in data/mine/ then makes only mine's stages stale."""
+    _captioned_folder(project / "photos", MINE)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["datasets"]["mine"] = {"dataset": {"source": "folder", "root": "photos", "limit": None},
+                                  "split": {"test_fraction": 0.4, "val_fraction": 0.15}}  # 12 images
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "data" / "mine").mkdir()
+    from clipcap.pipeline import STAGES
+
+    stale = _stages_to_rerun(project)
+    assert all(stage.endswith("@mine") for stage in stale) and set(stale) >= {f"{s}@mine" for s in STAGES[1:]}, stale
+    out = _run(["dvc", "repro"], project)
+    ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+    assert "Running stage 'register@mine':" in ran
+    assert [line for line in ran if "@tuxpaint" in line] == ["Running stage 'fetch@tuxpaint':"]  # it only looks
+    mine = json.loads((project / "artifacts" / "mine" / "registered.json").read_text())
+    assert mine["name"] == "clipcap-mine" and mine["promoted_to_champion"] is True
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    tuxpaint = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
+    assert client.get_model_version_by_alias("clipcap-mine", "champion").run_id != tuxpaint.run_id
+    _captioned_folder(project / "data" / "mine" / "batch-001", ["food/pizza.png", "sports/soccer.png"])
+    stale = set(_stages_to_rerun(project)) - {"data.dvc"}  # data/ changed: `dvc add data` records it
+    assert "fetch@mine" in stale and all(stage.endswith("@mine") for stage in stale), stale
+    _run(["dvc", "add", "-q", "data"], project)
+    _run(["dvc", "repro", "register@mine"], project)  # more data, the same recipe: warm-started from the champion
+    summary = json.loads((project / "artifacts" / "mine" / "training" / "summary.json").read_text())
+    assert summary["warm_start"]["from"] == "models:/clipcap-mine/1", summary["warm_start"]
+    assert summary["warm_start"]["epochs"] == len(summary["epochs"]) <= 2  # retrain.epochs, not train.epochs
+
+
+def test_an_experiment_registers_but_moves_no_alias(project, registered):
+    """`dvc exp run -S train.epochs=...` runs the pipeline and registers a version, tagged as the
+    experiment's; champion and challenger stay where they were, whatever its score."""
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = {alias: client.get_model_version_by_alias("clipcap-tuxpaint", alias).version
+              for alias in ("champion", "challenger")}
+    for command in (["git", "config", "user.email", "tests@clipcap"], ["git", "config", "user.name", "tests"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        _run(command, project)
+    _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2", "register@tuxpaint"], project)
+    found = json.loads((project / TUXPAINT / "registered.json").read_text())
+    assert found["experiment"] == "two-epochs" and found["promoted_to_champion"] is False
+    version = client.get_model_version("clipcap-tuxpaint", str(found["version"]))
+    assert version.tags["clipcap.experiment"] == "two-epochs"
+    assert {alias: client.get_model_version_by_alias("clipcap-tuxpaint", alias).version
+            for alias in ("champion", "challenger")} == before

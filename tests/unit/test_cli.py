@@ -16,6 +16,30 @@ def test_bad_params_exit_with_a_message_naming_the_key(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_datasets_lists_params_datasets_and_an_unknown_one_is_refused(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("datasets:\n  stamps: {}\n  mine:\n    dataset: {source: folder, root: photos}\n")
+    assert main(["--params", str(params), "datasets"]) == 0
+    assert capsys.readouterr().out.split() == ["stamps", "mine"]
+    assert main(["--params", str(params), "--dataset", "theirs", "fetch"]) == 1
+    assert "dataset 'theirs': not defined in params.yaml (datasets: stamps, mine)" in capsys.readouterr().err
+
+
+def test_a_stage_writes_its_datasets_artifacts_folder(tmp_path, capsys, monkeypatch):
+    """`clipcap --dataset mine fetch` reads mine's overrides and writes artifacts/mine/."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(photos / "red.png")
+    (photos / "captions.jsonl").write_text('{"image": "red.png", "caption": "A red square."}\n')
+    (tmp_path / "params.yaml").write_text("datasets:\n  stamps: {}\n  mine:\n    dataset: {source: folder, root: photos}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dataset", "mine", "fetch"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "artifacts" / "mine" / "raw_manifest.parquet").exists()
+    assert not (tmp_path / "artifacts" / "raw_manifest.parquet").exists()
+
+
 def test_caption_of_a_missing_image_names_it(tmp_path, capsys):
     assert main(["caption", str(tmp_path / "nope.png"), "--model", str(tmp_path)]) == 1
     assert "nope.png" in capsys.readouterr().err
@@ -100,3 +124,28 @@ def test_tsv_output_survives_tabs_and_newlines_in_file_names(captioner_dir, make
     out = capsys.readouterr().out
     rows = list(csv.reader(io.StringIO(out), delimiter="\t"))
     assert len(rows) == 1 and rows[0][0] == str(odd) and len(rows[0]) == 2
+
+
+def test_models_lists_promotes_and_rolls_back_by_hand(tmp_path, capsys, monkeypatch):
+    from clipcap.config import RegisterConfig
+    from clipcap.pipeline.registry import log_and_register
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(f"register: {{tracking_uri: '{store}'}}\ndatasets: {{toy: {{}}}}\n")
+    captioner = tmp_path / "captioner"
+    captioner.mkdir()
+    (captioner / "config.json").write_text("{}")
+    for cider in (0.3, 0.2):  # version 1 champion, version 2 not
+        log_and_register(RegisterConfig(tracking_uri=store), "toy", captioner, {}, {"model_CIDEr": cider}, {}, [],
+                         example_image="x.png", test_set="t")
+    assert main(["models", "promote", "toy", "2", "--reason", "a person checked it"]) == 0
+    assert "clipcap-toy version 2 is the champion: promoted by hand (champion before: 1): a person checked it" in (
+        capsys.readouterr().out)
+    assert main(["models", "rollback", "toy"]) == 0
+    assert "clipcap-toy version 1 is the champion: rolled back from version 2" in capsys.readouterr().out
+    assert main(["models", "list", "toy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["2", "1"] and "champion" in lines[1] and "CIDEr   0.3000" in lines[1]
+    assert main(["models", "promote", "toy"]) == 1
+    assert "name the version" in capsys.readouterr().err

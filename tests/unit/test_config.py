@@ -74,3 +74,56 @@ def test_removing_a_key_from_params_yaml_changes_nothing(key):
         node = node[part]
     del node[leaf]
     assert config_from_dict(data) == load_config(PARAMS), f"without {key} the run would change"
+
+
+# ---- several datasets in one params.yaml ---------------------------------------------------------
+
+SHARED = {"train": {"epochs": 4, "lr": 0.001}, "dataset": {"source": "tuxpaint", "limit": 50},
+          "datasets": {"stamps": {}, "mine": {"dataset": {"source": "folder", "root": "/photos"},
+                                              "train": {"epochs": 9}}}}
+
+
+def test_a_dataset_is_the_shared_sections_with_its_overrides_key_by_key():
+    mine = config_from_dict(SHARED, "mine")
+    assert (mine.dataset.name, mine.dataset.source, mine.dataset.root) == ("mine", "folder", "/photos")
+    assert mine.dataset.limit == 50  # a shared key the override leaves alone
+    assert (mine.train.epochs, mine.train.lr) == (9, 0.001)
+    stamps = config_from_dict(SHARED, "stamps")
+    assert (stamps.dataset.name, stamps.dataset.source, stamps.train.epochs) == ("stamps", "tuxpaint", 4)
+
+
+def test_the_first_dataset_is_the_default_and_each_has_its_own_batches_folder():
+    assert config_from_dict(SHARED).dataset.name == "stamps"
+    assert config_from_dict(SHARED, "mine").dataset.batches == Path("data/mine")
+    assert config_from_dict({"dataset": {"batches_dir": "incoming"}}).dataset.batches == Path("incoming")
+
+
+def test_the_project_params_define_tuxpaint_first_and_openclipart():
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert list(data["datasets"])[:2] == ["tuxpaint", "openclipart"]
+    assert load_config(ROOT / "params.yaml") == load_config(ROOT / "params.yaml", "tuxpaint") == Config()
+    openclipart = load_config(ROOT / "params.yaml", "openclipart")
+    assert openclipart.dataset.source == "openclipart" and openclipart.validate.max_caption_repeats == 20
+
+
+@pytest.mark.parametrize(
+    ("dataset", "datasets", "message"),
+    [
+        ("other", {"stamps": {}}, "dataset 'other': not defined in params.yaml (datasets: stamps)"),
+        (None, {"bad name": {}}, "datasets.bad name: not a usable dataset name"),
+        (None, [], "datasets: expected a mapping"),
+        (None, {"stamps": {"dataset": {"name": "x"}}}, "datasets.stamps.dataset.name: 'x'"),
+        (None, {"stamps": {"train": 3}}, "datasets.stamps.train: expected a mapping"),
+        (None, {"stamps": {"train": {"lrr": 1}}}, "train.lrr: unknown key"),
+    ],
+)
+def test_bad_datasets_are_named(dataset, datasets, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"datasets": datasets}, dataset)
+    assert str(err.value).startswith(message), err.value
+
+
+def test_load_config_names_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("datasets: {stamps: {}}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: dataset 'x': not defined"):
+        load_config(tmp_path / "params.yaml", "x")

@@ -12,7 +12,9 @@ from clipcap.pipeline import STAGES
 from clipcap.pipeline.registry import INFERENCE_CODE
 
 ROOT = SRC.parent
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGE_LOOPS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+DVC = {name: loop["do"] for name, loop in STAGE_LOOPS.items()}  # each stage's body, run once per dataset
+PER_DATASET = "${key}"
 
 
 def declared_code(stage: str) -> set[Path]:
@@ -33,10 +35,23 @@ def run_code(stage: str) -> set[Path]:
     return files
 
 
-def test_stages_are_the_pipeline_stages_in_order():
+def test_stages_are_the_pipeline_stages_in_order_once_per_dataset():
     assert tuple(DVC) == STAGES
+    assert all(loop["foreach"] == "${datasets}" for loop in STAGE_LOOPS.values())
     # by path: a stage runs this clone's code (the code DVC hashes), whatever is first on PATH
-    assert all(DVC[s]["cmd"].split()[:2] == ["scripts/bin/clipcap", s] for s in STAGES)
+    assert all(DVC[s]["cmd"].split()[:4] == ["scripts/bin/clipcap", "--dataset", PER_DATASET, s] for s in STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_dataset_has_its_own_outputs_batches_and_overrides(stage):
+    body = DVC[stage]
+    outputs = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots")
+               for o in body.get(key, [])]
+    assert outputs and all(o.startswith(f"artifacts/{PER_DATASET}/") for o in outputs)
+    artifacts = [d for d in body["deps"] if d.startswith("artifacts")]
+    assert all(d.startswith(f"artifacts/{PER_DATASET}/") for d in artifacts)
+    assert [d for d in body["deps"] if d.startswith("data")] in ([], [f"data/{PER_DATASET}"])
+    assert f"datasets.{PER_DATASET}" in body["params"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -50,7 +65,7 @@ def test_every_dep_exists_or_is_an_output_of_an_earlier_stage():
     outputs: set[str] = set()
     for stage in STAGES:
         for dep in DVC[stage]["deps"]:
-            assert (ROOT / dep).exists() or dep in outputs or dep == "data", f"{stage}: {dep} comes from nowhere"
+            assert (ROOT / dep).exists() or dep in outputs or dep == "data/${key}", f"{stage}: {dep} comes from nowhere"
         for key in ("outs", "metrics", "plots"):
             for out in DVC[stage].get(key, []):
                 outputs.add(next(iter(out)) if isinstance(out, dict) else out)
@@ -62,6 +77,8 @@ def test_params_name_config_sections():
     known = config_to_dict(Config())
     for stage in STAGES:
         for param in DVC[stage].get("params", []):
+            if param == f"datasets.{PER_DATASET}":
+                continue
             node = known
             for part in param.split("."):
                 assert part in node, f"{stage}: params entry {param} is not a params.yaml key"
@@ -74,7 +91,10 @@ def test_dvc_itself_accepts_dvc_yaml(tmp_path):
     import subprocess
 
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     done = subprocess.run(["dvc", "stage", "list"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert [line.split()[0] for line in done.stdout.splitlines()] == list(STAGES)
+    datasets = list(yaml.safe_load((ROOT / "params.yaml").read_text())["datasets"])
+    assert datasets[0] == "tuxpaint"
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [f"{s}@{d}" for s in STAGES for d in datasets]

@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from clipcap.config import ConfigError, RegisterConfig
 from clipcap.errors import ClipcapError
-from clipcap.pipeline.registry import GATE_TAG, log_and_register, promote, promotion_lock
+from clipcap.pipeline.models import list_versions, promote, rollback
+from clipcap.pipeline.registry import GATE_TAG, log_and_register, promotion_lock
 
 
 @pytest.fixture
@@ -21,10 +22,10 @@ def store(tmp_path, monkeypatch):
     return RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t", metric="CIDEr"), captioner
 
 
-def _register(cfg, captioner, cider, test_set="test-split-1", rescore=None):
+def _register(cfg, captioner, cider, test_set="test-split-1", rescore=None, experiment=None):
     return log_and_register(cfg, "toy", captioner, {"p": "1"}, {"model_CIDEr": cider, "model_BLEU-4": 0.1},
                             {"train_loss": [(1, 2.0), (2, 1.5)]}, files=[],
-                            example_image="x.png", test_set=test_set, rescore=rescore)
+                            example_image="x.png", test_set=test_set, rescore=rescore, experiment=experiment)
 
 
 def _champion(cfg) -> int:
@@ -140,12 +141,48 @@ def test_manual_promotion_registers_challengers_only_and_promote_moves_the_champ
     _register(cfg, captioner, 0.5)
     manual = dataclasses.replace(cfg, promote="manual")
     found = _register(manual, captioner, 0.9)
-    assert not found.promoted and "clipcap promote" in found.reason and _champion(cfg) == 1
+    assert not found.promoted and "clipcap models promote" in found.reason and _champion(cfg) == 1
     assert "champion before: 1" in promote(manual, "toy", found.version)
     assert _champion(cfg) == 2
     assert "by hand" in MlflowClient(cfg.tracking_uri).get_model_version("clipcap-toy", "2").tags[GATE_TAG]
     with pytest.raises(ClipcapError, match="no version 7"):
         promote(manual, "toy", 7)
+
+
+def test_an_experiment_registers_a_version_and_moves_no_alias(store):
+    """`dvc exp run -S train.epochs=2` beating the champion stays an experiment: no alias moves."""
+    cfg, captioner = store
+    _register(cfg, captioner, 0.3)
+    found = _register(cfg, captioner, 0.9, experiment="lr-sweep-3")
+    client = MlflowClient(cfg.tracking_uri)
+    assert not found.promoted and _champion(cfg) == 1
+    assert int(client.get_model_version_by_alias("clipcap-toy", "challenger").version) == 1
+    tags = client.get_model_version("clipcap-toy", str(found.version)).tags
+    assert tags["clipcap.experiment"] == "lr-sweep-3" and "clipcap models promote toy 2" in tags[GATE_TAG]
+    assert client.get_run(found.run_id).data.tags["clipcap.experiment"] == "lr-sweep-3"
+
+
+def test_promote_and_rollback_record_who_when_and_why(store):
+    cfg, captioner = store
+    for cider in (0.3, 0.5, 0.4):  # versions 1 and 2 promoted by the gate, 3 not
+        _register(cfg, captioner, cider)
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_model_version("clipcap-toy", "2").tags["clipcap.previous_champion"] == "1"
+    assert client.get_model_version("clipcap-toy", "2").tags["clipcap.promoted_by"] == "clipcap register (gate)"
+    assert "champion before: 2" in promote(cfg, "toy", 3, reason="reads letters better")
+    tags = client.get_model_version("clipcap-toy", "3").tags
+    assert "@" in tags["clipcap.promoted_by"] and tags["clipcap.promoted_at"].startswith("20")
+    assert tags["clipcap.promoted_why"].endswith(": reads letters better")
+    assert rollback(cfg, "toy") == (2, "rolled back from version 3 by hand") and _champion(cfg) == 2
+    assert rollback(cfg, "toy")[0] == 1 and _champion(cfg) == 1  # further back, never forth
+    with pytest.raises(ClipcapError, match="replaced no earlier champion"):
+        rollback(cfg, "toy")
+    assert rollback(cfg, "toy", 3, reason="test")[0] == 3
+    rows = list_versions(cfg, "toy")
+    assert [r.version for r in rows] == [3, 2, 1] and rows[0].aliases == ("challenger", "champion")
+    assert rows[0].value == 0.4 and "rolled back from version 1 by hand: test" in rows[0].line("CIDEr")
+    with pytest.raises(ClipcapError, match="no version 9"):
+        rollback(cfg, "toy", 9)
 
 
 RACE = Path(__file__).resolve().parents[1] / "jobs" / "register_race.py"

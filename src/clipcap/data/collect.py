@@ -1,5 +1,5 @@
 """Every input row of a dataset: the configured source (downloading what params.yaml names), then
-the user batches under ``dataset.batches_dir``."""
+the user batches under ``dataset.batches_dir`` (default ``data/<dataset name>``)."""
 
 from __future__ import annotations
 
@@ -29,4 +29,4 @@ def iter_source(cfg: DatasetConfig) -> Iterator[SourceRecord]:
 def collect_records(cfg: DatasetConfig) -> Iterator[SourceRecord]:
     """The configured source, then every user batch under ``cfg.batches_dir``."""
     yield from iter_source(cfg)
-    yield from iter_batches(cfg.batches_dir)
+    yield from iter_batches(cfg.batches)

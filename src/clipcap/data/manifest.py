@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -55,13 +55,16 @@ def _printable(text: str | None) -> str:
     return shown(text, limit=len(text) + 1) if has_surrogates(text) else text
 
 
-def build_records(records: Iterable[SourceRecord], split_cfg: SplitConfig) -> pd.DataFrame:
-    """The records table: each image file hashed once (its ``image_id``), splits assigned.
+def build_records(records: Iterable[SourceRecord], split_cfg: SplitConfig,
+                  digests: Mapping[str, str | OSError] | None = None) -> pd.DataFrame:
+    """The records table: each image file's digest (its ``image_id``) and split.
 
-    A missing image keeps an empty ``image_id`` so that validation can name it; a file that
+    ``digests`` maps paths to their sha256 (or the error reading them), as
+    :func:`clipcap.data.digests.image_digests` gives them from its cache; a path it lacks is hashed
+    here. A missing image keeps an empty ``image_id`` so that validation can name it; a file that
     cannot be read gets the problem ``unreadable_file``.
     """
-    ids: dict[str, str | tuple[str, str]] = {}
+    digests = dict(digests or {})
     rows = []
     for record in records:
         row = {k: _printable(v) if isinstance(v, str) else v for k, v in vars(record).items()}
@@ -69,21 +72,25 @@ def build_records(records: Iterable[SourceRecord], split_cfg: SplitConfig) -> pd
         row["problem"] = row["problem"] or ""
         image_id = ""
         if not row["problem"] and row["path"]:
-            if row["path"] not in ids:
-                path = Path(row["path"])
-                try:
-                    ids[row["path"]] = file_sha256(path) if path.is_file() else ""
-                except OSError as err:
-                    ids[row["path"]] = (UNREADABLE_FILE, f"cannot read {path}: {err.strerror or err}")
-            found = ids[row["path"]]
-            if isinstance(found, tuple):
-                row["problem"], row["detail"] = found
+            if row["path"] not in digests:
+                digests[row["path"]] = _digest(Path(row["path"]))
+            found = digests[row["path"]]
+            if isinstance(found, OSError):
+                row["problem"] = UNREADABLE_FILE
+                row["detail"] = f"cannot read {row['path']}: {found.strerror or found}"
             else:
                 image_id = found
         row["image_id"] = image_id
         row["split"] = row["split"] or (assign_split(image_id, split_cfg) if image_id else "")
         rows.append(row)
     return pd.DataFrame(rows, columns=RECORD_COLUMNS).astype({"domain": object})
+
+
+def _digest(path: Path) -> str | OSError:
+    try:
+        return file_sha256(path) if path.is_file() else ""
+    except OSError as err:
+        return err
 
 
 def group_records(records: pd.DataFrame) -> pd.DataFrame:

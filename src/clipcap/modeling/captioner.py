@@ -68,8 +68,8 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
     return directory
 
 
-def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
-    """(model, tokenizer, config) from a captioner folder."""
+def read_config(directory: str | Path) -> dict:
+    """A captioner folder's ``config.json``, its files checked against the digests it records."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
@@ -78,6 +78,23 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     if config.get("format") != FORMAT:
         raise ClipcapError(f"{config_path}: unsupported format {config.get('format')!r} (expected {FORMAT})")
     verify_files(directory, config)
+    return config
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The saved weights of a captioner folder (what :meth:`ClipCap.load_weights` takes)."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise ClipcapError(f"{path}: unreadable ({type(err).__name__}: {err}); "
+                           "restore it (dvc checkout, or the registered version) or retrain") from err
+
+
+def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
+    """(model, tokenizer, config) from a captioner folder."""
+    directory = Path(directory)
+    config = read_config(directory)
     bundled = directory / BASE_LM_DIR
     lm = load_lm(config["lm"]["name"], config["lm"]["tokenizer"], bundled=bundled if bundled.is_dir() else None)
     recorded = config["lm"].get("base_sha256")
@@ -89,11 +106,7 @@ def load_captioner_model(directory: str | Path) -> tuple[ClipCap, object, dict]:
     retrieval = RetrievalConfig(**config.get("retrieval", {}))
     model = ClipCap(MapperConfig(**config["mapper"]), config["dim_embedding"], lm.model,
                     finetune_lm=config["lm"]["finetuned"], prompt_order=retrieval.order)
-    try:
-        weights = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-        raise ClipcapError(f"{directory / WEIGHTS_FILE}: unreadable ({type(err).__name__}: {err}); "
-                           "restore it (dvc checkout, or the registered version) or retrain") from err
+    weights = read_weights(directory)
     try:
         model.load_weights(weights)
     except ValueError as err:

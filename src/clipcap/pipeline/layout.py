@@ -1,4 +1,5 @@
-"""Where each stage reads and writes: one folder, ``artifacts/`` under the project root.
+"""Where each stage reads and writes: one folder per dataset, ``artifacts/<dataset>/`` under the
+project root.
 
 The folder is fixed, not a parameter: ``dvc.yaml`` names these paths as stage outputs, so a
 configurable root could only disagree with it. Tests pass another root to the stage functions.
@@ -16,7 +17,13 @@ ARTIFACTS = Path("artifacts")
 class Layout:
     root: Path = ARTIFACTS
 
+    @classmethod
+    def of(cls, dataset: str) -> Layout:
+        """The folder of one dataset's artifacts: ``artifacts/<dataset>``."""
+        return cls(ARTIFACTS / dataset)
+
     raw_manifest = property(lambda self: self.root / "raw_manifest.parquet")  # fetch: every input row
+    digest_cache = property(lambda self: self.root / "digests.sqlite")  # fetch: image digests by (path, size, mtime)
     manifest = property(lambda self: self.root / "manifest.parquet")  # validate: the clean manifest, read downstream
     validation_dir = property(lambda self: self.root / "validation")
     validation_report = property(lambda self: self.validation_dir / "report.json")

@@ -3,7 +3,9 @@
 Each dataset has one registered model ``clipcap-<dataset>``. Every new version gets the
 alias ``challenger``; it also becomes ``champion`` when there is no champion yet or when
 its test metric beats the champion's by more than ``register.min_delta`` on the same test set
-(``register.promote: manual`` leaves that to :func:`promote`, ``clipcap promote VERSION``).
+(``register.promote: manual`` leaves that to ``clipcap models promote``, :mod:`clipcap.pipeline.models`).
+A run of ``dvc exp run`` (an experiment or a sweep) is logged and registered like any other but moves
+no alias: promotion comes from the retraining loop or by hand.
 
 The gate is atomic: reading the champion's score, registering the version and moving the aliases
 happen under one lock per (tracking store, model), so two runs finishing together cannot leave the
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 TEST_SET_TAG = "clipcap.test_set"
 GATE_TAG = "clipcap.gate"                 # on a version: the promotion decision and both scores
+EXPERIMENT_TAG = "clipcap.experiment"     # on a run and its version: the DVC experiment it came from
+PROMOTION_TAGS = ("clipcap.promoted_by", "clipcap.promoted_at", "clipcap.promoted_why")  # who, when, why
+PREVIOUS_TAG = "clipcap.previous_champion"  # on a version made champion: the version it replaced
 SCORE_TAG = "clipcap.score.{metric}.{test_set}"  # on a version: its metric re-scored on another test set
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
                     "pandas", "numpy", "filelock", "accelerate",
@@ -202,7 +207,7 @@ def gate(value: float, champion: Champion, test_set: str | None, metric: str, mi
     """(promote, reason): with ``promote="auto"``, promote when there is no champion, or when ``value``
     beats the champion's by more than ``min_delta`` on the same test set."""
     if promote == "manual":
-        return False, "register.promote is manual: promote by hand with 'clipcap promote VERSION'"
+        return False, "register.promote is manual: promote by hand with 'clipcap models promote DATASET VERSION'"
     if champion.version is None or champion.value is None:
         return True, "no champion yet"
     if test_set is None or champion.test_set != test_set:
@@ -219,10 +224,11 @@ def gate(value: float, champion: Champion, test_set: str | None, metric: str, mi
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
                      example_image: str, test_set: str | None = None, serve: dict | None = None,
-                     rescore: Callable[[str], float] | None = None) -> Registration:
+                     rescore: Callable[[str], float] | None = None, experiment: str | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
     it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable);
-    ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot)."""
+    ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot);
+    ``experiment``: the DVC experiment this run is (then no alias moves)."""
     client = connect(cfg)
     name = model_name(dataset)
     metric_key = f"model_{cfg.metric}"
@@ -232,6 +238,8 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
     with mlflow.start_run(run_name=f"{name}-train") as run, tempfile.TemporaryDirectory() as staging:
         if test_set is not None:
             mlflow.set_tag(TEST_SET_TAG, test_set)
+        if experiment is not None:
+            mlflow.set_tag(EXPERIMENT_TAG, experiment)
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         for curve, points in curves.items():  # train_loss per step; val_loss, val_CIDEr per epoch
@@ -253,46 +261,52 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             input_example=example,   # MLflow serves it once while logging: the model answers its own example
             model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
-    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key]), test_set, rescore)
+    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key]), test_set, rescore,
+                            experiment)
 
 
 def register_version(cfg: RegisterConfig, name: str, model_uri: str, run_id: str, value: float,
-                     test_set: str | None = None, rescore: Callable[[str], float] | None = None) -> Registration:
+                     test_set: str | None = None, rescore: Callable[[str], float] | None = None,
+                     experiment: str | None = None) -> Registration:
     """Register the logged model at ``model_uri`` as a new version of ``name`` (alias challenger) and
     move champion to it if :func:`gate` says so: the champion is read (and re-scored on ``test_set`` if
-    need be), the version registered and the aliases moved under one lock."""
+    need be), the version registered and the aliases moved under one lock. A version from an
+    ``experiment`` is registered and tagged, and moves neither alias."""
     client = connect(cfg)
     with promotion_lock(cfg.tracking_uri, name):
-        champion = on_test_set(client, name, _champion(client, name, f"model_{cfg.metric}"), test_set, cfg.metric,
-                               rescore)
-        registered = mlflow.register_model(model_uri, name)
-        version_number = int(registered.version)
-        client.set_registered_model_alias(name, CHALLENGER, str(version_number))
-        promoted, reason = gate(value, champion, test_set, cfg.metric, cfg.min_delta, cfg.promote)
-        client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
-        if promoted:
-            client.set_registered_model_alias(name, CHAMPION, str(version_number))
+        if experiment is not None:
+            champion = _champion(client, name, f"model_{cfg.metric}")
+            version_number = int(mlflow.register_model(model_uri, name).version)
+            promoted = False
+            reason = (f"DVC experiment {experiment}: registered without moving an alias (experiments never do); "
+                      f"promote by hand: clipcap models promote {name.removeprefix('clipcap-')} {version_number}")
+            client.set_model_version_tag(name, str(version_number), EXPERIMENT_TAG, experiment)
+            client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
+        else:
+            champion = on_test_set(client, name, _champion(client, name, f"model_{cfg.metric}"), test_set,
+                                   cfg.metric, rescore)
+            version_number = int(mlflow.register_model(model_uri, name).version)
+            client.set_registered_model_alias(name, CHALLENGER, str(version_number))
+            promoted, reason = gate(value, champion, test_set, cfg.metric, cfg.min_delta, cfg.promote)
+            client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
+            if promoted:
+                make_champion(client, name, version_number, champion.version, "clipcap register (gate)", reason)
     log.info("registered %s version %d (%s=%.4f): %s (%s)", name, version_number, cfg.metric, value,
              "promoted to champion" if promoted else f"champion stays version {champion.version}", reason)
     return Registration(name, version_number, run_id, cfg.metric, value, champion.version, promoted, reason)
 
 
-def promote(cfg: RegisterConfig, dataset: str, version: int) -> str:
-    """Make ``version`` of ``clipcap-<dataset>`` the champion by hand (under the promotion lock);
-    the previous champion is named in the version's gate tag."""
-    client = connect(cfg)
-    name = model_name(dataset)
-    with promotion_lock(cfg.tracking_uri, name):
-        try:
-            client.get_model_version(name, str(version))
-        except MlflowException as err:
-            raise ClipcapError(f"{name} has no version {version} in {cfg.tracking_uri}") from err
-        before = _champion(client, name, f"model_{cfg.metric}").version
-        reason = f"promoted by hand (champion before: {before if before is not None else 'none'})"
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        client.set_model_version_tag(name, str(version), GATE_TAG, reason)
-    log.info("%s version %d is the champion: %s", name, version, reason)
-    return reason
+def make_champion(client: MlflowClient, name: str, version: int, before: int | None, who: str, why: str) -> None:
+    """Move ``champion`` to ``version`` (the caller holds the promotion lock), recording on the version who
+    moved it, when, why, and which version it replaced (what a rollback returns to)."""
+    from datetime import UTC, datetime
+
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    for tag, value in zip(PROMOTION_TAGS, (who, when, why)):
+        client.set_model_version_tag(name, str(version), tag, value)
+    if before is not None and before != version:
+        client.set_model_version_tag(name, str(version), PREVIOUS_TAG, str(before))
 
 
 def _input_example(image: str | Path) -> pd.DataFrame | None:
@@ -312,6 +326,18 @@ def _input_example(image: str | Path) -> pd.DataFrame | None:
     encoded = io.BytesIO()
     thumbnail.save(encoded, format="PNG")
     return pd.DataFrame({"image": [base64.b64encode(encoded.getvalue()).decode()]})
+
+
+def champion_uri(cfg: RegisterConfig, dataset: str) -> str | None:
+    """``models:/clipcap-<dataset>/<version>`` of the champion, or None (no store, model or champion yet)."""
+    if cfg.tracking_uri.startswith("sqlite:///") and not Path(cfg.tracking_uri.removeprefix("sqlite:///")).exists():
+        return None  # asking would create an empty store
+    name = model_name(dataset)
+    try:
+        version = MlflowClient(cfg.tracking_uri).get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:
+        return None
+    return f"models:/{name}/{version}"
 
 
 def download_captioner(uri: str, tracking_uri: str) -> Path:

@@ -105,7 +105,7 @@ def domain_line(metrics: dict) -> str:
         f"{d} {m['systems']['model']['CIDEr']:.3f} ({m['images']} images)" for d, m in domain_scores(metrics).items())
 
 
-def summary(layout: Layout = Layout()) -> str:
+def summary(layout: Layout) -> str:
     """A short human-readable account of the last run: metrics table, samples, registered model."""
     lines = []
     if layout.metrics.exists():

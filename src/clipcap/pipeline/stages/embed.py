@@ -23,7 +23,8 @@ class EmbedStats:
     reused: int
 
 
-def run(cfg: Config, layout: Layout = Layout()) -> EmbedStats:
+def run(cfg: Config, layout: Layout | None = None) -> EmbedStats:
+    layout = layout or Layout.of(cfg.dataset.name)
     frame = read_manifest(layout.manifest)
     encoder = build_encoder(cfg.encoder.name)
     store = EmbeddingStore(layout.embeddings, encoder.key)

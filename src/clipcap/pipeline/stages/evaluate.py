@@ -29,7 +29,8 @@ def test_set_digest(references: dict[str, list[str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run(cfg: Config, layout: Layout = Layout()) -> dict:
+def run(cfg: Config, layout: Layout | None = None) -> dict:
+    layout = layout or Layout.of(cfg.dataset.name)
     (test_rows, test_emb), (train_rows, train_emb) = split_data(layout, cfg.encoder.name, "test", "train")
     if len(test_rows) == 0:
         raise ClipcapError("the test split is empty: add data or raise split.test_fraction")

@@ -1,9 +1,11 @@
 """``clipcap register``: log the run to MLflow, register the captioner as a new version of
 ``clipcap-<dataset>`` and move ``champion`` to it only when its test metric beats the champion's on the
-same test set (a champion scored on another is re-scored on this run's test split first)."""
+same test set (a champion scored on another is re-scored on this run's test split first). Under
+``dvc exp run`` the version is registered as that experiment's and no alias moves."""
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable
 
@@ -49,7 +51,18 @@ def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
     return rescore
 
 
-def run(cfg: Config, layout: Layout = Layout()) -> dict:
+def dvc_experiment() -> str | None:
+    """The DVC experiment this stage runs in, or None: ``dvc exp run`` sets DVC_EXP_BASELINE_REV (and
+    DVC_EXP_NAME) for the commands it runs."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    name = os.environ.get("DVC_EXP_NAME")
+    if not (baseline or name):
+        return None
+    return name or f"on {baseline[:7]}"
+
+
+def run(cfg: Config, layout: Layout | None = None) -> dict:
+    layout = layout or Layout.of(cfg.dataset.name)
     params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
     params["host.python"] = platform.python_version()
     example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
@@ -63,6 +76,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         test_set=metrics.get("test_set"),
         serve=config_to_dict(cfg.serve),
         rescore=champion_rescorer(cfg, layout),
+        experiment=dvc_experiment(),
     )
     result = {
         "name": registration.name,
@@ -74,6 +88,7 @@ def run(cfg: Config, layout: Layout = Layout()) -> dict:
         "promoted_to_champion": registration.promoted,
         "gate": registration.reason,
         "previous_champion": registration.champion_before,
+        "experiment": dvc_experiment(),
         "tracking_uri": cfg.register.tracking_uri,
     }
     write_json(layout.registered, result)

@@ -1,11 +1,14 @@
 """``clipcap train [--resume]``: train the captioner on the train split (validation loss on val).
 
-Under ``torchrun`` every process runs this and rank 0 writes. ``resume`` continues from
-``artifacts/checkpoints`` when the checkpoint was made from the same params and data.
+It starts from the champion's weights when only the data grew (``retrain``, :mod:`warm_start`),
+else from scratch; ``training/summary.json`` says which. Under ``torchrun`` every process runs this
+and rank 0 writes. ``resume`` continues from ``artifacts/<dataset>/checkpoints`` when the checkpoint
+was made from the same params, data and starting point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +29,7 @@ from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
 from clipcap.pipeline.splits import split_data
+from clipcap.pipeline.warm_start import find_warm_start, recipe
 from clipcap.training.batches import CaptionPairs, tokenize_captions
 from clipcap.training.distributed import current_context
 from clipcap.training.loop import train_model
@@ -33,7 +37,8 @@ from clipcap.training.loop import train_model
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
+def run(cfg: Config, layout: Layout | None = None, resume: bool = False) -> None:
+    layout = layout or Layout.of(cfg.dataset.name)
     (train_rows, train_emb), (val_rows, val_emb) = split_data(layout, cfg.encoder.name, "train", "val")
     if len(train_rows) == 0:
         raise ClipcapError("the train split is empty: add data or lower split.test_fraction/val_fraction")
@@ -42,6 +47,12 @@ def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
     model = ClipCap(cfg.mapper, train_emb.shape[1], lm.model, finetune_lm=cfg.lm.finetune,
                     prompt_order=cfg.retrieval.order)
     model.fit_embedding_mean(train_emb)
+    start = find_warm_start(cfg)
+    train_cfg = cfg.train
+    if start.weights is not None:
+        model.load_weights(start.weights)
+        train_cfg = dataclasses.replace(cfg.train, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr)
+    log.info("training %s: %s", "warm-started" if start.source else "from scratch", start.reason)
     retriever = training_retriever(cfg.retrieval, train_rows, train_emb)
     max_tokens = cfg.train.max_caption_tokens
 
@@ -58,31 +69,33 @@ def run(cfg: Config, layout: Layout = Layout(), resume: bool = False) -> None:
         return {"val_CIDEr": cider(dict(zip(val_rows["image_id"], val_rows["captions"])),
                                    {i: c[0] for i, c in zip(val_rows["image_id"], found)})}
 
-    history = train_model(model, pairs(train_rows, train_emb), val_pairs, cfg.train,
+    history = train_model(model, pairs(train_rows, train_emb), val_pairs, train_cfg,
                           pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints, resume=resume,
-                          fingerprint=training_fingerprint(cfg, train_rows, val_rows),
+                          fingerprint=training_fingerprint(cfg, train_rows, val_rows, start=start.source),
                           on_epoch=val_cider if val_pairs is not None else None)
     if not current_context().is_main:
         return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
                    tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained, retrieval=cfg.retrieval,
-                   datastore=retriever.datastore if retriever else None)
+                   datastore=retriever.datastore if retriever else None, extra={"recipe": recipe(cfg)})
     write_loss_log(layout.train_log, history.steps)
     write_learning_curve(layout.learning_curve, history.epochs)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
                                       "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
-                                      "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"]})
+                                      "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"],
+                                      "warm_start": start.describe(train_cfg.epochs)})
     log.info("model saved to %s", layout.model)
 
 
-def training_fingerprint(cfg: Config, *splits: pd.DataFrame) -> str:
-    """What a checkpoint must have been trained on to be resumed: params and data."""
+def training_fingerprint(cfg: Config, *splits: pd.DataFrame, start: str | None = None) -> str:
+    """What a checkpoint must have been trained on to be resumed: params, data and starting weights."""
     train_cfg = {k: v for k, v in config_to_dict(cfg.train).items()
                  if k not in ("device", "checkpoint_every", "keep_checkpoints")}
     described = {"lm": config_to_dict(cfg.lm), "mapper": config_to_dict(cfg.mapper), "train": train_cfg,
                  "retrieval": config_to_dict(cfg.retrieval),
-                 "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits]}
+                 "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits],
+                 **({"start": start, "retrain": config_to_dict(cfg.retrain)} if start else {})}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 

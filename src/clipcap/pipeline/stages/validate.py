@@ -14,7 +14,8 @@ from clipcap.pipeline.layout import Layout
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, layout: Layout = Layout()) -> None:
+def run(cfg: Config, layout: Layout | None = None) -> None:
+    layout = layout or Layout.of(cfg.dataset.name)
     result = validate_records(read_records(layout.raw_manifest), cfg.validate)
     write_quarantine(result.quarantine, layout.quarantine)
     write_json(layout.validation_report, result.to_dict())

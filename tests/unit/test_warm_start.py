@@ -1,0 +1,77 @@
+"""A retrain starts from the champion's weights only when the champion has this recipe (only the data grew)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from clipcap.config import Config, DatasetConfig, LMConfig, MapperConfig, RegisterConfig, RetrievalConfig
+from clipcap.modeling.captioner import save_captioner
+from clipcap.modeling.lms import load_lm
+from clipcap.modeling.model import ClipCap
+from clipcap.pipeline.registry import log_and_register
+from clipcap.pipeline.warm_start import find_warm_start, recipe
+
+LM = "tiny-gpt2:n_layer=1,n_embd=32"
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch) -> Config:
+    monkeypatch.chdir(tmp_path)
+    return Config(dataset=DatasetConfig(name="toy"), encoder=dataclasses.replace(Config().encoder, name="efficientnet-lite0"),
+                  lm=LMConfig(name=LM, tokenizer="smollm2-135m"),
+                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
+                  retrieval=RetrievalConfig(k=0),
+                  register=RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+
+
+def _champion(cfg: Config, folder, with_recipe=True) -> ClipCap:
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    torch.manual_seed(0)
+    model = ClipCap(cfg.mapper, 1280, lm.model)
+    save_captioner(folder, model, encoder=cfg.encoder.name, lm_name=LM, tokenizer_name="smollm2-135m",
+                   lm_pretrained=False, extra={"recipe": recipe(cfg)} if with_recipe else None)
+    log_and_register(cfg.register, "toy", folder, {}, {"model_CIDEr": 0.5}, {}, [], example_image="x.png",
+                     test_set="t")
+    return model
+
+
+def test_no_store_or_no_champion_means_from_scratch(cfg, tmp_path):
+    found = find_warm_start(cfg)
+    assert (found.source, found.reason, found.weights) == (None, "no champion yet", None)
+    assert not (tmp_path / "mlflow.db").exists()  # asking created no store
+
+
+def test_the_champion_with_the_same_recipe_is_the_start(cfg, tmp_path):
+    champion = _champion(cfg, tmp_path / "champion")
+    found = find_warm_start(cfg)
+    assert found.source == "models:/clipcap-toy/1" and "same recipe" in found.reason
+    assert torch.equal(found.weights["mapper.prefix_const"], champion.weights()["mapper.prefix_const"])
+    assert found.describe(2) == {"from": "models:/clipcap-toy/1", "reason": found.reason, "epochs": 2}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, lr=0.01)), "train.lr"),
+    (lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, seed=7)), "train.seed"),
+    (lambda c: dataclasses.replace(c, mapper=dataclasses.replace(c.mapper, num_layers=2)), "mapper.num_layers"),
+    (lambda c: dataclasses.replace(c, retrieval=RetrievalConfig(k=1)), "retrieval.k"),
+])
+def test_another_recipe_means_from_scratch_and_says_what_differs(cfg, tmp_path, change, named):
+    _champion(cfg, tmp_path / "champion")
+    found = find_warm_start(change(cfg))
+    assert found.source is None and found.weights is None and named in found.reason
+
+
+def test_where_and_how_fast_it_runs_do_not_matter(cfg, tmp_path):
+    _champion(cfg, tmp_path / "champion")
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu", compile=True, keep_checkpoints=5))
+    assert find_warm_start(other).source == "models:/clipcap-toy/1"
+
+
+def test_switched_off_or_an_old_champion_without_a_recipe_means_from_scratch(cfg, tmp_path):
+    _champion(cfg, tmp_path / "champion", with_recipe=False)
+    assert "records no training recipe" in find_warm_start(cfg).reason
+    off = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))
+    assert find_warm_start(off).reason == "retrain.warm_start is off"
