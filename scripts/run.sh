@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded offline default: set-up, `dvc repro`, where to look.
+# The whole pipeline on the embedded offline default (tuxpaint): set-up, `dvc repro`, where to look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 [ -d data ] || dvc checkout -q data.dvc 2>/dev/null || mkdir -p data
 for dataset in $(clipcap datasets); do mkdir -p "data/$dataset"; done  # each dataset's batches folder (a stage dep)
+# No arguments: the embedded default, the first dataset in params.yaml (tuxpaint). Arguments go to
+# `dvc repro`: `bash scripts/run.sh --all` or plain `dvc repro` builds every dataset, `register@openclipart` one.
+default=$(clipcap datasets | sed -n 1p)
+if [ $# -eq 0 ]; then set -- "register@$default"; elif [ "$1" = "--all" ]; then shift; fi
 start=$(date +%s)
 dvc repro "$@"
 echo "dvc repro took $(( $(date +%s) - start )) s"
 
 echo
-for dataset in $(clipcap datasets); do echo "== $dataset =="; clipcap --dataset "$dataset" summary; echo; done
+for dataset in $(clipcap datasets); do
+  [ -f "artifacts/$dataset/registered.json" ] || continue
+  echo "== $dataset =="; clipcap --dataset "$dataset" summary; echo
+done
 echo
 echo "Metrics: dvc metrics show | Curves: dvc plots show | Samples: artifacts/<dataset>/evaluation/samples.md"
 echo "Caption your own images:  source scripts/env.sh && clipcap caption IMAGE... --model models:/clipcap-tuxpaint@champion"

@@ -144,6 +144,11 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
     assert len(client.get_metric_history(champion.run_id, "val_CIDEr")) == TINY_PARAMS["train"]["epochs"]
     artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
     assert "gallery.html" in artifacts and "curve.csv" in artifacts
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    model_hash = next(o["md5"] for o in lock["train@tuxpaint"]["outs"] if o["path"].endswith("/model"))
+    assert json.loads(run.data.tags["clipcap.dvc.train"])["artifacts/tuxpaint/model"] == model_hash  # lineage
+    assert run.data.tags["clipcap.warm_start"] == "scratch: no champion yet"
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["tuxpaint-manifest"]
 
 
 def test_pyfunc_champion_captions_unseen_photos(project, registered, photos):

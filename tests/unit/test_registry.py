@@ -221,3 +221,18 @@ def test_two_registrations_at_once_always_leave_the_better_champion(tmp_path):
         champions.append(client.get_run(champion.run_id).data.metrics["model_CIDEr"])
         assert len(client.search_model_versions("name='clipcap-toy'")) == 3
     assert champions == [0.9] * trials
+
+
+def test_the_run_carries_lineage_tags_and_its_dataset_input(store):
+    import pandas as pd
+
+    cfg, captioner = store
+    data = pd.DataFrame({"image_id": ["a", "b"], "split": ["train", "test"], "category": ["x", "y"],
+                         "source": ["s", "s"]})
+    found = log_and_register(cfg, "toy", captioner, {}, {"model_CIDEr": 0.5}, {}, [], example_image="x.png",
+                             tags={"clipcap.git_commit": "abc123", "clipcap.data": "f" * 64}, data=data)
+    run = MlflowClient(cfg.tracking_uri).get_run(found.run_id)
+    assert run.data.tags["clipcap.git_commit"] == "abc123"
+    [logged] = run.inputs.dataset_inputs
+    assert logged.dataset.name == "toy-manifest" and logged.dataset.digest == "f" * 32
+    assert [t.value for t in logged.tags if t.key == "mlflow.data.context"] == ["training"]

@@ -224,11 +224,14 @@ def gate(value: float, champion: Champion, test_set: str | None, metric: str, mi
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
                      example_image: str, test_set: str | None = None, serve: dict | None = None,
-                     rescore: Callable[[str], float] | None = None, experiment: str | None = None) -> Registration:
+                     rescore: Callable[[str], float] | None = None, experiment: str | None = None,
+                     tags: dict[str, str] | None = None, data: pd.DataFrame | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
     it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable);
     ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot);
-    ``experiment``: the DVC experiment this run is (then no alias moves)."""
+    ``experiment``: the DVC experiment this run is (then no alias moves); ``tags``: more run tags (lineage);
+    ``data``: the table trained and tested on, logged as the run's dataset input (its digest: ``tags``'
+    clipcap.data when given)."""
     client = connect(cfg)
     name = model_name(dataset)
     metric_key = f"model_{cfg.metric}"
@@ -240,6 +243,11 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             mlflow.set_tag(TEST_SET_TAG, test_set)
         if experiment is not None:
             mlflow.set_tag(EXPERIMENT_TAG, experiment)
+        mlflow.set_tags(tags or {})
+        if data is not None:
+            digest = (tags or {}).get("clipcap.data")
+            mlflow.log_input(mlflow.data.from_pandas(data, name=f"{dataset}-manifest", digest=digest and digest[:32]),
+                             context="training")
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         for curve, points in curves.items():  # train_loss per step; val_loss, val_CIDEr per epoch

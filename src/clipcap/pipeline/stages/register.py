@@ -17,6 +17,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import read_json, write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.lineage import lineage_tags
 from clipcap.pipeline.metrics import score_captions
 from clipcap.pipeline.registry import download_captioner, log_and_register
 from clipcap.pipeline.scoring import caption_test_split
@@ -51,6 +52,14 @@ def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
     return rescore
 
 
+def warm_start_tags(layout: Layout) -> dict[str, str]:
+    """Where training started: ``clipcap.warm_start`` = the champion's URI, or "scratch: <reason>"."""
+    start = read_json(layout.train_summary).get("warm_start") if layout.train_summary.exists() else None
+    if not start:
+        return {}
+    return {"clipcap.warm_start": start["from"] or f"scratch: {start['reason']}"}
+
+
 def dvc_experiment() -> str | None:
     """The DVC experiment this stage runs in, or None: ``dvc exp run`` sets DVC_EXP_BASELINE_REV (and
     DVC_EXP_NAME) for the commands it runs."""
@@ -65,7 +74,8 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
     layout = layout or Layout.of(cfg.dataset.name)
     params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
     params["host.python"] = platform.python_version()
-    example = pd.read_parquet(layout.manifest, columns=["path"])["path"].iloc[0]
+    manifest = pd.read_parquet(layout.manifest)
+    example = manifest["path"].iloc[0]
     metrics = read_json(layout.metrics)
     registration = log_and_register(
         cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(metrics),
@@ -77,6 +87,8 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         serve=config_to_dict(cfg.serve),
         rescore=champion_rescorer(cfg, layout),
         experiment=dvc_experiment(),
+        tags=lineage_tags(cfg.dataset.name, manifest) | warm_start_tags(layout),
+        data=manifest[["image_id", "split", "category", "source"]],
     )
     result = {
         "name": registration.name,
