@@ -1,11 +1,11 @@
 """The two tables of the data stages.
 
-**Records** (written by ``fetch`` to ``artifacts/raw_manifest.parquet``): one row per input row,
+**Records** (written by ``fetch`` to ``artifacts/<dataset>/raw_manifest.parquet``): one row per input row,
 that is per (image, caption) pair read from a source, plus one per row that could not be read.
 Columns: ``record`` (where it was read), ``image_id``, ``path``, ``caption``, ``category``,
 ``source``, ``split``, ``domain``, ``problem`` (a reason code, "" when readable) and ``detail``.
 
-**Manifest** (written by ``validate`` to ``artifacts/manifest.parquet`` from the records that
+**Manifest** (written by ``validate`` to ``artifacts/<dataset>/manifest.parquet`` from the records that
 passed every check): one row per distinct image. Columns: ``image_id`` (sha256 of the file's
 bytes, so the same picture is one item however often it is listed), ``path``, ``captions``
 (list), ``category``, ``source``, ``split``, ``domain`` (nocaps; null otherwise).

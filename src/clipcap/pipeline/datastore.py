@@ -1,5 +1,5 @@
 """Extend a retrieval-augmented captioner's datastore with newly captioned images, without
-retraining: ``clipcap datastore add FOLDER --model artifacts/model``.
+retraining: ``clipcap datastore add FOLDER --model artifacts/<dataset>/model``.
 
 The folder is read like a user batch (images + ``captions.jsonl``/``captions.csv``) and checked
 like one (the rows ``validate`` would quarantine are skipped, with their reasons); the clean
