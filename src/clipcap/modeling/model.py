@@ -174,11 +174,16 @@ class ClipCap(nn.Module):
 
     def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       per_caption: bool = False):
-        """``predicting[:, i]`` is the hidden state that predicts caption token i. The LM head runs on
-        the caption positions only (never the prefix or prompt), padding included: batches are grouped
-        by length, so little is wasted, and no shape depends on the data (``torch.compile`` keeps one
-        graph, where selecting the real tokens first broke it at ``nonzero``)."""
+        """``predicting[:, i]`` is the hidden state that predicts caption token i. The LM head (the
+        largest matrix) runs on the real caption tokens only, never the prefix, the prompt or padding.
+        Under ``torch.compile`` it runs on every caption position, padding included, so that no shape
+        depends on the data (selecting the real tokens breaks the graph at ``nonzero``; compiled
+        batches are padded to a multiple of 8, so little is wasted)."""
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        if not per_caption and not torch.compiler.is_compiling():
+            real = attention_mask.bool()
+            logits = self.lm.get_output_embeddings()(predicting[real]).float()
+            return F.cross_entropy(logits, input_ids[real])
         logits = self.lm.get_output_embeddings()(predicting).float()
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none" if per_caption else "mean")
