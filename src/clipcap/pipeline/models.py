@@ -15,8 +15,8 @@ from mlflow.exceptions import MlflowException
 from clipcap.config import RegisterConfig
 from clipcap.errors import ClipcapError
 from clipcap.pipeline.registry import (
-    CHAMPION, EXPERIMENT_TAG, GATE_TAG, PREVIOUS_TAG, PROMOTION_TAGS, _champion, connect,
-    make_champion, model_name, promotion_lock,
+    CHAMPION, EXPERIMENT_TAG, GATE_TAG, PREVIOUS_TAG, PROMOTION_TAGS, connect, current_champion,
+    make_champion, metric_key, model_name, promotion_lock,
 )
 
 
@@ -62,7 +62,7 @@ def list_versions(cfg: RegisterConfig, dataset: str) -> list[VersionRow]:
         tags = found.tags or {}
         why = tags.get(PROMOTION_TAGS[2]) if CHAMPION in found.aliases else None
         rows.append(VersionRow(
-            int(found.version), tuple(sorted(found.aliases)), run.data.metrics.get(f"model_{cfg.metric}"),
+            int(found.version), tuple(sorted(found.aliases)), run.data.metrics.get(metric_key(cfg)),
             datetime.fromtimestamp(found.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
             tags.get(EXPERIMENT_TAG), why or tags.get(GATE_TAG, "")))
     if not rows:
@@ -83,7 +83,7 @@ def promote(cfg: RegisterConfig, dataset: str, version: int, reason: str = "") -
     name = model_name(dataset)
     with promotion_lock(cfg.tracking_uri, name):
         _existing(client, name, version, cfg.tracking_uri)
-        before = _champion(client, name, f"model_{cfg.metric}").version
+        before = current_champion(client, cfg, name).version
         why = (f"promoted by hand (champion before: {before if before is not None else 'none'})"
                + (f": {reason}" if reason else ""))
         make_champion(client, name, version, before, who(), why)
@@ -97,7 +97,7 @@ def rollback(cfg: RegisterConfig, dataset: str, version: int | None = None, reas
     client = connect(cfg)
     name = model_name(dataset)
     with promotion_lock(cfg.tracking_uri, name):
-        current = _champion(client, name, f"model_{cfg.metric}").version
+        current = current_champion(client, cfg, name).version
         if current is None:
             raise ClipcapError(f"{name} has no champion to roll back")
         if version is None:

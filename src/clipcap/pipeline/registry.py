@@ -138,14 +138,19 @@ class Champion:
     note: str = ""                # how ``value`` was found, when not from the champion's own run
 
 
-def _champion(client: MlflowClient, name: str, metric_key: str) -> Champion:
+def metric_key(cfg: RegisterConfig) -> str:
+    """The run metric the gate compares: the model's ``register.metric`` (``model_CIDEr``)."""
+    return f"model_{cfg.metric}"
+
+
+def current_champion(client: MlflowClient, cfg: RegisterConfig, name: str) -> Champion:
     """The champion's version, metric value and test set as its run logged them (empty when none)."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return Champion()
     run = client.get_run(champion.run_id)
-    return Champion(int(champion.version), run.data.metrics.get(metric_key), run.data.tags.get(TEST_SET_TAG))
+    return Champion(int(champion.version), run.data.metrics.get(metric_key(cfg)), run.data.tags.get(TEST_SET_TAG))
 
 
 def _score_tag(metric: str, test_set: str) -> str:
@@ -234,8 +239,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
     clipcap.data when given)."""
     client = connect(cfg)
     name = model_name(dataset)
-    metric_key = f"model_{cfg.metric}"
-    if metric_key not in metrics:
+    if metric_key(cfg) not in metrics:
         raise ConfigError(f"register.metric: {cfg.metric!r} is not among the evaluated metrics "
                        f"({', '.join(k.removeprefix('model_') for k in metrics if k.startswith('model_'))})")
     with mlflow.start_run(run_name=f"{name}-train") as run, tempfile.TemporaryDirectory() as staging:
@@ -269,7 +273,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             input_example=example,   # MLflow serves it once while logging: the model answers its own example
             model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
-    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key]), test_set, rescore,
+    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key(cfg)]), test_set, rescore,
                             experiment)
 
 
@@ -282,23 +286,21 @@ def register_version(cfg: RegisterConfig, name: str, model_uri: str, run_id: str
     ``experiment`` is registered and tagged, and moves neither alias."""
     client = connect(cfg)
     with promotion_lock(cfg.tracking_uri, name):
+        champion = current_champion(client, cfg, name)
+        if experiment is None:  # an experiment is not gated: no need to re-score the champion for it
+            champion = on_test_set(client, name, champion, test_set, cfg.metric, rescore)
+        version_number = int(mlflow.register_model(model_uri, name).version)
         if experiment is not None:
-            champion = _champion(client, name, f"model_{cfg.metric}")
-            version_number = int(mlflow.register_model(model_uri, name).version)
             promoted = False
             reason = (f"DVC experiment {experiment}: registered without moving an alias (experiments never do); "
                       f"promote by hand: clipcap models promote {name.removeprefix('clipcap-')} {version_number}")
             client.set_model_version_tag(name, str(version_number), EXPERIMENT_TAG, experiment)
-            client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
         else:
-            champion = on_test_set(client, name, _champion(client, name, f"model_{cfg.metric}"), test_set,
-                                   cfg.metric, rescore)
-            version_number = int(mlflow.register_model(model_uri, name).version)
             client.set_registered_model_alias(name, CHALLENGER, str(version_number))
             promoted, reason = gate(value, champion, test_set, cfg.metric, cfg.min_delta, cfg.promote)
-            client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
-            if promoted:
-                make_champion(client, name, version_number, champion.version, "clipcap register (gate)", reason)
+        client.set_model_version_tag(name, str(version_number), GATE_TAG, reason)
+        if promoted:
+            make_champion(client, name, version_number, champion.version, "clipcap register (gate)", reason)
     log.info("registered %s version %d (%s=%.4f): %s (%s)", name, version_number, cfg.metric, value,
              "promoted to champion" if promoted else f"champion stays version {champion.version}", reason)
     return Registration(name, version_number, run_id, cfg.metric, value, champion.version, promoted, reason)
