@@ -1,18 +1,20 @@
-"""Prefect 3 flow: run one dataset's DVC pipeline stage by stage and return the registered model version.
+"""Prefect 3 flow: keep one dataset's captioner fresh, and what each run did as a Prefect artifact.
 
-    python flows/retrain.py [PROJECT_DIR [DATASET]]
+    python flows/retrain.py [PROJECT_DIR [DATASET]]     # one run now (an ephemeral Prefect server is started)
+    python flows/serve.py                                # a deployment per dataset: schedules and new-data events
 
-Works with no Prefect server configured (an ephemeral one is started). The flow never
-re-implements a stage: each task is ``dvc repro --single-item <stage>``, so DVC decides what
-is up to date and a run with nothing new trains nothing. DATASET is one of params.yaml's ``datasets``
-(default: the first); its stages are ``<stage>@<dataset>`` and its artifacts ``artifacts/<dataset>/``.
+The flow never re-implements a stage: each task is ``dvc repro --single-item <stage>@<dataset>``, so DVC
+decides what is up to date. Fetch runs first (it looks for new images, hashing only new files); when
+``dvc status`` then finds nothing stale, the run trains nothing and says it skipped. After a registration
+the dataset's artifacts are pushed to the project's DVC remote (when it has one). Every ``dvc`` command
+takes the project's lock first (``clipcap.pipeline.dvc_project``): runs of different datasets, and a
+user adding a batch, wait for each other instead of failing with DVC's "busy".
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,58 +24,82 @@ apply_offline_env()
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
 
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the offline settings)
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from clipcap.config import dataset_names, read_params  # noqa: E402
-from clipcap.pipeline import STAGES  # noqa: E402
+from clipcap.fileio import read_json  # noqa: E402
+from clipcap.pipeline import STAGES, dvc_project  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
+from clipcap.pipeline.reports import gallery_link, retrain_report  # noqa: E402
+
+
+def _artifact_key(dataset: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes."""
+    return "retrain-" + "".join(c if c.isalnum() else "-" for c in dataset.lower())
+
+
+def _dvc(args: list[str], project: str) -> str:
+    logger = get_run_logger()
+    return dvc_project.dvc(args, Path(project), echo=lambda line: logger.info("%s", line))
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_stage(stage: str, project_dir: str) -> None:
-    """``dvc repro --single-item <stage>`` in ``project_dir``, streaming its output to the flow log."""
-    logger = get_run_logger()
-    process = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=project_dir, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    tail: list[str] = []
-    assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip()
-        if line and "\r" not in line:
-            logger.info("%s | %s", stage, line)
-        tail = (tail + [line])[-40:]
-    if process.wait() != 0:
-        raise RuntimeError(f"stage {stage!r} failed (exit {process.returncode}):\n" + "\n".join(tail))
+    """``dvc repro --single-item <stage>`` in ``project_dir``, its output in the flow log."""
+    _dvc(["repro", "--single-item", stage], project_dir)
+
+
+@task(name="look-for-new-data", task_run_name="fetch@{dataset}", retries=2, retry_delay_seconds=30)
+def fetch(dataset: str, project_dir: str) -> None:
+    """The fetch stage; retried, since it may download (a source URL, an annotations file)."""
+    _dvc(["repro", "--single-item", f"{STAGES[0]}@{dataset}"], project_dir)
 
 
 @task(name="dvc-status", task_run_name="what is stale for {dataset}")
 def stale_stages(dataset: str, project_dir: str) -> list[str]:
     """The stages up to ``register@<dataset>`` that ``dvc status`` finds out of date (fetch's
     'always changed' left out: it has just run)."""
-    done = subprocess.run(["dvc", "status", "--json", "--with-deps", f"register@{dataset}"], cwd=project_dir,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc status failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    return sorted(stage for stage, why in json.loads(done.stdout or "{}").items() if why != ["always changed"])
+    found = json.loads(dvc_project.dvc(["status", "--json", "--with-deps", f"register@{dataset}"],
+                                       Path(project_dir)) or "{}")
+    return sorted(stage for stage, why in found.items() if why != ["always changed"])
 
 
-@flow(name="clipcap-retrain")
+@task(name="dvc-push", task_run_name="push {dataset}", retries=2, retry_delay_seconds=30)
+def push(dataset: str, project_dir: str) -> str | None:
+    """Push the dataset's artifacts (and its data) to the DVC remote: what ``clipcap models restore`` pulls."""
+    logger = get_run_logger()
+    return dvc_project.push(Path(project_dir), dataset, STAGES[:-1], echo=lambda line: logger.info("%s", line))
+
+
+@flow(name="clipcap-retrain", flow_run_name="retrain-{dataset}")
 def retrain(project_dir: str = ".", dataset: str | None = None) -> dict:
     """Run fetch, and when it found something new validate -> embed -> train -> evaluate -> register for
     ``dataset``; return the registration, or ``{"skipped": True, ...}`` when nothing was new."""
+    logger = get_run_logger()
     project = Path(project_dir).resolve()
     dataset = dataset or dataset_names(read_params(project / "params.yaml"))[0]
+    layout = Layout(project / Layout.of(dataset).root)
     (project / "data" / dataset).mkdir(parents=True, exist_ok=True)  # its batches (data.dvc tracks data/)
-    run_stage(f"{STAGES[0]}@{dataset}", str(project))  # looks for new data, hashing only new files
+    fetch(dataset, str(project))
     stale = stale_stages(dataset, str(project))
     if not stale:
-        get_run_logger().info("%s: nothing new since the last run; skipped (trained nothing)", dataset)
-        return {"dataset": dataset, "skipped": True, "reason": "nothing new since the last run"}
-    get_run_logger().info("%s: out of date: %s", dataset, ", ".join(stale))
+        reason = "nothing new since the last run"
+        logger.info("%s: %s; skipped (trained nothing)", dataset, reason)
+        create_markdown_artifact(key=_artifact_key(dataset), description=f"{dataset}: skipped",
+                                 markdown=f"# {dataset}: skipped\n\n{reason.capitalize()}: no stage was out of date, "
+                                          "nothing was trained.\n")
+        return {"dataset": dataset, "skipped": True, "reason": reason}
+    logger.info("%s: out of date: %s", dataset, ", ".join(stale))
     for stage in STAGES[1:]:
         run_stage(f"{stage}@{dataset}", str(project))
-    registered = json.loads((project / Layout.of(dataset).registered).read_text()) | {"skipped": False}
-    get_run_logger().info("registered %s version %s (champion: %s)", registered["name"], registered["version"],
-                          registered["promoted_to_champion"])
+    registered = read_json(layout.registered) | {"dataset": dataset, "skipped": False}
+    registered["dvc_remote"] = push(dataset, str(project))
+    create_markdown_artifact(
+        key=_artifact_key(dataset), description=f"{registered['name']} version {registered['version']}: "
+                                              + ("promoted" if registered["promoted_to_champion"] else "not promoted"),
+        markdown=retrain_report(registered, read_json(layout.metrics), gallery_link(registered, layout.gallery)))
+    logger.info("registered %s version %s (champion: %s): %s", registered["name"], registered["version"],
+                registered["promoted_to_champion"], registered["gate"])
     return registered
 
 

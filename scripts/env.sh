@@ -55,3 +55,9 @@ fi
 source "$CLIPCAP_VENV/bin/activate"
 export PYTHONPATH="$CLIPCAP_ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$CLIPCAP_ROOT/scripts/bin:$PATH"
+# A DVC remote by default (what the retraining flow pushes to and `clipcap models restore` pulls from): a
+# folder outside the clone, shared by this machine's clones (content-addressed: a push only adds files),
+# in .dvc/config.local so a project's own `dvc remote add -d` (S3, ...) always wins.
+if [ -d "$CLIPCAP_ROOT/.dvc" ] && ! (cd "$CLIPCAP_ROOT" && dvc remote default >/dev/null 2>&1); then
+  (cd "$CLIPCAP_ROOT" && dvc remote add --local -d clipcap-cache "$CLIPCAP_CACHE/dvc-remote" >/dev/null)
+fi

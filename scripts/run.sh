@@ -13,6 +13,13 @@ if [ $# -eq 0 ]; then set -- "register@$default"; elif [ "$1" = "--all" ]; then 
 start=$(date +%s)
 dvc repro "$@"
 echo "dvc repro took $(( $(date +%s) - start )) s"
+# what clipcap models restore pulls: each built dataset's artifacts, to the default DVC remote
+for dataset in $(clipcap datasets); do
+  if [ -f "artifacts/$dataset/registered.json" ]; then
+    dvc push -q --with-deps "evaluate@$dataset"
+    echo "pushed artifacts/$dataset/ to the DVC remote '$(dvc remote default)'"
+  fi
+done
 
 echo
 for dataset in $(clipcap datasets); do

@@ -94,12 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     models = verbs.add_parser("models", help="the registry by hand: list the versions of clipcap-DATASET, promote "
                                              "one to champion, roll the champion back (who, when, why are "
                                              "recorded on the version)")
-    models.add_argument("action", choices=("list", "promote", "rollback"))
+    models.add_argument("action", choices=("list", "promote", "rollback", "restore"),
+                        help="restore: pull a version's artifacts (artifacts/DATASET/) from the DVC remote")
     models.add_argument("name", metavar="DATASET", help="one of params.yaml's datasets")
     models.add_argument("version", type=int, nargs="?",
                         help="promote: the version to serve; rollback: the version to return to "
-                             "(default: the one the champion replaced)")
+                             "(default: the one the champion replaced); restore: the version to pull")
     models.add_argument("--reason", default="", help="why (recorded with the change)")
+    batch = verbs.add_parser("add-batch", help="check a folder of captioned images, add it to data/DATASET/ "
+                                               "(dvc add data) and announce it to the retraining deployments")
+    batch.add_argument("name", metavar="DATASET", help="one of params.yaml's datasets")
+    batch.add_argument("folder", help="images + captions.jsonl or captions.csv")
+    batch.add_argument("--batch-name", default=None, help="the batch's folder name (default: the folder's name)")
+    batch.add_argument("--no-event", action="store_true", help="do not send the clipcap.batch.added event")
     interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
     interpret.add_argument("image")
     _add_model_options(interpret)
@@ -185,9 +192,27 @@ def _models(args: argparse.Namespace) -> None:
             raise ClipcapError("models promote: name the version to make champion")
         print(f"clipcap-{args.name} version {args.version} is the champion: "
               f"{models.promote(cfg.register, args.name, args.version, args.reason)}")
-    else:
+    elif args.action == "rollback":
         version, why = models.rollback(cfg.register, args.name, args.version, args.reason)
         print(f"clipcap-{args.name} version {version} is the champion: {why}")
+    else:
+        if args.version is None:
+            raise ClipcapError("models restore: name the version to restore")
+        restored = models.restore(cfg.register, args.name, args.version, Path(args.params).resolve().parent)
+        scores = ", ".join(f"{k.removeprefix('model_')} {v:.4f}" for k, v in sorted(restored.metrics.items()))
+        print(f"restored artifacts/{args.name}/ of clipcap-{args.name} version {restored.version} "
+              f"(run {restored.run_id}; stages {', '.join(restored.stages)}); its test metrics: {scores}")
+
+
+def _add_batch(args: argparse.Namespace) -> None:
+    from clipcap.pipeline.batches import add_batch
+
+    added = add_batch(load_config(args.params, args.name), args.folder, Path(args.params).resolve().parent,
+                      args.batch_name, send_event=not args.no_event)
+    quarantined = ", ".join(f"{k} {v}" for k, v in added.quarantined.items()) or "none"
+    print(f"{added.dataset}: batch {added.name} added to {added.path} ({added.images} images; rows validate will "
+          f"quarantine: {quarantined}); {'recorded in data.dvc' if added.tracked else 'not a DVC project: not dvc-added'}"
+          f"; {'clipcap.batch.added sent' if added.announced else 'no event sent'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{update.skipped or 'none'}); the datastore holds {update.size}")
         elif args.verb == "models":
             _models(args)
+        elif args.verb == "add-batch":
+            _add_batch(args)
         elif args.verb == "summary":
             from clipcap.pipeline.reports import summary
 

@@ -12,6 +12,7 @@ params fail at load time rather than deep inside a stage.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -23,6 +24,9 @@ from urllib.parse import urlparse
 import yaml
 
 from clipcap.errors import ClipcapError
+
+
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ConfigError(ClipcapError, ValueError):
@@ -306,11 +310,29 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI when set (a team's tracking server), else
+                                        # sqlite:///mlflow.db in the project; resolved when loaded
     experiment: str = "clipcap"
     metric: str = "CIDEr"
     min_delta: float = 0.0              # a challenger must beat the champion's metric by more than this
     promote: Literal["auto", "manual"] = "auto"  # manual: only `clipcap models promote` moves the champion
+
+    def __post_init__(self) -> None:
+        if not self.tracking_uri:
+            object.__setattr__(self, "tracking_uri", os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When a dataset's retraining deployment (``flows/serve.py``) looks for new data."""
+
+    cron: str = "0 3 * * *"             # a cron expression: minute hour day-of-month month day-of-week
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        if len(self.cron.split()) != 5:
+            raise ConfigError(f"schedule.cron: {self.cron!r} is not a 5-field cron expression "
+                              "(minute hour day-of-month month day-of-week, e.g. '0 3 * * *')")
 
 
 @dataclass(frozen=True)
@@ -349,6 +371,7 @@ class Config:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 

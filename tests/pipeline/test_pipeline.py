@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,31 +17,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from clipcap.errors import ClipcapError
+from projects import MINE, MINE_OVERRIDES, ROOT, TINY_PARAMS, captioned_folder, new_project, run
 
 pytestmark = pytest.mark.pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
 TUXPAINT = Path("artifacts") / "tuxpaint"  # the tuxpaint dataset's artifacts
-STAMPS = Path("/usr/share/tuxpaint/stamps")
 BATCH = ["vehicles/flight/planes/747.png", "food/pizza.png", "sports/soccer.png", "clothes/t_baseballcap.png",
          "people/cartoon/mermaid.png", "animals/mammals/cats/tiger_sumatran.png"]
-
-TINY_PARAMS = {
-    "dataset": {"limit": 40},
-    "split": {"test_fraction": 0.25, "val_fraction": 0.1},
-    "encoder": {"batch_size": 16, "num_workers": 0},
-    "lm": {"name": "tiny-gpt2", "tokenizer": "smollm2-135m"},
-    "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 1, "num_heads": 2},
-    "retrieval": {"k": 2},   # the retrieval-augmented model: its datastore travels with the registered model
-    "train": {"epochs": 3, "batch_size": 8, "lr": 0.001, "warmup_steps": 2, "early_stopping_patience": 0},
-    "evaluate": {"decoding": {"num_beams": 2, "max_new_tokens": 8}, "num_samples": 5},
-}
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
+_run = run
 
 
 def _load_flow_module():
@@ -56,28 +38,8 @@ def _load_flow_module():
 def project(tmp_path_factory) -> Path:
     """A fresh project: this repo's pipeline and code, tiny params, a user batch under data/."""
     project = tmp_path_factory.mktemp("project")
-    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "scripts" / "bin", project / "scripts" / "bin")  # what dvc.yaml's stages run
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, project / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        params[section].update(values)
-    params["datasets"] = {"tuxpaint": {}}  # a second dataset joins in the last test
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    batch = project / "data" / "tuxpaint" / "batch-001"
-    batch.mkdir(parents=True)
-    rows = []
-    for relative in BATCH:
-        source = STAMPS / relative
-        shutil.copy(source, batch / source.name)
-        caption = source.with_suffix(".txt").read_text().splitlines()[0]
-        rows.append(json.dumps({"image": source.name, "caption": caption}))
-    (batch / "captions.jsonl").write_text("\n".join(rows) + "\n")
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
-    _run(["dvc", "add", "-q", "data"], project)
-    return project
+    captioned_folder(project / "data" / "tuxpaint" / "batch-001", BATCH)
+    return new_project(project, {"tuxpaint": {}})  # a second dataset joins in a later test
 
 
 @pytest.fixture(scope="module")
@@ -333,30 +295,12 @@ def test_mlflow_serves_the_champion_over_http(project, registered, photos):
     assert time.monotonic() - started < 10
 
 
-MINE = ["food/fruit/cartoon/apple.png", "animals/insects/cartoon/dragonfly.png", "vehicles/masstransit/green_korean_bus.png",
-        "sports/tennis_racket.png", "animals/marsupials/koala.png", "food/fruit/apple_sierra_beauty.png",
-        "food/fruit/cartoon/lemon_slice.png", "food/fruit/avocado.png", "animals/fish/lobster.png",
-        "vehicles/construction/cartoon/terex.png", "vehicles/construction/cartoon/cementMixer.png",
-        "food/fruit/orange_seville.png"]
-
-
-def _captioned_folder(folder: Path, stamps: list[str]) -> None:
-    folder.mkdir(parents=True)
-    rows = []
-    for relative in stamps:
-        source = STAMPS / relative
-        shutil.copy(source, folder / source.name)
-        rows.append(json.dumps({"image": source.name, "caption": source.with_suffix(".txt").read_text().splitlines()[0]}))
-    (folder / "captions.jsonl").write_text("\n".join(rows) + "\n")
-
-
 def test_a_second_dataset_is_its_own_pipeline_and_new_data_reruns_only_it(project, registered):
     """A user's folder dataset joins params.yaml's datasets: `dvc repro` builds only its stages, into
     artifacts/mine/ and clipcap-mine; a batch in data/mine/ then makes only mine's stages stale."""
-    _captioned_folder(project / "photos", MINE)
+    captioned_folder(project / "photos", MINE)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["datasets"]["mine"] = {"dataset": {"source": "folder", "root": "photos", "limit": None},
-                                  "split": {"test_fraction": 0.4, "val_fraction": 0.15}}  # 12 images
+    params["datasets"]["mine"] = MINE_OVERRIDES  # 12 images
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (project / "data" / "mine").mkdir()
     from clipcap.pipeline import STAGES
@@ -372,7 +316,7 @@ def test_a_second_dataset_is_its_own_pipeline_and_new_data_reruns_only_it(projec
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     tuxpaint = client.get_model_version_by_alias("clipcap-tuxpaint", "champion")
     assert client.get_model_version_by_alias("clipcap-mine", "champion").run_id != tuxpaint.run_id
-    _captioned_folder(project / "data" / "mine" / "batch-001", ["food/pizza.png", "sports/soccer.png"])
+    captioned_folder(project / "data" / "mine" / "batch-001", ["food/pizza.png", "sports/soccer.png"])
     stale = set(_stages_to_rerun(project)) - {"data.dvc"}  # data/ changed: `dvc add data` records it
     assert "fetch@mine" in stale and all(stage.endswith("@mine") for stage in stale), stale
     _run(["dvc", "add", "-q", "data"], project)

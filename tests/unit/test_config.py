@@ -127,3 +127,23 @@ def test_load_config_names_the_file(tmp_path):
     (tmp_path / "params.yaml").write_text("datasets: {stamps: {}}\n")
     with pytest.raises(ConfigError, match=r"params.yaml: dataset 'x': not defined"):
         load_config(tmp_path / "params.yaml", "x")
+
+
+def test_the_tracking_uri_comes_from_the_environment_unless_params_name_one(monkeypatch):
+    from clipcap.config import RegisterConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert RegisterConfig().tracking_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert RegisterConfig().tracking_uri == "http://127.0.0.1:5000"
+    assert RegisterConfig(tracking_uri="sqlite:///other.db").tracking_uri == "sqlite:///other.db"
+
+
+def test_each_dataset_can_have_its_own_schedule():
+    from clipcap.config import config_from_dict
+
+    data = {"schedule": {"cron": "0 3 * * *"}, "datasets": {"a": {}, "b": {"schedule": {"cron": "*/15 * * * *"}}}}
+    assert config_from_dict(data, "a").schedule.cron == "0 3 * * *"
+    assert config_from_dict(data, "b").schedule.cron == "*/15 * * * *"
+    with pytest.raises(ConfigError, match="schedule.cron"):
+        config_from_dict({"schedule": {"cron": "daily"}})

@@ -30,6 +30,7 @@ class Layout:
     validation_markdown = property(lambda self: self.validation_dir / "report.md")
     quarantine = property(lambda self: self.validation_dir / "quarantine.jsonl")
     embeddings = property(lambda self: self.root / "embeddings")
+    embed_summary = property(lambda self: self.root / "embed.json")  # embed: images encoded by the last run
     model = property(lambda self: self.root / "model")
     checkpoints = property(lambda self: self.root / "checkpoints")
     training_dir = property(lambda self: self.root / "training")

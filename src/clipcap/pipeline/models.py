@@ -1,21 +1,28 @@
-"""The registry by hand: ``clipcap models list | promote | rollback DATASET [VERSION]``.
+"""The registry by hand: ``clipcap models list | promote | rollback | restore DATASET [VERSION]``.
 
 Every move of ``champion`` (by the gate or by hand) records on the version who moved it, when and
 why, and the version it replaced; ``rollback`` returns to that one (or to a version named).
+``restore`` brings a version's pipeline artifacts (``artifacts/<dataset>/``: manifest, embeddings,
+model, metrics) back from the DVC remote, by the ``dvc.lock`` entries its run logged.
 """
 
 from __future__ import annotations
 
 import getpass
 import socket
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
 
 from mlflow.exceptions import MlflowException
 
 from clipcap.config import RegisterConfig
 from clipcap.errors import ClipcapError
 from clipcap.pipeline.registry import (
-    CHAMPION, EXPERIMENT_TAG, GATE_TAG, PREVIOUS_TAG, PROMOTION_TAGS, connect, current_champion,
+    CHAMPION, EXPERIMENT_TAG, GATE_TAG, LOCK_ARTIFACT, PREVIOUS_TAG, PROMOTION_TAGS, connect, current_champion,
     make_champion, metric_key, model_name, promotion_lock,
 )
 
@@ -110,3 +117,37 @@ def rollback(cfg: RegisterConfig, dataset: str, version: int | None = None, reas
         why = f"rolled back from version {current} by hand" + (f": {reason}" if reason else "")
         make_champion(client, name, version, None, who(), why)  # keeps its own predecessor: rolling back again
     return version, why                                        # goes further back, never forth
+
+
+@dataclass(frozen=True)
+class Restored:
+    version: int
+    run_id: str
+    stages: list[str]       # the dvc.lock entries written and pulled
+    metrics: dict           # the version's logged test metrics (model_*), to compare with a re-evaluation
+
+
+def restore(cfg: RegisterConfig, dataset: str, version: int, project: Path = Path("."), echo=None) -> Restored:
+    """Write the ``dvc.lock`` entries version ``version`` of ``clipcap-<dataset>`` was built from into the
+    project's ``dvc.lock`` (the other datasets' entries stay) and ``dvc pull`` their outputs."""
+    from clipcap.pipeline import dvc_project
+
+    client = connect(cfg)
+    name = model_name(dataset)
+    _existing(client, name, version, cfg.tracking_uri)
+    run_id = client.get_model_version(name, str(version)).run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LOCK_ARTIFACT, dst_path=folder)
+        except MlflowException as err:
+            raise ClipcapError(f"{name} version {version} (run {run_id}) logged no {LOCK_ARTIFACT}: it was not built "
+                               "by the DVC pipeline (or by an older clipcap), so there is nothing to pull") from err
+        lock = yaml.safe_load(Path(local).read_text()) or {}
+    entries = lock.get("stages") or {}
+    if not entries:
+        raise ClipcapError(f"{name} version {version}: its {LOCK_ARTIFACT} records no stage")
+    stages = dvc_project.restore_lock(project, dataset, entries)
+    dvc_project.pull(project, stages, echo)
+    run = client.get_run(run_id)
+    metrics = {key: value for key, value in run.data.metrics.items() if key.startswith("model_")}
+    return Restored(version, run_id, stages, metrics)

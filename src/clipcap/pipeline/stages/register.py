@@ -17,7 +17,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import read_json, write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.layout import Layout
-from clipcap.pipeline.lineage import lineage_tags
+from clipcap.pipeline.lineage import lineage_tags, lock_entries
 from clipcap.pipeline.metrics import score_captions
 from clipcap.pipeline.registry import download_captioner, log_and_register
 from clipcap.pipeline.scoring import caption_test_split
@@ -89,6 +89,7 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         experiment=dvc_experiment(),
         tags=lineage_tags(cfg.dataset.name, manifest) | warm_start_tags(layout),
         data=manifest[["image_id", "split", "category", "source"]],
+        lock={"schema": "2.0", "stages": lock_entries(cfg.dataset.name)},
     )
     result = {
         "name": registration.name,
@@ -100,6 +101,8 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         "promoted_to_champion": registration.promoted,
         "gate": registration.reason,
         "previous_champion": registration.champion_before,
+        "champion_value": registration.champion_value,
+        "experiment_id": registration.experiment_id,
         "experiment": dvc_experiment(),
         "tracking_uri": cfg.register.tracking_uri,
     }

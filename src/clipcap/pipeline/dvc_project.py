@@ -1,0 +1,121 @@
+"""The project as DVC sees it, through DVC's own command line (never ``import dvc``): the verbs that
+change the project (``clipcap add-batch``, ``clipcap models restore``) and the retraining flows run
+their ``dvc`` commands here.
+
+DVC takes one lock per repository and fails at once ("is busy") when another command holds it. Every
+command run here first takes :func:`project_lock`, so a scheduled run of one dataset, a run of
+another and a user adding a batch wait for each other instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from clipcap.errors import ClipcapError
+from clipcap.fileio import write_text
+
+log = logging.getLogger(__name__)
+LOCK_TIMEOUT_S = 6 * 3600  # a full retrain of a large dataset holds the lock for its longest stage
+
+
+class DvcError(ClipcapError, RuntimeError):
+    """A ``dvc`` command failed; the message holds its last lines of output."""
+
+
+def is_dvc_project(project: Path) -> bool:
+    return (project / ".dvc").is_dir()
+
+
+@contextmanager
+def project_lock(project: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the project's command lock (``.dvc/tmp/clipcap.lock``), waiting for whoever holds it."""
+    from filelock import FileLock, Timeout
+
+    path = project / ".dvc" / "tmp" / "clipcap.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0.05)
+    except Timeout:
+        log.info("waiting for another DVC command in %s (lock %s)", project, path)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as err:
+            raise DvcError(f"{path} has been held for {timeout:.0f} s; if no clipcap flow or dvc command runs in "
+                           f"{project}, delete that file") from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def dvc(args: list[str], project: Path, echo: Callable[[str], None] | None = None) -> str:
+    """Run ``dvc <args>`` in ``project`` under the project lock; its output, each line passed to ``echo``
+    as it comes. Raises :class:`DvcError` (with the output's tail) when it fails."""
+    with project_lock(project):
+        process = subprocess.Popen(["dvc", *args], cwd=project, text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        lines: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            if echo and line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
+                echo(line)
+        if process.wait() != 0:
+            tail = "\n".join(lines[-40:])
+            raise DvcError(f"'dvc {' '.join(args)}' failed in {project} (exit {process.returncode}):\n{tail}")
+    return "\n".join(lines)
+
+
+def default_remote(project: Path) -> str | None:
+    """The name of the project's default DVC remote, None when it has none."""
+    done = subprocess.run(["dvc", "remote", "default"], cwd=project, capture_output=True, text=True)
+    name = done.stdout.strip()
+    return name if done.returncode == 0 and name else None
+
+
+def stage_names(dataset: str, stages: list[str] | tuple[str, ...]) -> list[str]:
+    return [f"{stage}@{dataset}" for stage in stages]
+
+
+def push(project: Path, dataset: str, stages: list[str] | tuple[str, ...],
+         echo: Callable[[str], None] | None = None) -> str | None:
+    """Push a dataset's stage outputs and the data they came from to the default remote; the remote's
+    name, or None (nothing pushed) when the project has none."""
+    remote = default_remote(project)
+    if remote is None:
+        log.info("no default DVC remote in %s: %s's artifacts were not pushed (dvc remote add -d NAME URL)",
+                 project, dataset)
+        return None
+    dvc(["push", "--with-deps", *stage_names(dataset, stages)], project, echo)
+    return remote
+
+
+def restore_lock(project: Path, dataset: str, entries: dict) -> list[str]:
+    """Make ``dvc.lock`` record ``entries`` (``<stage>@<dataset>`` -> entry, as a registered version
+    logged them) for ``dataset``, leaving the other datasets' entries as they are; the stages written."""
+    stale = [name for name in entries if not name.endswith(f"@{dataset}")]
+    if stale:
+        raise ClipcapError(f"lock entries {stale} are not stages of dataset {dataset!r}")
+    path = project / "dvc.lock"
+    lock = yaml.safe_load(path.read_text()) if path.exists() else None
+    lock = lock or {"schema": "2.0", "stages": {}}
+    stages = {name: entry for name, entry in lock.get("stages", {}).items() if not name.endswith(f"@{dataset}")}
+    lock["stages"] = stages | entries
+    write_text(path, yaml.safe_dump(lock, sort_keys=False))
+    return list(entries)
+
+
+def pull(project: Path, targets: list[str], echo: Callable[[str], None] | None = None) -> None:
+    """``dvc pull`` the outputs ``dvc.lock`` records for ``targets`` (stage names) into the workspace."""
+    if default_remote(project) is None:
+        raise DvcError(f"{project} has no default DVC remote to pull from: add the one the runs pushed to "
+                       "(dvc remote add -d NAME URL; scripts/env.sh sets $CLIPCAP_CACHE/dvc-remote)")
+    dvc(["pull", *targets], project, echo)

@@ -1,0 +1,216 @@
+"""The retraining loop running by itself on the team stack (scripts/stack.sh: a real Prefect server, a
+real MLflow tracking server, the deployments served by flows/serve.py), checked from the Prefect API and
+the MLflow registry.
+
+Two datasets: Tux Paint with the sports stamps held back, and a user's folder dataset. Both deployments
+run on a short interval: each first run trains and promotes, the next finds nothing new and skips.
+Then `clipcap add-batch` adds the sports stamps to tuxpaint: the event-triggered run embeds only them,
+warm-starts from the champion, re-scores the champion on the grown test split and gates; the folder
+dataset's captioner is untouched. A registered version is restored from the DVC remote in a fresh
+copy of the project with the same test metrics; `clipcap models rollback` moves the champion back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from projects import MINE, MINE_OVERRIDES, ROOT, captioned_folder, new_project, run
+
+pytestmark = pytest.mark.pipeline
+
+HELD_BACK = [f"sports/{name}.png" for name in ("australian_rules_football", "basketball", "cricketball", "football",
+                                                "rugby_goal_posts", "soccer", "tennis_ball", "tennis_racket",
+                                                "trophy_cup")]  # the first lands in the test split
+INTERVAL_S = 60
+TRAINING_RUN_S = 900    # a first run on 2 busy cores, both datasets at once
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    """The processes scripts/stack.sh started, and what the test asks them."""
+
+    def __init__(self, project: Path, state: Path):
+        self.project, self.state = project, state
+        self.env = os.environ | {"CLIPCAP_STACK_DIR": str(state), "CLIPCAP_PREFECT_PORT": str(_free_port()),
+                                 "CLIPCAP_MLFLOW_PORT": str(_free_port())}
+        for line in run(["bash", str(ROOT / "scripts" / "stack.sh"), "env"], project, self.env).splitlines():
+            key, value = line.removeprefix("export ").split("=", 1)
+            self.env[key] = value
+        self.env["PREFECT_HOME"] = str(state / "prefect")
+        self.api = httpx.Client(base_url=self.env["PREFECT_API_URL"], timeout=30)
+        self.mlflow = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+
+    def stack(self, *args: str) -> str:
+        return run(["bash", str(ROOT / "scripts" / "stack.sh"), *args, "--project", str(self.project)], self.project,
+                   self.env)
+
+    def clipcap(self, *args: str) -> str:
+        return run([str(self.project / "scripts" / "bin" / "clipcap"), *args], self.project, self.env)
+
+    def deployment(self, dataset: str) -> dict:
+        response = self.api.get(f"/deployments/name/clipcap-retrain/retrain-{dataset}")
+        response.raise_for_status()
+        return response.json()
+
+    def runs(self, dataset: str) -> list[dict]:
+        """The deployment's flow runs that ended or are running, oldest first."""
+        body = {"deployments": {"id": {"any_": [self.deployment(dataset)["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["RUNNING", "COMPLETED", "FAILED", "CRASHED"]}}},
+                "sort": "START_TIME_ASC"}
+        response = self.api.post("/flow_runs/filter", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def report(self, flow_run: dict) -> dict | None:
+        """The markdown artifact the run published."""
+        response = self.api.post("/artifacts/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+        response.raise_for_status()
+        found = response.json()
+        return found[0] if found else None
+
+    def wait_for_run(self, dataset: str, done, timeout: float, after: datetime | None = None) -> tuple[dict, dict]:
+        """The first completed run (started after ``after``) whose artifact satisfies ``done``; fails on a
+        failed run or at ``timeout``, with the worker's log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for flow_run in self.runs(dataset):
+                if after and flow_run["start_time"] and _time(flow_run["start_time"]) < after:
+                    continue
+                state = flow_run["state_type"]
+                assert state not in ("FAILED", "CRASHED"), f"{flow_run['name']} {state}:\n{self.worker_log()}"
+                report = self.report(flow_run) if state == "COMPLETED" else None
+                if report and done(report):
+                    return flow_run, report
+            time.sleep(5)
+        pytest.fail(f"no matching run of {dataset} within {timeout:.0f} s:\n{self.worker_log()}")
+
+    def worker_log(self) -> str:
+        return (self.state / "worker.log").read_text()[-6000:]
+
+    def champion(self, dataset: str) -> int:
+        return int(self.mlflow.get_model_version_by_alias(f"clipcap-{dataset}", "champion").version)
+
+    def versions(self, dataset: str) -> list[int]:
+        return sorted(int(v.version) for v in self.mlflow.search_model_versions(f"name='clipcap-{dataset}'"))
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _skipped(report: dict) -> bool:
+    return report["description"].endswith(": skipped")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The project (tuxpaint: 40 stamps, no sports; mine: 12 stamps in a folder), a DVC remote, the stack."""
+    root = tmp_path_factory.mktemp("scenario")
+    project = root / "project"
+    captioned_folder(project / "photos", MINE)
+    new_project(project, {"tuxpaint": {}, "mine": MINE_OVERRIDES})
+    run(["dvc", "remote", "add", "-q", "-d", "store", str(root / "dvc-remote")], project)
+    shutil.copytree(ROOT / "flows", project / "flows")
+    running = Stack(project, root / "stack")
+    running.stack("start", "--interval", str(INTERVAL_S))
+    try:
+        yield running
+    finally:
+        stopped = running.stack("stop")
+        assert "worker: stopped" in stopped and "prefect-server: stopped" in stopped, stopped
+
+
+@pytest.fixture(scope="module")
+def first_runs(stack) -> dict[str, tuple[dict, dict]]:
+    return {dataset: stack.wait_for_run(dataset, lambda r: not _skipped(r), TRAINING_RUN_S)
+            for dataset in ("tuxpaint", "mine")}
+
+
+def test_each_scheduled_first_run_trains_and_promotes(stack, first_runs):
+    for dataset, (flow_run, report) in first_runs.items():
+        assert flow_run["auto_scheduled"] is True  # the schedule started it, nobody by hand
+        assert report["description"] == f"clipcap-{dataset} version 1: promoted"
+        assert "**Gate: promoted to champion.** no champion yet" in report["data"]
+        assert "| retrieval baseline |" in report["data"] and "gallery.html" in report["data"]
+        assert stack.champion(dataset) == 1
+        run_ = stack.mlflow.get_run(stack.mlflow.get_model_version(f"clipcap-{dataset}", "1").run_id)
+        assert run_.data.tags["clipcap.dvc.train"] and run_.data.tags["clipcap.data"]
+    assert any((stack.project.parent / "dvc-remote").rglob("*")), "nothing was pushed to the DVC remote"
+
+
+def test_a_run_with_nothing_new_skips_in_under_a_minute(stack, first_runs):
+    for dataset, (trained, _) in first_runs.items():
+        flow_run, report = stack.wait_for_run(dataset, _skipped, 4 * INTERVAL_S + 300, after=_time(trained["end_time"]))
+        took = (_time(flow_run["end_time"]) - _time(flow_run["start_time"])).total_seconds()
+        assert took < 60, f"{flow_run['name']} took {took:.0f} s"
+        assert "nothing was trained" in report["data"]
+    assert stack.versions("tuxpaint") == [1] and stack.versions("mine") == [1]
+
+
+def test_a_version_restores_from_the_dvc_remote_with_its_metrics(stack, first_runs, tmp_path):
+    """A fresh copy of the project (no artifacts, no dvc.lock) pulls version 1's artifacts and re-evaluates
+    them to the metrics MLflow holds for it."""
+    fresh = tmp_path / "fresh"
+    captioned_folder(fresh / "photos", MINE)
+    new_project(fresh, {"tuxpaint": {}, "mine": MINE_OVERRIDES})
+    run(["dvc", "remote", "add", "-q", "-d", "store", str(stack.project.parent / "dvc-remote")], fresh)
+    env = stack.env
+    out = run([str(fresh / "scripts" / "bin" / "clipcap"), "models", "restore", "tuxpaint", "1"], fresh, env)
+    assert "restored artifacts/tuxpaint/ of clipcap-tuxpaint version 1" in out, out
+    assert (fresh / "artifacts" / "tuxpaint" / "model").is_dir()
+    run([str(fresh / "scripts" / "bin" / "clipcap"), "--dataset", "tuxpaint", "evaluate"], fresh, env)
+    again = json.loads((fresh / "artifacts" / "tuxpaint" / "metrics.json").read_text())["model"]
+    logged = stack.mlflow.get_run(stack.mlflow.get_model_version("clipcap-tuxpaint", "1").run_id).data.metrics
+    for name in ("BLEU-4", "METEOR", "CIDEr"):
+        assert again[name] == pytest.approx(logged[f"model_{name}"], abs=1e-6), name
+
+
+def test_a_new_batch_triggers_a_warm_started_gated_retrain_of_its_dataset_only(stack, first_runs, tmp_path):
+    deployment = stack.deployment("tuxpaint")
+    for schedule in deployment["schedules"]:  # from here on only the event starts tuxpaint's runs
+        stack.api.patch(f"/deployments/{deployment['id']}/schedules/{schedule['id']}",
+                        json={"active": False}).raise_for_status()
+    time.sleep(2 * INTERVAL_S)  # a scheduled run already under way ends first
+    test_before = json.loads((stack.project / "artifacts" / "tuxpaint" / "metrics.json").read_text())["test_images"]
+    added_at = datetime.now().astimezone()
+    out = stack.clipcap("add-batch", "tuxpaint", str(captioned_folder(tmp_path / "sports", HELD_BACK)))
+    assert "batch sports added" in out and "recorded in data.dvc" in out and "clipcap.batch.added sent" in out, out
+    flow_run, report = stack.wait_for_run("tuxpaint", lambda r: not _skipped(r), TRAINING_RUN_S, after=added_at)
+    assert flow_run["auto_scheduled"] is False  # the event's trigger started it
+    assert report["description"].startswith("clipcap-tuxpaint version 2")
+    artifacts = stack.project / "artifacts" / "tuxpaint"
+    embedded = json.loads((artifacts / "embed.json").read_text())
+    assert embedded["encoded"] == len(HELD_BACK) and embedded["reused"] == embedded["total"] - len(HELD_BACK)
+    summary = json.loads((artifacts / "training" / "summary.json").read_text())
+    assert summary["warm_start"]["from"] == "models:/clipcap-tuxpaint/1", summary["warm_start"]
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["test_images"] > test_before  # some sports stamps fall in the test split
+    registered = json.loads((artifacts / "registered.json").read_text())
+    assert "re-scored on this test set" in registered["gate"], registered["gate"]
+    assert stack.champion("tuxpaint") == (2 if registered["promoted_to_champion"] else 1)
+    assert stack.versions("mine") == [1] and stack.champion("mine") == 1  # the other captioner is untouched
+
+
+def test_rollback_returns_the_champion(stack, first_runs):
+    if stack.champion("tuxpaint") == 1:  # the gate kept version 1: serve 2 by hand first, then roll it back
+        stack.clipcap("models", "promote", "tuxpaint", "2", "--reason", "scenario")
+    out = stack.clipcap("models", "rollback", "tuxpaint", "--reason", "scenario")
+    assert "clipcap-tuxpaint version 1 is the champion" in out, out
+    assert stack.champion("tuxpaint") == 1
+    version = stack.mlflow.get_model_version("clipcap-tuxpaint", "1")
+    assert version.tags["clipcap.promoted_why"].startswith("rolled back from version 2")

@@ -1,0 +1,44 @@
+"""The DVC project helpers: one command lock per project, and writing a version's dvc.lock entries."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import yaml
+
+from clipcap.pipeline import dvc_project
+
+
+def test_restore_lock_replaces_only_that_datasets_entries(tmp_path):
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "fetch@a": {"cmd": "old a"}, "train@a": {"cmd": "old a"}, "fetch@b": {"cmd": "b"}}}))
+    written = dvc_project.restore_lock(tmp_path, "a", {"fetch@a": {"cmd": "v1"}})
+    assert written == ["fetch@a"]
+    stages = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert stages == {"fetch@b": {"cmd": "b"}, "fetch@a": {"cmd": "v1"}}
+
+
+def test_restore_lock_writes_a_lock_file_in_a_fresh_clone(tmp_path):
+    dvc_project.restore_lock(tmp_path, "a", {"train@a": {"cmd": "v1"}})
+    assert yaml.safe_load((tmp_path / "dvc.lock").read_text()) == {"schema": "2.0", "stages": {"train@a": {"cmd": "v1"}}}
+
+
+def test_a_second_command_waits_for_the_project_lock(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    order: list[str] = []
+    held = threading.Event()
+
+    def first():
+        with dvc_project.project_lock(tmp_path):
+            held.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait()
+    with dvc_project.project_lock(tmp_path):
+        order.append("second")
+    thread.join()
+    assert order == ["first done", "second"]
