@@ -58,7 +58,7 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     (layout.embeddings).symlink_to((source / "embeddings").resolve(), target_is_directory=True)
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))  # each seed from scratch
     started = time.perf_counter()
-    train.run(cfg, layout)
+    train.run(cfg, layout, tracking=False)  # a benchmark, not a run to keep
     seconds = time.perf_counter() - started
     return evaluate.run(cfg, layout) | {"train_seconds": seconds}
 

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         if stage == "train":
             stage_parser.add_argument("--resume", action="store_true",
                                       help="continue from the newest checkpoint of an interrupted run")
+        if stage == "embed":
+            stage_parser.add_argument("--part", default=None, metavar="I/N",
+                                      help="encode only part I of N of the missing images (run the N parts in "
+                                           "parallel, then plain 'clipcap embed' merges them)")
     verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
     verbs.add_parser("datasets", help="list the datasets params.yaml defines, one name per line")
     caption = verbs.add_parser("caption", help="caption images (files or folders) with a trained model")
@@ -247,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             stage = importlib.import_module(f"clipcap.pipeline.stages.{args.verb}")
             cfg = load_config(args.params, args.dataset)
             options = {"resume": args.resume} if args.verb == "train" else {}
+            if args.verb == "embed" and args.part:
+                options = {"part": stage.parse_part(args.part)}
             stage.run(cfg, **options)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v
         if args.verbose:

@@ -104,6 +104,11 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
     steps = len((project / TUXPAINT / "training" / "loss.csv").read_text().splitlines()) - 1
     assert len(losses) == steps > 0
     assert len(client.get_metric_history(champion.run_id, "val_CIDEr")) == TINY_PARAMS["train"]["epochs"]
+    # the train stage opened this run and logged the learning rate live; register completed the same run
+    assert len(client.get_metric_history(champion.run_id, "lr")) == steps
+    assert run.data.tags["mlflow.runName"] == "clipcap-tuxpaint-train" and run.data.tags["clipcap.resumed"] == "false"
+    summary = json.loads((project / TUXPAINT / "training" / "summary.json").read_text())
+    assert summary["mlflow_run"]["run_id"] == champion.run_id
     artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
     assert "gallery.html" in artifacts and "curve.csv" in artifacts
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]

@@ -165,3 +165,34 @@ def test_embed_sets_a_damaged_shard_aside_and_encodes_its_images_again(images, t
     assert (again.encoded, again.reused) == (2, 4)  # exactly the damaged shard's images
     assert (store_dir / store.dir.name / "damaged" / damaged.name).exists()  # kept for inspection
     torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids), before)
+
+
+def test_named_writers_share_a_store_without_colliding_and_merge_indexes_them(tmp_path):
+    EmbeddingStore(tmp_path, "enc@1").add(["old"], torch.randn(1, 4))
+    first, second = (EmbeddingStore(tmp_path, "enc@1", writer=w) for w in ("part1of2", "part2of2"))
+    vectors = torch.randn(4, 4)
+    first.add(["a", "b"], vectors[:2])
+    second.add(["c"], vectors[2:3])
+    first.add(["d"], vectors[3:])
+    names = sorted(p.name for p in first.shards())
+    assert names == ["shard-000000.safetensors", "shard-part1of2-000000.safetensors",
+                     "shard-part1of2-000001.safetensors", "shard-part2of2-000000.safetensors"]
+    assert json.loads((first.dir / INDEX).read_text())["shards"] == ["shard-000000.safetensors"]  # writers leave it
+    merged = EmbeddingStore(tmp_path, "enc@1")
+    assert merged.merge() == 5
+    assert json.loads((merged.dir / INDEX).read_text())["shards"] == names
+    torch.testing.assert_close(EmbeddingStore(tmp_path, "enc@1").get(["d", "a", "c"]), vectors[[3, 0, 2]])
+    with pytest.raises(ValueError, match="writer name"):
+        EmbeddingStore(tmp_path, "enc@1", writer="../x")
+
+
+def test_parts_split_the_images_once_and_evenly():
+    from clipcap.pipeline.stages.embed import in_part, parse_part
+
+    ids = [f"{n:064x}" for n in range(1000)]
+    parts = [[i for i in ids if in_part(i, (k, 3))] for k in range(3)]
+    assert sorted(sum(parts, [])) == ids and all(250 < len(p) < 420 for p in parts)
+    assert parse_part("2/3") == (1, 3)
+    for bad in ("0/2", "3/2", "x", "1/0"):
+        with pytest.raises(ClipcapError, match="--part"):
+            parse_part(bad)

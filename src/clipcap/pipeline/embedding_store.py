@@ -79,8 +79,15 @@ def _slug(key: str) -> str:
 
 
 class EmbeddingStore:
-    def __init__(self, root: str | Path, encoder_key: str) -> None:
+    """``writer``: a name for the shards this instance writes (``shard-<writer>-NNNNNN``), so several
+    processes or machines can fill one store at once without colliding; a named writer leaves the
+    index alone (each would overwrite the others'), and :meth:`merge` writes it once they are done."""
+
+    def __init__(self, root: str | Path, encoder_key: str, writer: str | None = None) -> None:
+        if writer is not None and not re.fullmatch(r"[A-Za-z0-9_]+", writer):
+            raise ValueError(f"writer name {writer!r}: letters, digits and '_' only")
         self.encoder_key = encoder_key
+        self.writer = writer
         self.dir = Path(root) / _slug(encoder_key)
         self._index: dict[str, tuple[str, int]] | None = None
 
@@ -143,9 +150,10 @@ class EmbeddingStore:
             raise ValueError(f"{len(image_ids)} ids for {embeddings.shape[0]} embeddings")
         index = self.index()
         self.dir.mkdir(parents=True, exist_ok=True)
-        existing = self.shards()
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        path = self.dir / f"shard-{number:06d}.safetensors"
+        prefix = f"shard-{self.writer}-" if self.writer else "shard-"
+        existing = sorted(self.dir.glob(f"{prefix}[0-9]*.safetensors"))
+        number = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
+        path = self.dir / f"{prefix}{number:06d}.safetensors"
         embeddings = embeddings.detach().float().contiguous().cpu()
         finite = torch.isfinite(embeddings).all(dim=1).tolist()
         if not all(finite):
@@ -158,8 +166,18 @@ class EmbeddingStore:
             save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
         for row, image_id in enumerate(image_ids):
             index.setdefault(image_id, (path.name, row))
-        self._write_index(index)
+        if self.writer is None:
+            self._write_index(index)
         return path
+
+    def merge(self) -> int:
+        """Index every shard on disk, whoever wrote it (after parallel writers), and write the index;
+        the number of images the store holds."""
+        self._index = None
+        index = self.index()
+        if self.dir.is_dir():
+            self._write_index(index)
+        return len(index)
 
     def get(self, image_ids: list[str]) -> torch.Tensor:
         """Embeddings for ``image_ids`` in that order; the error names the first missing id."""

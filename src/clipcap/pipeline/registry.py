@@ -237,20 +237,22 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
                      example_image: str, test_set: str | None = None, serve: dict | None = None,
                      rescore: Callable[[str], float] | None = None, experiment: str | None = None,
                      tags: dict[str, str] | None = None, data: pd.DataFrame | None = None,
-                     lock: dict | None = None) -> Registration:
+                     lock: dict | None = None, run_id: str | None = None) -> Registration:
     """Log one run (params, metrics, learning curves by optimizer step, files, pyfunc model) and register
     it; ``test_set``: the digest of the test set the metrics were computed on (what makes them comparable);
     ``rescore(model_uri)``: a registered version's metric on that test set (raises ClipcapError if it cannot);
     ``experiment``: the DVC experiment this run is (then no alias moves); ``tags``: more run tags (lineage);
     ``data``: the table trained and tested on, logged as the run's dataset input (its digest: ``tags``'
     clipcap.data when given); ``lock``: the dataset's ``dvc.lock`` entries, logged as ``LOCK_ARTIFACT``
-    (what ``clipcap models restore`` pulls the version's artifacts by)."""
+    (what ``clipcap models restore`` pulls the version's artifacts by); ``run_id``: the training run to complete
+    (it logged the curves live), else a new run is opened and the curves are replayed from the logs."""
     client = connect(cfg)
     name = model_name(dataset)
     if metric_key(cfg) not in metrics:
         raise ConfigError(f"register.metric: {cfg.metric!r} is not among the evaluated metrics "
                        f"({', '.join(k.removeprefix('model_') for k in metrics if k.startswith('model_'))})")
-    with mlflow.start_run(run_name=f"{name}-train") as run, tempfile.TemporaryDirectory() as staging:
+    with (mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{name}-train") as run,
+          tempfile.TemporaryDirectory() as staging):
         if test_set is not None:
             mlflow.set_tag(TEST_SET_TAG, test_set)
         if experiment is not None:
@@ -262,7 +264,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
                              context="training")
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
-        for curve, points in curves.items():  # train_loss per step; val_loss, val_CIDEr per epoch
+        for curve, points in (curves.items() if run_id is None else ()):  # train_loss per step; val_* per epoch
             for step, value in points:
                 mlflow.log_metric(curve, value, step=step)
         for path in files:

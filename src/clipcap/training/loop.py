@@ -190,9 +190,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, on_step: Callable[[dict], None] | None = None,
-            on_epoch: Callable[[ClipCap], dict] | None = None) -> TrainHistory:
-        """Train to the end; ``on_step(record)`` after each optimizer step and ``on_epoch(model)`` after
-        each epoch's validation (its dict joins the epoch record) run on the main process only."""
+            on_epoch: Callable[[ClipCap], dict] | None = None,
+            on_epoch_end: Callable[[dict], None] | None = None) -> TrainHistory:
+        """Train to the end; ``on_step(record)`` after each optimizer step, ``on_epoch(model)`` after
+        each epoch's validation (its dict joins the epoch record) and ``on_epoch_end(record)`` with the
+        finished record run on the main process only."""
         cfg, progress, main = self.cfg, self.progress, self.context.is_main
         if main:
             log.info("parameters: %s", self.model.parameter_summary())
@@ -204,6 +206,8 @@ class Trainer:
         while progress.epoch < cfg.epochs and not self.history.stopped_early:
             self._run_epoch(bar, on_step)
             self._end_epoch(on_epoch)
+            if on_epoch_end is not None and self.context.is_main:
+                on_epoch_end(self.history.epochs[-1])
             self.save()
         bar.close()
         if self.best_weights and progress.bad_epochs:  # early stopping on: the model is the best epoch's
@@ -282,8 +286,9 @@ class Trainer:
 def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPairs | None, cfg: TrainConfig,
                 pad_token_id: int, on_step: Callable[[dict], None] | None = None, *,
                 checkpoint_dir: str | Path | None = None, resume: bool = False, fingerprint: str = "",
-                on_epoch: Callable[[ClipCap], dict] | None = None) -> TrainHistory:
-    """Train ``model`` in place and return its loss history.
+                on_epoch: Callable[[ClipCap], dict] | None = None,
+                on_epoch_end: Callable[[dict], None] | None = None) -> TrainHistory:
+    """Train ``model`` in place and return its loss history (the callbacks: :meth:`Trainer.fit`).
 
     With ``checkpoint_dir``, checkpoints are written every ``cfg.checkpoint_every`` steps and at
     each epoch end; ``resume=True`` continues from the newest one (whose ``fingerprint``, a digest
@@ -297,4 +302,4 @@ def train_model(model: ClipCap, train_pairs: CaptionPairs, val_pairs: CaptionPai
         trainer.resume()
     elif checkpoint_dir is not None and trainer.context.is_main and remove_checkpoints(checkpoint_dir):
         log.info("a fresh run: removed the checkpoints of an earlier run from %s", checkpoint_dir)
-    return trainer.fit(on_step, on_epoch)
+    return trainer.fit(on_step, on_epoch, on_epoch_end)

@@ -1,7 +1,14 @@
-"""``clipcap embed``: encode the clean manifest's images that the embedding store lacks."""
+"""``clipcap embed``: encode the clean manifest's images that the embedding store lacks.
+
+Scaled out, ``clipcap embed --part I/N`` encodes only part I of N of them (split by image id, so every
+process agrees without talking to the others), writing shards under its own name; run the N parts
+anywhere the store is reachable (``flows/embed.py`` runs them as parallel Prefect tasks), then plain
+``clipcap embed`` (the DVC stage) finds nothing left to encode and merges the index.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 
@@ -9,7 +16,8 @@ import torch
 
 from clipcap.config import Config
 from clipcap.data.manifest import read_manifest
-from clipcap.fileio import write_json
+from clipcap.errors import ClipcapError
+from clipcap.fileio import read_json, write_json
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.pipeline.embedding_store import EmbeddingStore
 from clipcap.pipeline.layout import Layout
@@ -24,16 +32,52 @@ class EmbedStats:
     reused: int
 
 
-def run(cfg: Config, layout: Layout | None = None) -> EmbedStats:
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) -> (I - 1, N)."""
+    try:
+        number, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        number = count = 0
+    if not 1 <= number <= count:
+        raise ClipcapError(f"--part {text!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
+    return number - 1, count
+
+
+def in_part(image_id: str, part: tuple[int, int]) -> bool:
+    """Whether part ``(index, count)`` encodes ``image_id`` (a content hash: the parts come out even)."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % part[1] == part[0]
+
+
+def run(cfg: Config, layout: Layout | None = None, part: tuple[int, int] | None = None) -> EmbedStats:
     layout = layout or Layout.of(cfg.dataset.name)
     frame = read_manifest(layout.manifest)
+    if part is not None:
+        frame = frame[[in_part(i, part) for i in frame["image_id"]]]
     encoder = build_encoder(cfg.encoder.name)
-    store = EmbeddingStore(layout.embeddings, encoder.key)
+    writer = None if part is None else f"part{part[0] + 1}of{part[1]}"
+    store = EmbeddingStore(layout.embeddings, encoder.key, writer=writer)
     stats = embed_missing(frame["image_id"].tolist(), frame["path"].tolist(), encoder, store,
                           batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers)
-    log.info("embed: %d images, %d encoded, %d reused -> %s", stats.total, stats.encoded, stats.reused, store.dir)
-    write_json(layout.embed_summary, asdict(stats))
+    log.info("embed%s: %d images, %d encoded, %d reused -> %s", f" part {part[0] + 1}/{part[1]}" if part else "",
+             stats.total, stats.encoded, stats.reused, store.dir)
+    if part is None:
+        store.merge()  # takes in the shards parts wrote
+        write_json(layout.embed_summary, asdict(stats) | _earlier_parts(layout))
+    else:
+        write_json(layout.root / f"embed-{writer}.json", asdict(stats))
     return stats
+
+
+def _earlier_parts(layout: Layout) -> dict:
+    """What parts run before this stage encoded (their reports, consumed): the images this run's data
+    cost, wherever they were encoded."""
+    found = sorted(layout.root.glob("embed-part*.json"))
+    if not found:
+        return {}
+    parts = {p.stem.removeprefix("embed-"): read_json(p)["encoded"] for p in found}
+    for p in found:
+        p.unlink()
+    return {"encoded_by_parts": parts}
 
 
 def embed_missing(image_ids: list[str], paths: list[str], encoder: ImageEncoder, store: EmbeddingStore,

@@ -6,7 +6,6 @@ same test set (a champion scored on another is re-scored on this run's test spli
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable
 
 import pandas as pd
@@ -23,15 +22,7 @@ from clipcap.pipeline.registry import download_captioner, log_and_register
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.reports import flat_metrics, learning_curves
-
-
-def _flatten(prefix: str, value, out: dict) -> dict:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
-    else:
-        out[prefix] = value
-    return out
+from clipcap.pipeline.tracking import reusable_run, run_params
 
 
 def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
@@ -72,13 +63,12 @@ def dvc_experiment() -> str | None:
 
 def run(cfg: Config, layout: Layout | None = None) -> dict:
     layout = layout or Layout.of(cfg.dataset.name)
-    params = {k: str(v) for k, v in _flatten("", config_to_dict(cfg), {}).items()}
-    params["host.python"] = platform.python_version()
+    training_summary = read_json(layout.train_summary)
     manifest = pd.read_parquet(layout.manifest)
     example = manifest["path"].iloc[0]
     metrics = read_json(layout.metrics)
     registration = log_and_register(
-        cfg.register, cfg.dataset.name, layout.model, params, flat_metrics(metrics),
+        cfg.register, cfg.dataset.name, layout.model, run_params(cfg), flat_metrics(metrics),
         learning_curves(layout),
         files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve,
                layout.gallery],
@@ -90,6 +80,7 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         tags=lineage_tags(cfg.dataset.name, manifest) | warm_start_tags(layout),
         data=manifest[["image_id", "split", "category", "source"]],
         lock={"schema": "2.0", "stages": lock_entries(cfg.dataset.name)},
+        run_id=reusable_run(training_summary.get("mlflow_run"), cfg.register.tracking_uri),
     )
     result = {
         "name": registration.name,

@@ -8,6 +8,7 @@ was made from the same params, data and starting point.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
 from clipcap.pipeline.splits import split_data
+from clipcap.pipeline.tracking import training_run
 from clipcap.pipeline.warm_start import find_warm_start, recipe
 from clipcap.training.batches import CaptionPairs, tokenize_captions
 from clipcap.training.distributed import current_context
@@ -37,7 +39,9 @@ from clipcap.training.loop import train_model
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, layout: Layout | None = None, resume: bool = False) -> None:
+def run(cfg: Config, layout: Layout | None = None, resume: bool = False, tracking: bool = True) -> None:
+    """Train; with ``tracking``, in an MLflow run opened now (:mod:`clipcap.pipeline.tracking`) that the
+    register stage completes."""
     layout = layout or Layout.of(cfg.dataset.name)
     (train_rows, train_emb), (val_rows, val_emb) = split_data(layout, cfg.encoder.name, "train", "val")
     if len(train_rows) == 0:
@@ -69,11 +73,15 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False) -> None
         return {"val_CIDEr": cider(dict(zip(val_rows["image_id"], val_rows["captions"])),
                                    {i: c[0] for i, c in zip(val_rows["image_id"], found)})}
 
-    history = train_model(model, pairs(train_rows, train_emb), val_pairs, train_cfg,
-                          pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints, resume=resume,
-                          fingerprint=training_fingerprint(cfg, train_rows, val_rows, start=start.source),
-                          on_epoch=val_cider if val_pairs is not None else None)
-    if not current_context().is_main:
+    main = current_context().is_main
+    tags = {"clipcap.warm_start": start.source or f"scratch: {start.reason}", "clipcap.resumed": str(resume).lower()}
+    with training_run(cfg, tags) if tracking and main else contextlib.nullcontext() as live:
+        history = train_model(model, pairs(train_rows, train_emb), val_pairs, train_cfg,
+                              pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints, resume=resume,
+                              fingerprint=training_fingerprint(cfg, train_rows, val_rows, start=start.source),
+                              on_epoch=val_cider if val_pairs is not None else None,
+                              on_step=live.on_step if live else None, on_epoch_end=live.on_epoch_end if live else None)
+    if not main:
         return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
                    tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained, retrieval=cfg.retrieval,
@@ -84,7 +92,8 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False) -> None
     write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
                                       "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
                                       "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"],
-                                      "warm_start": start.describe(train_cfg.epochs)})
+                                      "warm_start": start.describe(train_cfg.epochs),
+                                      "mlflow_run": live.describe() if live else None})
     log.info("model saved to %s", layout.model)
 
 
