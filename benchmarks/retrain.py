@@ -139,8 +139,8 @@ def main() -> None:
     result["test_images"] = metrics["test_images"]
     print(f"incremental: {result['incremental_s']:.0f} s, CIDEr {result['incremental_cider']:.3f}", flush=True)
 
-    link_stamps(held, work / "stamps")  # the full project reads all the stamps from its source folder...
-    full_project = new_project(work / "full", {"tuxpaint": {"dataset": {"root": str(work / "stamps")}}}, shared={})
+    link_stamps(kept + held, work / "all-stamps")  # the full project reads all of them from its source folder
+    full_project = new_project(work / "full", {"tuxpaint": {"dataset": {"root": str(work / "all-stamps")}}}, shared={})
     result["full_s"], _ = repro(full_project, "register@tuxpaint")
     result["full_images_embedded"] = read(full_project, "tuxpaint", "embed.json")["encoded"]
     metrics = read(full_project, "tuxpaint", "metrics.json")
