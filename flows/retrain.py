@@ -61,8 +61,7 @@ def fetch(dataset: str, project_dir: str) -> None:
 def stale_stages(dataset: str, project_dir: str) -> list[str]:
     """The stages up to ``register@<dataset>`` that ``dvc status`` finds out of date (fetch's
     'always changed' left out: it has just run)."""
-    found = json.loads(dvc_project.dvc(["status", "--json", "--with-deps", f"register@{dataset}"],
-                                       Path(project_dir)) or "{}")
+    found = dvc_project.stale(Path(project_dir), f"register@{dataset}")
     return sorted(stage for stage, why in found.items() if why != ["always changed"])
 
 

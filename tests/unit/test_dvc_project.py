@@ -42,3 +42,16 @@ def test_a_second_command_waits_for_the_project_lock(tmp_path):
         order.append("second")
     thread.join()
     assert order == ["first done", "second"]
+
+
+def test_stale_reads_what_dvc_status_finds_out_of_date(tmp_path):
+    import subprocess
+
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "in.txt").write_text("x")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: cp in.txt out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n")
+    assert dvc_project.stale(tmp_path, "a") == {"a": [{"changed deps": {"in.txt": "modified"}},
+                                                      {"changed outs": {"out.txt": "deleted"}}]}
+    dvc_project.dvc(["repro", "-q", "a"], tmp_path)
+    assert dvc_project.stale(tmp_path, "a") == {}

@@ -9,6 +9,7 @@ another and a user adding a batch wait for each other instead of failing.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from collections.abc import Callable, Iterator
@@ -72,6 +73,17 @@ def dvc(args: list[str], project: Path, echo: Callable[[str], None] | None = Non
             tail = "\n".join(lines[-40:])
             raise DvcError(f"'dvc {' '.join(args)}' failed in {project} (exit {process.returncode}):\n{tail}")
     return "\n".join(lines)
+
+
+def stale(project: Path, target: str) -> dict:
+    """``dvc status --json --with-deps target``: what is out of date and why (read from stdout alone, so
+    a warning DVC prints on stderr never spoils the JSON)."""
+    with project_lock(project):
+        done = subprocess.run(["dvc", "status", "--json", "--with-deps", target], cwd=project,
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DvcError(f"'dvc status {target}' failed in {project} (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout or "{}")
 
 
 def default_remote(project: Path) -> str | None:

@@ -2,7 +2,7 @@
 
 Scaled out, ``clipcap embed --part I/N`` encodes only part I of N of them (split by image id, so every
 process agrees without talking to the others), writing shards under its own name; run the N parts
-anywhere the store is reachable (``flows/embed.py`` runs them as parallel Prefect tasks), then plain
+anywhere the store is reachable (``flows/embed_parts.py`` runs them as parallel Prefect tasks), then plain
 ``clipcap embed`` (the DVC stage) finds nothing left to encode and merges the index.
 """
 

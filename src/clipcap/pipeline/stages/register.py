@@ -43,9 +43,10 @@ def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
     return rescore
 
 
-def warm_start_tags(layout: Layout) -> dict[str, str]:
-    """Where training started: ``clipcap.warm_start`` = the champion's URI, or "scratch: <reason>"."""
-    start = read_json(layout.train_summary).get("warm_start") if layout.train_summary.exists() else None
+def warm_start_tags(summary: dict) -> dict[str, str]:
+    """Where training started (``training/summary.json``'s ``warm_start``): ``clipcap.warm_start`` = the
+    champion's URI, or "scratch: <reason>"."""
+    start = summary.get("warm_start")
     if not start:
         return {}
     return {"clipcap.warm_start": start["from"] or f"scratch: {start['reason']}"}
@@ -77,7 +78,7 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         serve=config_to_dict(cfg.serve),
         rescore=champion_rescorer(cfg, layout),
         experiment=dvc_experiment(),
-        tags=lineage_tags(cfg.dataset.name, manifest) | warm_start_tags(layout),
+        tags=lineage_tags(cfg.dataset.name, manifest) | warm_start_tags(training_summary),
         data=manifest[["image_id", "split", "category", "source"]],
         lock={"schema": "2.0", "stages": lock_entries(cfg.dataset.name)},
         run_id=reusable_run(training_summary.get("mlflow_run"), cfg.register.tracking_uri),
