@@ -3,7 +3,9 @@
 For every seed, the embedded default (params.yaml as it is: ``model``) and the paper's
 configuration (the same with ``retrieval.k: 0``: ``model_k0``) are trained and evaluated on the
 same clean manifest and stored embeddings; the baselines (``retrieval``: the nearest training
-image's caption; ``most_frequent``) are deterministic and scored in the same runs.
+image's caption by the encoder's similarity; ``most_frequent``) are deterministic and scored in the
+same runs. ``retrieval_learned`` is the default model's own search without its LM: the nearest
+training image's caption in the retrieval space it learned (``retrieval.metric``), per seed.
 
     dvc repro embed                                  # the clean manifest and embeddings it reads
     python benchmarks/quality.py [--dataset tuxpaint] [--seeds 0 1 2] [--artifacts artifacts/<dataset>] [--jobs 2]
@@ -39,6 +41,9 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 from clipcap.config import load_config  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
+from clipcap.modeling.captioner import Captioner  # noqa: E402
+from clipcap.pipeline.metrics import score_captions  # noqa: E402
+from clipcap.pipeline.splits import split_data  # noqa: E402
 from clipcap.pipeline.stages import evaluate, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +65,19 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     started = time.perf_counter()
     train.run(cfg, layout, tracking=False)  # a benchmark, not a run to keep
     seconds = time.perf_counter() - started
-    return evaluate.run(cfg, layout) | {"train_seconds": seconds}
+    return evaluate.run(cfg, layout) | {"train_seconds": seconds, "retrieval_learned": learned_retrieval(cfg, layout)}
+
+
+def learned_retrieval(cfg, layout: Layout) -> dict | None:
+    """The model's own search without its LM: the caption of the nearest training image in the trained
+    captioner's retrieval space (learned from the captions, or the encoder's), scored like the model."""
+    captioner = Captioner.load(layout.model)
+    if captioner.retriever is None:
+        return None
+    (rows, embeddings), = split_data(layout, cfg.encoder.name, "test")
+    found = [c[0] for c in captioner.retriever.datastore.nearest(embeddings, 1)]
+    return score_captions(dict(zip(rows["image_id"], rows["captions"])), dict(zip(rows["image_id"], found)),
+                          bootstrap=0).corpus
 
 
 def summarise(values: list[float]) -> dict:
@@ -117,6 +134,9 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
     results = {name: {m: summarise([r["model"][m] for r in found]) for m in METRICS} for name, found in runs.items()}
     for name, found in runs.items():  # the time budget each configuration took (train stage, wall clock)
         results[name]["train_seconds"] = summarise([r["train_seconds"] for r in found])
+    if all(r.get("retrieval_learned") for r in runs["model"]):   # the model's search alone, per seed
+        results["retrieval_learned"] = {m: summarise([r["retrieval_learned"][m] for r in runs["model"]])
+                                        for m in METRICS}
     for key, system in SYSTEMS.items():
         if key != "model":
             results[system] = {m: {"seeds": [first[key][m]], "mean": first[key][m], "ci95": first["ci95"][key][m]}
@@ -134,7 +154,8 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
         lines.append(f"| {system} | " + " | ".join(
             f"{found[m]['mean']:.3f} [{found[m]['ci95'][0]:.3f}, {found[m]['ci95'][1]:.3f}]" for m in METRICS) + " |")
     lines += ["", "CIDEr per seed: " + "; ".join(
-        f"{name} {', '.join(f'{v:.3f}' for v in results[name]['CIDEr']['seeds'])}" for name in configs)]
+        f"{name} {', '.join(f'{v:.3f}' for v in results[name]['CIDEr']['seeds'])}"
+        for name in [*configs, *(["retrieval_learned"] if "retrieval_learned" in results else [])])]
     lines += ["", "Training time per run (s, mean over seeds): " + "; ".join(
         f"{name} {results[name]['train_seconds']['mean']:.0f} ({configs[name].train.epochs} epochs)"
         for name in configs)]

@@ -217,6 +217,10 @@ class RetrievalConfig:
     order: Literal["prompt_first", "prefix_first"] = "prompt_first"  # the prompt before / after the prefix
     max_caption_tokens: int = 24        # each retrieved caption is cut to this many tokens
     duplicate_similarity: float = 0.995  # training: an image never retrieves itself or entries this similar
+    metric: Literal["learned", "cosine"] = "learned"  # search space: learned from the training captions | the encoder's
+    metric_dim: int = 128               # learned: its width
+    metric_steps: int = 150             # learned: full-batch optimiser steps
+    metric_temperature: float = 0.1     # learned: softmax temperature of the similarities
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -225,6 +229,11 @@ class RetrievalConfig:
             raise ConfigError("retrieval.max_caption_tokens must be >= 1")
         if not 0 < self.duplicate_similarity <= 1:
             raise ConfigError("retrieval.duplicate_similarity must be in (0, 1]")
+        for key in ("metric_dim", "metric_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"retrieval.{key} must be >= 1")
+        if self.metric_temperature <= 0:
+            raise ConfigError("retrieval.metric_temperature must be > 0")
 
 
 @dataclass(frozen=True)

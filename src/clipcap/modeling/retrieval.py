@@ -11,6 +11,12 @@ residuals, scanned with SIMD lookups (``IVF<nlist>,PQ<m>x4fsr``, 168 bytes an en
 proposes ``RERANK`` candidates, which are re-scored exactly against the stored float32 embeddings.
 That index takes minutes to build for a million entries, so it is saved beside the embeddings in
 faiss's own format (never pickled) and read back while it matches them (benchmarks/retrieval_speed.py).
+
+A datastore may search in a learned space (:class:`KeyProjection`, fitted to the training captions by
+:mod:`clipcap.training.retrieval_metric`): images whose captions say the same thing are brought
+together, so the neighbour found is the one whose caption fits. The stored embeddings stay the
+encoder's own; keys and queries are projected, and copies of an image are still recognised by the
+encoder's similarity.
 """
 
 from __future__ import annotations
@@ -43,6 +49,28 @@ FEW_QUERIES = 20             # searches of fewer queries run on one faiss thread
 TIE = 1e-5                   # similarities this close count as equal where exactness is decided
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyProjection:
+    """The learned search space of a datastore: ``normalize((x - center) @ weight)`` for a unit-normalised
+    image embedding ``x`` (``center``: (e,), ``weight``: (e, m))."""
+
+    center: torch.Tensor
+    weight: torch.Tensor
+
+    def __call__(self, embeddings: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(embeddings.float(), dim=-1)
+        return F.normalize((unit - self.center) @ self.weight, dim=-1).contiguous()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"projection.center": self.center.contiguous(), "projection.weight": self.weight.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> KeyProjection | None:
+        if "projection.weight" not in tensors:
+            return None
+        return cls(tensors["projection.center"].float(), tensors["projection.weight"].float())
 
 
 @dataclass
@@ -121,9 +149,10 @@ def _checked(embeddings: torch.Tensor, captions: list[str], image_ids: list[str]
 class CaptionDatastore:
     """Captions keyed by the (unit-normalised) embedding of their image; several rows may share an image.
 
-    ``index`` (faiss) is built from ``embeddings`` when the datastore is made, unless it is given:
+    ``index`` (faiss) is built from the search keys when the datastore is made, unless it is given:
     exact search up to ``approximate_above`` entries, an approximate index visiting ``nprobe`` of its
-    inverted lists per query above.
+    inverted lists per query above. The keys are the embeddings, or their ``projection`` (a learned
+    space; queries are projected the same way).
     """
 
     embeddings: torch.Tensor   # (N, e), unit L2 norm, float32
@@ -132,21 +161,27 @@ class CaptionDatastore:
     approximate_above: int = APPROXIMATE_ABOVE
     nprobe: int = NPROBE
     index: faiss.Index | None = field(default=None, repr=False)
+    projection: KeyProjection | None = None
 
     def __post_init__(self) -> None:
         self.embeddings = self.embeddings.float().contiguous()
+        if self.projection is not None and self.projection.weight.shape[0] != self.embeddings.shape[-1]:
+            raise ValueError(f"a projection from width {self.projection.weight.shape[0]} for embeddings of "
+                             f"width {self.embeddings.shape[-1]}")
+        self.keys = self.embeddings if self.projection is None else self.projection(self.embeddings)
         if self.index is None:
             self.index = self._build_index()
-        elif self.index.ntotal != len(self.embeddings) or self.index.d != self.embeddings.shape[-1]:
+        elif self.index.ntotal != len(self.keys) or self.index.d != self.keys.shape[-1]:
             raise ValueError(f"an index of {self.index.ntotal} x {self.index.d} for "
-                             f"{tuple(self.embeddings.shape)} embeddings")
+                             f"{tuple(self.keys.shape)} search keys")
         self._rows_of: dict[str, list[int]] | None = None
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, captions: list[str], image_ids: list[str], *,
-              approximate_above: int = APPROXIMATE_ABOVE, nprobe: int = NPROBE) -> CaptionDatastore:
+              approximate_above: int = APPROXIMATE_ABOVE, nprobe: int = NPROBE,
+              projection: KeyProjection | None = None) -> CaptionDatastore:
         return cls(_checked(embeddings, captions, image_ids), list(captions), list(image_ids),
-                   approximate_above, nprobe)
+                   approximate_above, nprobe, projection=projection)
 
     @classmethod
     def of_images(cls, embeddings: torch.Tensor, captions_per_image, image_ids, **kwargs) -> CaptionDatastore:
@@ -168,7 +203,7 @@ class CaptionDatastore:
         return faiss.extract_index_ivf(self.index)
 
     def _build_index(self) -> faiss.Index:
-        vectors = self.embeddings.reshape(len(self.embeddings), -1).numpy()
+        vectors = self.keys.reshape(len(self.keys), -1).numpy()
         dim = vectors.shape[1]
         if not self.approximate:
             index = faiss.IndexFlatIP(dim)
@@ -200,10 +235,10 @@ class CaptionDatastore:
         index = None
         if self.approximate:
             index = faiss.deserialize_index(faiss.serialize_index(self.index))   # a copy: this store stays as it is
-            index.add(more.numpy())
+            index.add((more if self.projection is None else self.projection(more)).numpy())
         return CaptionDatastore(torch.cat([self.embeddings, more]), self.captions + [captions[i] for i in keep],
                                 self.image_ids + [image_ids[i] for i in keep], self.approximate_above,
-                                self.nprobe, index)
+                                self.nprobe, index, self.projection)
 
     def _rows(self, image_id: str) -> list[int]:
         if self._rows_of is None:
@@ -222,12 +257,14 @@ class CaptionDatastore:
                 return self.index.search(queries, count, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
             return self.index.search(queries, count)[1]
 
-    def _rescore(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """The exact similarity of each query to its candidate rows (q, count), -inf where there is none.
+    def _rescore(self, rows: np.ndarray, queries: np.ndarray, vectors: torch.Tensor | None = None) -> np.ndarray:
+        """The exact similarity of each query to its candidate rows (q, count), -inf where there is none:
+        in the search space, or of ``vectors`` (the encoder's embeddings, for copies of an image).
 
         A few products per query: numpy, on the calling thread (a thread pool costs more than it saves
         here, and contends with faiss's own); all entries at once past ~64 MB of candidates."""
-        vectors, width = self.embeddings.numpy(), self.embeddings.shape[1]
+        vectors = self.keys if vectors is None else vectors
+        vectors, width = vectors.numpy(), vectors.shape[1]
         if rows.shape[1] * width > 1 << 24:
             similarity = np.stack([(vectors @ q)[r] for q, r in zip(queries, rows)])
         else:
@@ -251,10 +288,13 @@ class CaptionDatastore:
         """
         if k == 0 or len(self) == 0:
             return [[] for _ in range(len(queries))]
-        if queries.shape[-1] != self.index.d:
-            raise ValueError(f"queries of width {queries.shape[-1]} for a datastore of width {self.index.d}")
-        queries = queries.detach().float().cpu().numpy()       # numpy from here on: no torch thread pool per call
-        queries = np.ascontiguousarray(queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12))
+        if queries.shape[-1] != self.embeddings.shape[-1]:
+            raise ValueError(f"queries of width {queries.shape[-1]} for a datastore of width {self.embeddings.shape[-1]}")
+        queries = F.normalize(queries.detach().float().cpu(), dim=-1)
+        originals = queries.numpy() if self.projection is not None else None   # copies are found by these
+        if self.projection is not None:
+            queries = self.projection(queries)
+        queries = np.ascontiguousarray(queries.numpy())       # numpy from here on: no torch thread pool per call
         excluded = [set(self._rows(i)) for i in query_ids] if query_ids is not None else [set()] * len(queries)
         least = RERANK if self.approximate else 0
         wanted = [min(len(self), max(least, 2 * k + len(rows) + 8)) for rows in excluded]
@@ -266,17 +306,19 @@ class CaptionDatastore:
             every_entry = count >= len(self) and nprobe >= lists
             rows = self._search(queries[pending], count, nprobe)
             similarity = self._rescore(rows, queries[pending])
+            copies = similarity if originals is None else self._rescore(rows, originals[pending], self.embeddings)
             order = np.lexsort((np.where(rows >= 0, rows, len(self)), -similarity))   # nearest first, ties by row
             rows = np.take_along_axis(rows, order, 1).tolist()
             similarity = np.take_along_axis(similarity, order, 1).tolist()
+            copies = np.take_along_axis(copies, order, 1).tolist()
             again = []
-            for q, q_rows, q_sims in zip(pending, rows, similarity):
+            for q, q_rows, q_sims, q_copies in zip(pending, rows, similarity, copies):
                 cut = -math.inf if every_entry or self.approximate else q_sims[-1] + TIE
                 found: list[str] = []
-                for row, sim in zip(q_rows, q_sims):
+                for row, sim, copy in zip(q_rows, q_sims, q_copies):
                     if row < 0 or len(found) == k or sim <= cut:
                         break
-                    if row in excluded[q] or (duplicate_similarity is not None and sim >= duplicate_similarity):
+                    if row in excluded[q] or (duplicate_similarity is not None and copy >= duplicate_similarity):
                         continue
                     if self.captions[row] not in found:
                         found.append(self.captions[row])
@@ -293,12 +335,14 @@ class CaptionDatastore:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         with atomic_path(directory / EMBEDDINGS_FILE) as tmp:
-            save_file({"embeddings": self.embeddings.contiguous()}, str(tmp))
-        settings = {"kind": self.index_kind, "approximate_above": self.approximate_above, "nprobe": self.nprobe}
+            save_file({"embeddings": self.embeddings.contiguous(),
+                       **(self.projection.tensors() if self.projection is not None else {})}, str(tmp))
+        settings = {"kind": self.index_kind, "approximate_above": self.approximate_above, "nprobe": self.nprobe,
+                    "space": "encoder" if self.projection is None else f"learned, width {self.keys.shape[1]}"}
         if self.approximate:
             with atomic_path(directory / INDEX_FILE) as tmp:
                 faiss.write_index(self.index, str(tmp))
-            settings |= {"file": INDEX_FILE, "fingerprint": fingerprint(self.embeddings)}
+            settings |= {"file": INDEX_FILE, "fingerprint": fingerprint(self.keys)}
         else:
             (directory / INDEX_FILE).unlink(missing_ok=True)
         write_json(directory / CAPTIONS_FILE, {"captions": self.captions, "image_ids": self.image_ids,
@@ -309,7 +353,8 @@ class CaptionDatastore:
         """The saved datastore, with its saved index where that was built from these embeddings (else a new one)."""
         directory = Path(directory)
         try:
-            embeddings = load_file(str(directory / EMBEDDINGS_FILE))["embeddings"]
+            tensors = load_file(str(directory / EMBEDDINGS_FILE))
+            embeddings, projection = tensors["embeddings"], KeyProjection.from_tensors(tensors)
             meta = json.loads((directory / CAPTIONS_FILE).read_text())
         except (OSError, ValueError, KeyError) as err:
             raise ClipcapError(f"{directory}: unreadable caption datastore ({err}); retrain, or restore "
@@ -320,17 +365,18 @@ class CaptionDatastore:
         settings = meta.get("index", {})   # a datastore saved before the index: the defaults
         approximate_above = settings.get("approximate_above", APPROXIMATE_ABOVE)
         index = None
+        keys = embeddings if projection is None else projection(embeddings)
         if (len(embeddings) > approximate_above and settings.get("file") == INDEX_FILE
-                and (directory / INDEX_FILE).exists() and settings.get("fingerprint") == fingerprint(embeddings)):
+                and (directory / INDEX_FILE).exists() and settings.get("fingerprint") == fingerprint(keys)):
             try:
                 index = faiss.read_index(str(directory / INDEX_FILE))
             except RuntimeError as err:
                 log.warning("%s: unreadable (%s); building the index anew", directory / INDEX_FILE, err)
-            if index is not None and (index.ntotal, index.d) != tuple(embeddings.shape):
+            if index is not None and (index.ntotal, index.d) != tuple(keys.shape):
                 log.warning("%s does not match the embeddings; building the index anew", directory / INDEX_FILE)
                 index = None
         return cls(embeddings, meta["captions"], meta["image_ids"], approximate_above,
-                   settings.get("nprobe", NPROBE), index)
+                   settings.get("nprobe", NPROBE), index, projection)
 
 
 def prompt_text(captions: list[str]) -> str:

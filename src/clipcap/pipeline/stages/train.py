@@ -35,6 +35,7 @@ from clipcap.pipeline.warm_start import find_warm_start, recipe
 from clipcap.training.batches import CaptionPairs, tokenize_captions
 from clipcap.training.distributed import current_context
 from clipcap.training.loop import train_model
+from clipcap.training.retrieval_metric import fit_key_projection
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
         model.load_weights(start.weights)
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr)
     log.info("training %s: %s", "warm-started" if start.source else "from scratch", start.reason)
-    retriever = training_retriever(cfg.retrieval, train_rows, train_emb)
+    retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor) -> CaptionPairs:
@@ -108,13 +109,19 @@ def training_fingerprint(cfg: Config, *splits: pd.DataFrame, start: str | None =
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: torch.Tensor) -> Retriever | None:
-    """The datastore of the training split (one entry per caption), or None for the paper's model."""
+def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: torch.Tensor,
+                       seed: int = 0) -> Retriever | None:
+    """The datastore of the training split (one entry per caption), searched in a space learned from
+    its captions (``retrieval.metric: learned``) or the encoder's; None for the paper's model."""
     if not cfg.k:
         return None
-    datastore = CaptionDatastore.of_images(embeddings, rows["captions"], rows["image_id"])
-    log.info("retrieval: %d captions of %d training images in the datastore; %d per prompt (%s)",
-             len(datastore), len(rows), cfg.k, cfg.order)
+    projection = None
+    if cfg.metric == "learned":
+        projection = fit_key_projection(embeddings, rows["captions"].tolist(), dim=cfg.metric_dim,
+                                        temperature=cfg.metric_temperature, steps=cfg.metric_steps, seed=seed)
+    datastore = CaptionDatastore.of_images(embeddings, rows["captions"], rows["image_id"], projection=projection)
+    log.info("retrieval: %d captions of %d training images in the datastore (%s space); %d per prompt (%s)",
+             len(datastore), len(rows), cfg.metric, cfg.k, cfg.order)
     return Retriever(datastore, cfg.k, cfg.max_caption_tokens)
 
 
