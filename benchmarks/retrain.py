@@ -7,12 +7,15 @@ and a full retrain from scratch on the same data, each measured through `dvc rep
 Tux Paint (the embedded default) with every 10th stamp held back trains first; then
 - skip: `dvc repro register@tuxpaint` with nothing new (fetch looks, nothing else runs);
 - incremental: `clipcap add-batch` the held-back stamps, `dvc repro register@tuxpaint`: only they are
-  embedded, training warm-starts from the champion (`retrain.epochs`);
+  embedded, training warm-starts from the champion (`retrain.epochs` over the new training images and
+  `retrain.replay` times as many old ones), and the gate re-scores the champion on the grown test split;
 - full: a second project holding all the data from the start: everything hashed, embedded and trained from
   scratch (`train.epochs`);
 - skip_10k_images: a folder dataset of 10,000 generated images (tiny LM) built once, then a run with
   nothing new.
-Writes benchmarks/results/retrain-<machine>.json and .md.
+Both retrains are scored on the same test split; the paired bootstrap of their per-image CIDEr
+differences says whether the warm start is within the noise of the full retrain. Each stage's time
+comes from its last output's mtime. Writes benchmarks/results/retrain-<machine>.json and .md.
 """
 
 from __future__ import annotations
@@ -57,6 +60,39 @@ def repro(project: Path, target: str) -> tuple[float, list[str]]:
 
 def read(project: Path, dataset: str, name: str) -> dict:
     return json.loads((project / "artifacts" / dataset / name).read_text())
+
+
+STAGE_OUTPUTS = {"fetch": "raw_manifest.parquet", "validate": "manifest.parquet", "embed": "embed.json",
+                 "train": "training/summary.json", "evaluate": "metrics.json", "register": "registered.json"}
+
+
+def stage_seconds(project: Path, dataset: str, started: float) -> dict[str, float]:
+    """Seconds each stage of the last `dvc repro` took: from the previous stage's last output (or the
+    start, a wall-clock time) to its own (mtimes; stages that did not run are left out)."""
+    out, before = {}, started
+    for stage, name in STAGE_OUTPUTS.items():
+        written = (project / "artifacts" / dataset / name).stat().st_mtime
+        if written >= started:
+            out[stage] = round(written - before, 1)
+            before = written
+    return out
+
+
+def per_image_cider(project: Path, dataset: str) -> dict[str, float]:
+    lines = (project / "artifacts" / dataset / "evaluation" / "predictions.jsonl").read_text().splitlines()
+    return {row["image_id"]: row["scores"]["model"]["CIDEr"] for row in map(json.loads, filter(None, lines))}
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], rounds: int = 10_000, seed: int = 0) -> dict:
+    """Mean per-image difference a - b over the images both scored, with its 95 % bootstrap interval
+    (images resampled with replacement, both systems together): 0 inside it = within the noise."""
+    import numpy as np
+
+    ids = sorted(a.keys() & b.keys())
+    difference = np.array([a[i] - b[i] for i in ids])
+    means = difference[np.random.default_rng(seed).integers(0, len(ids), (rounds, len(ids)))].mean(axis=1)
+    return {"images": len(ids), "mean": round(float(difference.mean()), 4),
+            "ci95": [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]}
 
 
 def stamps_split(holdout: float) -> tuple[list[Path], list[Path]]:
@@ -130,22 +166,32 @@ def main() -> None:
     print(f"skip: {result['skip_s']:.1f} s, ran {ran}", flush=True)
     subprocess.run([str(incremental / "scripts" / "bin" / "clipcap"), "add-batch", "tuxpaint", str(batch),
                     "--no-event"], cwd=incremental, check=True, capture_output=True)
+    started = time.time()
     result["incremental_s"], result["incremental_stages_run"] = repro(incremental, "register@tuxpaint")
+    result["incremental_stage_s"] = stage_seconds(incremental, "tuxpaint", started)
     result["incremental_images_embedded"] = read(incremental, "tuxpaint", "embed.json")["encoded"]
     result["incremental_warm_start"] = read(incremental, "tuxpaint", "training/summary.json")["warm_start"]
     metrics = read(incremental, "tuxpaint", "metrics.json")
     result["incremental_cider"], result["incremental_cider_ci95"] = metrics["model"]["CIDEr"], metrics["ci95"]["model"]["CIDEr"]
     result["incremental_retrieval_cider"] = metrics["baseline_retrieval"]["CIDEr"]
+    registered = read(incremental, "tuxpaint", "registered.json")
+    result["incremental_gate"], result["champion_rescored_cider"] = registered["gate"], registered["champion_value"]
     result["test_images"] = metrics["test_images"]
     print(f"incremental: {result['incremental_s']:.0f} s, CIDEr {result['incremental_cider']:.3f}", flush=True)
 
     link_stamps(kept + held, work / "all-stamps")  # the full project reads all of them from its source folder
     full_project = new_project(work / "full", {"tuxpaint": {"dataset": {"root": str(work / "all-stamps")}}}, shared={})
+    started = time.time()
     result["full_s"], _ = repro(full_project, "register@tuxpaint")
+    result["full_stage_s"] = stage_seconds(full_project, "tuxpaint", started)
     result["full_images_embedded"] = read(full_project, "tuxpaint", "embed.json")["encoded"]
     metrics = read(full_project, "tuxpaint", "metrics.json")
     result["full_cider"], result["full_cider_ci95"] = metrics["model"]["CIDEr"], metrics["ci95"]["model"]["CIDEr"]
     result["full_test_images"] = metrics["test_images"]
+    if metrics["test_set"] != read(incremental, "tuxpaint", "metrics.json")["test_set"]:
+        raise SystemExit("the two projects' test splits differ: their scores cannot be compared")
+    result["incremental_minus_full_cider"] = paired_difference(per_image_cider(incremental, "tuxpaint"),
+                                                               per_image_cider(full_project, "tuxpaint"))
     print(f"full: {result['full_s']:.0f} s, CIDEr {result['full_cider']:.3f}", flush=True)
 
     generated_images(work / "big-images", args.big, seed=0)
@@ -179,7 +225,15 @@ def markdown(r: dict) -> str:
         f"{r['full_cider']:.3f} {_ci(r['full_cider_ci95'])} |",
         f"| nothing new, {r['skip_10k_images']:,} images | {r['skip_10k_images_s']:.1f} s | 0 | |", "",
         f"Incremental / full time: {r['incremental_over_full_time']:.2f}. Warm start: {r['incremental_warm_start']}. "
-        f"Retrieval baseline on the grown test split: CIDEr {r['incremental_retrieval_cider']:.3f}.", ""])
+        f"Retrieval baseline on the grown test split: CIDEr {r['incremental_retrieval_cider']:.3f}.", "",
+        f"Warm start minus full retrain, per test image (paired bootstrap): CIDEr "
+        f"{r['incremental_minus_full_cider']['mean']:+.3f} {_ci(r['incremental_minus_full_cider']['ci95'])}. "
+        f"The champion before the batch, re-scored on the grown split by the gate: {r['champion_rescored_cider']:.3f}; "
+        f"gate: {r['incremental_gate']}", "",
+        "Where the time goes (seconds; each stage ends at its last output's mtime):", "",
+        "| stage | incremental | full |", "|---|---|---|",
+        *(f"| {stage} | {r['incremental_stage_s'].get(stage, '-')} | {r['full_stage_s'].get(stage, '-')} |"
+          for stage in STAGE_OUTPUTS), ""])
 
 
 def _ci(pair) -> str:

@@ -270,12 +270,15 @@ class RetrainConfig:
     """Retraining on more data: start from the champion's weights instead of from scratch."""
 
     warm_start: bool = True   # when the champion has this architecture and this train section (only the data grew)
-    epochs: int = 2           # epochs of a warm-started run, over old + new data
-    lr: float = 1e-4          # its peak learning rate (after train.warmup_steps)
+    epochs: int = 2           # epochs of a warm-started run, over the new data and a replayed sample of the old
+    lr: float = 1e-4          # its peak learning rate (after a warm-up of a tenth of its steps, <= train.warmup_steps)
+    replay: float = 3.0       # old training images per new one in a warm-started run; 0 = all the old data
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError("retrain.epochs must be >= 1")
+        if self.replay < 0:
+            raise ConfigError("retrain.replay must be >= 0 (0 = train on all the old data)")
         if self.lr <= 0:
             raise ConfigError("retrain.lr must be > 0")
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -200,6 +201,10 @@ def test_a_new_batch_triggers_a_warm_started_gated_retrain_of_its_dataset_only(s
     assert embedded["encoded"] == len(HELD_BACK) and embedded["reused"] == embedded["total"] - len(HELD_BACK)
     summary = json.loads((artifacts / "training" / "summary.json").read_text())
     assert summary["warm_start"]["from"] == "models:/clipcap-tuxpaint/1", summary["warm_start"]
+    trained, manifest = summary["warm_start"]["images"], pd.read_parquet(artifacts / "manifest.parquet")
+    new_in_train = manifest[(manifest["split"] == "train") & manifest["path"].str.contains("/sports/")]
+    assert trained["new"] == len(new_in_train) >= 1, trained   # every new training image, and a replayed sample of
+    assert trained["old"] == min(3 * trained["new"], (manifest["split"] == "train").sum() - trained["new"])  # the old
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["test_images"] > test_before  # some sports stamps fall in the test split
     registered = json.loads((artifacts / "registered.json").read_text())

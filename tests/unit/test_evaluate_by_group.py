@@ -13,7 +13,7 @@ from clipcap.pipeline.reports import summary
 def test_score_by_group_scores_each_group_on_its_own_images(monkeypatch):
     seen = []
 
-    def fake_score(references, predictions, bootstrap):
+    def fake_score(references, predictions, bootstrap, meteor=None):
         seen.append(sorted(predictions))
         exact = sum(predictions[i] in references[i] for i in predictions) / len(predictions)
         return CaptionScores({"CIDEr": exact}, {})

@@ -37,3 +37,34 @@ def test_bootstrap_is_seeded():
     predictions = {i: "A drawing of a cat." for i in REFS}
     first = score_captions(REFS, predictions, bootstrap=200, seed=3).ci95
     assert first == score_captions(REFS, predictions, bootstrap=200, seed=3).ci95
+
+
+def test_bleu_from_summed_statistics_is_pycocoevalcaps_corpus_bleu():
+    """The bootstrap sums each image's BLEU counts per resample (all resamples at once): summed over
+    any multiset of images, they give exactly what pycocoevalcap's scorer gives for it."""
+    import numpy as np
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from clipcap.pipeline.metrics import bleu_statistics, corpus_bleu
+
+    predictions = {i: c for i, c in zip(REFS, ["a drawing of a cat", "the dog", "a red car in a picture", "tree",
+                                                "a boat a boat a boat", "house of cards", "an apple", "a bird .",
+                                                "fish", "the star in a picture of the night sky"])}
+    gts = {i: [r.lower().rstrip(".") for r in refs] for i, refs in REFS.items()}
+    res = {i: [predictions[i]] for i in REFS}
+    ids = sorted(REFS)
+    stats = bleu_statistics(ids, gts, res)
+    for sample in (ids, ids[:3], [ids[0], ids[0], ids[4], ids[9]]):
+        expected, _ = Bleu(4).compute_score({f"{n}": gts[i] for n, i in enumerate(sample)},
+                                            {f"{n}": res[i] for n, i in enumerate(sample)}, verbose=0)
+        found = corpus_bleu(stats[[ids.index(i) for i in sample]].sum(axis=0))
+        assert np.allclose(found, expected, rtol=1e-12, atol=0), sample
+
+
+def test_one_metric_alone_equals_the_full_scoring(scores):
+    from clipcap.pipeline.metrics import corpus_metric
+
+    words = ["cat", "dog", "car", "tree", "boat", "kite", "pear", "moon", "shoe", "lamp"]
+    predictions = {i: f"A drawing of a {w}." for i, w in zip(REFS, words)}
+    assert corpus_metric(REFS, predictions, "CIDEr") == scores.corpus["CIDEr"]
+    assert corpus_metric(REFS, predictions, "BLEU-4") == scores.corpus["BLEU-4"]

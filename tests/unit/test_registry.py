@@ -236,3 +236,28 @@ def test_the_run_carries_lineage_tags_and_its_dataset_input(store):
     [logged] = run.inputs.dataset_inputs
     assert logged.dataset.name == "toy-manifest" and logged.dataset.digest == "f" * 32
     assert [t.value for t in logged.tags if t.key == "mlflow.data.context"] == ["training"]
+
+
+def test_a_versions_own_test_captions_are_reused_only_with_the_same_decoding(store, tmp_path):
+    """The gate re-scores a champion on a grown test split by captioning only the images its own
+    evaluation did not caption: the captions come from its run's predictions.jsonl when its
+    metrics.json says they were made with this evaluate.decoding."""
+    import json
+
+    from clipcap.config import Config, DecodingConfig, EvaluateConfig, config_to_dict
+    from clipcap.pipeline.stages.register import earlier_captions
+
+    cfg, captioner = store
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"decoding": config_to_dict(DecodingConfig())}))
+    (evaluation / "predictions.jsonl").write_text(
+        "".join(json.dumps({"image_id": i, "prediction": c}) + "\n" for i, c in [("a1", "A cat."), ("b2", "A dog.")]))
+    with_files = log_and_register(cfg, "toy", captioner, {"p": "1"}, {"model_CIDEr": 0.5}, {}, example_image="x.png",
+                                  files=[evaluation / "metrics.json", evaluation / "predictions.jsonl"])
+    without = _register(cfg, captioner, 0.4)
+    project = Config(register=cfg)
+    assert earlier_captions(with_files.uri, project) == {"a1": "A cat.", "b2": "A dog."}
+    assert earlier_captions(without.uri, project) == {}                       # logged before the files were
+    other = dataclasses.replace(project, evaluate=EvaluateConfig(decoding=DecodingConfig(num_beams=3)))
+    assert earlier_captions(with_files.uri, other) == {}                      # made another way: caption anew

@@ -75,3 +75,49 @@ def test_switched_off_or_an_old_champion_without_a_recipe_means_from_scratch(cfg
     assert "records no training recipe" in find_warm_start(cfg).reason
     off = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))
     assert find_warm_start(off).reason == "retrain.warm_start is off"
+
+
+def test_a_retrieval_champion_brings_its_training_images_and_its_retrieval_space(cfg, tmp_path):
+    from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection
+
+    with_retrieval = dataclasses.replace(cfg, retrieval=RetrievalConfig(k=1))
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    projection = KeyProjection(torch.zeros(1280), torch.randn(1280, 4))
+    store = CaptionDatastore.of_images(torch.randn(3, 1280), [["A."], ["B."], ["C."]], ["i1", "i2", "i3"],
+                                       projection=projection)
+    save_captioner(tmp_path / "champion", ClipCap(cfg.mapper, 1280, lm.model), encoder=cfg.encoder.name, lm_name=LM,
+                   tokenizer_name="smollm2-135m", lm_pretrained=False, retrieval=with_retrieval.retrieval,
+                   datastore=store, extra={"recipe": recipe(with_retrieval)})
+    log_and_register(cfg.register, "toy", tmp_path / "champion", {}, {"model_CIDEr": 0.5}, {}, [],
+                     example_image="x.png", test_set="t")
+    found = find_warm_start(with_retrieval)
+    assert found.trained_on == frozenset({"i1", "i2", "i3"})
+    assert torch.equal(found.projection.weight, projection.weight)
+    assert found.describe(2, {"new": 1, "old": 3})["images"] == {"new": 1, "old": 3}
+
+
+def test_replay_trains_on_every_new_image_and_a_seeded_sample_of_the_old():
+    import pandas as pd
+
+    from clipcap.pipeline.warm_start import replay_rows
+
+    rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(20)], "captions": [["c"]] * 20})
+    old = frozenset(f"i{n}" for n in range(18))
+    picked = replay_rows(rows, old, 3.0, seed=0)
+    assert {"i18", "i19"} <= set(picked["image_id"]) and len(picked) == 2 + 6
+    assert list(picked.index) == sorted(picked.index)                     # manifest order kept
+    assert picked.equals(replay_rows(rows, old, 3.0, seed=0))             # seeded
+    assert not picked.equals(replay_rows(rows, old, 3.0, seed=1))
+    assert len(replay_rows(rows, old, 100.0, seed=0)) == 20               # never more than there is
+    assert replay_rows(rows, old, 0.0, seed=0) is rows                    # 0: all the old data
+    assert replay_rows(rows, None, 3.0, seed=0) is rows                   # the champion's images unknown
+    assert replay_rows(rows, frozenset(rows["image_id"]), 3.0, seed=0) is rows   # nothing new to train on
+
+
+def test_a_warm_starts_warmup_is_a_tenth_of_its_steps():
+    from clipcap.pipeline.stages.train import warm_start_warmup
+
+    cfg = Config()                     # batch 16, 2 retrain epochs, train.warmup_steps 40
+    assert warm_start_warmup(cfg, 312) == 4          # 20 steps an epoch x 2 = 40 steps
+    assert warm_start_warmup(cfg, 16 * 1000) == 40   # at most train.warmup_steps
+    assert warm_start_warmup(cfg, 3) == 1

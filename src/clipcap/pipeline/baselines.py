@@ -33,9 +33,12 @@ def retrieval_captions(train_embeddings: torch.Tensor, train_captions: list[list
 
 
 def score_systems(references: dict[str, list[str]], systems: dict[str, dict[str, str]],
-                  bootstrap: int = 1000) -> dict[str, CaptionScores]:
-    """Scores of each named system's predictions ({image id: caption})."""
-    return {name: score_captions(references, predictions, bootstrap=bootstrap) for name, predictions in systems.items()}
+                  bootstrap: int = 1000, meteor=None) -> dict[str, CaptionScores]:
+    """Scores of each named system's predictions ({image id: caption}), with one METEOR process for all
+    (``meteor``, or one started here: its Java start is most of the scoring time)."""
+    meteor = meteor or _meteor()
+    return {name: score_captions(references, predictions, bootstrap=bootstrap, meteor=meteor)
+            for name, predictions in systems.items()}
 
 
 def score_by_group(references: dict[str, list[str]], systems: dict[str, dict[str, str]],
@@ -47,9 +50,16 @@ def score_by_group(references: dict[str, list[str]], systems: dict[str, dict[str
     way nocaps reports in-, near- and out-of-domain results.
     """
     out: dict[str, dict] = {}
+    meteor = _meteor()
     for group in sorted(set(groups.values())):
         ids = [i for i, g in groups.items() if g == group]
         scores = score_systems({i: references[i] for i in ids}, {name: {i: p[i] for i in ids} for name, p in systems.items()},
-                               bootstrap=0)
+                               bootstrap=0, meteor=meteor)
         out[group] = {"images": len(ids), **{name: s.corpus for name, s in scores.items()}}
     return out
+
+
+def _meteor():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()   # a Java subprocess, stopped when the scorer is garbage-collected

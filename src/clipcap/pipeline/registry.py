@@ -364,6 +364,19 @@ def champion_uri(cfg: RegisterConfig, dataset: str) -> str | None:
     return f"models:/{name}/{version}"
 
 
+def version_file(uri: str, tracking_uri: str, path: str) -> Path | None:
+    """A file the run behind a registered version (``models:/name/version``) logged at ``path``, downloaded;
+    None when the version, its run or the file is not there (a version logged before the file was)."""
+    name, _, version = uri.removeprefix("models:/").rpartition("/")
+    try:
+        run_id = MlflowClient(tracking_uri).get_model_version(name, version).run_id
+        mlflow.set_tracking_uri(tracking_uri)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+    except (MlflowException, OSError) as err:
+        log.info("%s: no %s from its run (%s)", uri, path, err)
+        return None
+
+
 def download_captioner(uri: str, tracking_uri: str) -> Path:
     """Download a registered model (``models:/name@alias``) and return its captioner folder."""
     mlflow.set_tracking_uri(tracking_uri)

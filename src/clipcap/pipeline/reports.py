@@ -72,9 +72,9 @@ def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retr
 
 # ---------------------------------------------------------------- metrics.json
 # {"model": {"BLEU-1": ..., "CIDEr": ...}, "baseline_...": {...}, "test_images": n, "spice": "...",
-#  "ci95": {system: {metric: [low, high]}},
+#  "ci95": {system: {metric: [low, high]}}, "decoding": {the evaluate.decoding the model's captions were made with},
 #  "by_domain": {domain: {"images": n, system: {metric: value}}}}  (by_domain only for nocaps)
-NOT_SYSTEMS = ("by_domain", "ci95")
+NOT_SYSTEMS = ("by_domain", "ci95", "decoding")
 
 
 def system_scores(metrics: dict) -> dict[str, dict[str, float | None]]:

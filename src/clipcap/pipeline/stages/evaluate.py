@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 
-from clipcap.config import Config
+from clipcap.config import Config, config_to_dict
 from clipcap.environment import resolve_device
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
@@ -53,6 +53,7 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         "test_set": test_set_digest(references),   # what makes two runs' scores comparable (the promotion gate)
         "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
         "ci95": {name: found.ci95 for name, found in scores.items()},   # bootstrap over the test images
+        "decoding": config_to_dict(cfg.evaluate.decoding),   # what the captions were made with (re-used by the gate)
     }
     if "domain" in test_rows and test_rows["domain"].notna().any():  # nocaps: in-, near-, out-of-domain
         domains = {i: d for i, d in zip(ids, test_rows["domain"]) if isinstance(d, str) and d}

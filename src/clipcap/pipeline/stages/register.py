@@ -5,6 +5,8 @@ same test set (a champion scored on another is re-scored on this run's test spli
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -17,30 +19,56 @@ from clipcap.fileio import read_json, write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.lineage import lineage_tags, lock_entries
-from clipcap.pipeline.metrics import score_captions
-from clipcap.pipeline.registry import download_captioner, log_and_register
+from clipcap.pipeline.metrics import corpus_metric
+from clipcap.pipeline.registry import download_captioner, log_and_register, version_file
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.reports import flat_metrics, learning_curves
 from clipcap.pipeline.tracking import reusable_run, run_params
 
+log = logging.getLogger(__name__)
+
 
 def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
     """``rescore(model_uri)``: a registered version's metric on this run's test split, captioned and
-    scored as the evaluate stage scores the new model."""
+    scored as the evaluate stage scores the new model. Only images the version has not captioned yet
+    are captioned: the captions its own evaluation gave the others (its run's ``predictions.jsonl``,
+    made with this ``evaluate.decoding``) are re-used, so a test split grown by a batch costs the batch."""
 
     def rescore(uri: str) -> float:
         (rows, embeddings), = split_data(layout, cfg.encoder.name, "test")
-        captioner = Captioner.load(download_captioner(uri, cfg.register.tracking_uri),
-                                   device=resolve_device(cfg.train.device))
-        if captioner.config.get("encoder") != cfg.encoder.name:
-            raise ClipcapError(f"{uri} reads {captioner.config.get('encoder')} embeddings; this test set was "
-                               f"embedded with {cfg.encoder.name}")
-        predictions = dict(zip(rows["image_id"], caption_test_split(captioner, embeddings, cfg.evaluate)))
-        references = dict(zip(rows["image_id"], rows["captions"]))
-        return score_captions(references, predictions, bootstrap=0).corpus[cfg.register.metric]
+        ids = rows["image_id"].tolist()
+        known = earlier_captions(uri, cfg)
+        todo = [row for row, image in enumerate(ids) if image not in known]
+        log.info("re-scoring %s on %d test images: %d captions from its own evaluation, %d to make",
+                 uri, len(ids), len(ids) - len(todo), len(todo))
+        if todo:
+            captioner = Captioner.load(download_captioner(uri, cfg.register.tracking_uri),
+                                       device=resolve_device(cfg.train.device))
+            if captioner.config.get("encoder") != cfg.encoder.name:
+                raise ClipcapError(f"{uri} reads {captioner.config.get('encoder')} embeddings; this test set was "
+                                   f"embedded with {cfg.encoder.name}")
+            made = caption_test_split(captioner, embeddings[todo], cfg.evaluate)
+            known = known | {ids[row]: caption for row, caption in zip(todo, made)}
+        predictions = {image: known[image] for image in ids}
+        references = dict(zip(ids, rows["captions"]))
+        return corpus_metric(references, predictions, cfg.register.metric)
 
     return rescore
+
+
+def earlier_captions(uri: str, cfg: Config) -> dict[str, str]:
+    """{image id: caption} from a registered version's own evaluation, when it used this ``evaluate.decoding``
+    (else, or for a version logged without them, none)."""
+    metrics = version_file(uri, cfg.register.tracking_uri, "metrics.json")
+    predictions = version_file(uri, cfg.register.tracking_uri, "predictions.jsonl")
+    if metrics is None or predictions is None:
+        return {}
+    if read_json(metrics).get("decoding") != config_to_dict(cfg.evaluate.decoding):
+        log.info("%s was evaluated with other decoding settings: its test captions are made anew", uri)
+        return {}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    return {row["image_id"]: row["prediction"] for row in rows}
 
 
 def warm_start_tags(summary: dict) -> dict[str, str]:
@@ -71,8 +99,8 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
     registration = log_and_register(
         cfg.register, cfg.dataset.name, layout.model, run_params(cfg), flat_metrics(metrics),
         learning_curves(layout),
-        files=[layout.metrics, layout.samples, layout.validation_markdown, layout.train_summary, layout.learning_curve,
-               layout.gallery],
+        files=[layout.metrics, layout.samples, layout.predictions, layout.validation_markdown, layout.train_summary,
+               layout.learning_curve, layout.gallery],
         example_image=example,
         test_set=metrics.get("test_set"),
         serve=config_to_dict(cfg.serve),

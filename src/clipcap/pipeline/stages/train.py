@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 
 import pandas as pd
 import torch
@@ -25,13 +26,13 @@ from clipcap.modeling.decode import GREEDY, generate_captions
 from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CaptionDatastore, Retriever, per_caption
+from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, per_caption
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
 from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.tracking import training_run
-from clipcap.pipeline.warm_start import find_warm_start, recipe
+from clipcap.pipeline.warm_start import find_warm_start, recipe, replay_rows
 from clipcap.training.batches import CaptionPairs, tokenize_captions
 from clipcap.training.distributed import current_context
 from clipcap.training.loop import train_model
@@ -53,12 +54,19 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
                     prompt_order=cfg.retrieval.order)
     model.fit_embedding_mean(train_emb)
     start = find_warm_start(cfg)
-    train_cfg = cfg.train
+    train_cfg, fit_rows, images = cfg.train, train_rows, None
     if start.weights is not None:
         model.load_weights(start.weights)
-        train_cfg = dataclasses.replace(cfg.train, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr)
-    log.info("training %s: %s", "warm-started" if start.source else "from scratch", start.reason)
-    retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed)
+        fit_rows = replay_rows(train_rows, start.trained_on, cfg.retrain.replay, cfg.train.seed)
+        train_cfg = dataclasses.replace(cfg.train, epochs=cfg.retrain.epochs, lr=cfg.retrain.lr,
+                                        warmup_steps=warm_start_warmup(cfg, sum(map(len, fit_rows["captions"]))))
+        if start.trained_on is not None:
+            new = int((~train_rows["image_id"].isin(start.trained_on)).sum())
+            images = {"new": new, "old": len(fit_rows) - new}
+    log.info("training %s: %s%s", "warm-started" if start.source else "from scratch", start.reason,
+             f"; on {images['new']} new training images and {images['old']} of the old" if images else "")
+    retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed,
+                                   projection=start.projection)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor) -> CaptionPairs:
@@ -77,9 +85,9 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     main = current_context().is_main
     tags = {"clipcap.warm_start": start.source or f"scratch: {start.reason}", "clipcap.resumed": str(resume).lower()}
     with training_run(cfg, tags) if tracking and main else contextlib.nullcontext() as live:
-        history = train_model(model, pairs(train_rows, train_emb), val_pairs, train_cfg,
+        history = train_model(model, pairs(fit_rows, train_emb[fit_rows.index.to_numpy()]), val_pairs, train_cfg,
                               pad_token_id=lm.tokenizer.pad_token_id, checkpoint_dir=layout.checkpoints, resume=resume,
-                              fingerprint=training_fingerprint(cfg, train_rows, val_rows, start=start.source),
+                              fingerprint=training_fingerprint(cfg, fit_rows, val_rows, start=start.source),
                               on_epoch=val_cider if val_pairs is not None else None,
                               on_step=live.on_step if live else None, on_epoch_end=live.on_epoch_end if live else None)
     if not main:
@@ -93,9 +101,16 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     write_json(layout.train_summary, {"trainable_parameters": trainable, "parameters": model.parameter_summary(),
                                       "train_pairs": sum(len(c) for c in train_rows["captions"]), "epochs": history.epochs,
                                       "stopped_early": history.stopped_early, "final_loss": history.steps[-1]["loss"],
-                                      "warm_start": start.describe(train_cfg.epochs),
+                                      "warm_start": start.describe(train_cfg.epochs, images),
                                       "mlflow_run": live.describe() if live else None})
     log.info("model saved to %s", layout.model)
+
+
+def warm_start_warmup(cfg: Config, pairs: int) -> int:
+    """A warm-started run's warm-up: a tenth of its optimizer steps (the weights are trained, the
+    optimizer's moments are not), at most ``train.warmup_steps``."""
+    steps = cfg.retrain.epochs * math.ceil(math.ceil(pairs / cfg.train.batch_size) / cfg.train.grad_accum_steps)
+    return min(cfg.train.warmup_steps, max(1, steps // 10))
 
 
 def training_fingerprint(cfg: Config, *splits: pd.DataFrame, start: str | None = None) -> str:
@@ -110,13 +125,15 @@ def training_fingerprint(cfg: Config, *splits: pd.DataFrame, start: str | None =
 
 
 def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: torch.Tensor,
-                       seed: int = 0) -> Retriever | None:
+                       seed: int = 0, projection: KeyProjection | None = None) -> Retriever | None:
     """The datastore of the training split (one entry per caption), searched in a space learned from
-    its captions (``retrieval.metric: learned``) or the encoder's; None for the paper's model."""
+    its captions (``retrieval.metric: learned``; ``projection``: one learned before, a warm start's) or
+    the encoder's; None for the paper's model."""
     if not cfg.k:
         return None
-    projection = None
-    if cfg.metric == "learned":
+    if cfg.metric == "cosine":
+        projection = None
+    elif projection is None:
         projection = fit_key_projection(embeddings, rows["captions"].tolist(), dim=cfg.metric_dim,
                                         temperature=cfg.metric_temperature, steps=cfg.metric_steps, seed=seed)
     datastore = CaptionDatastore.of_images(embeddings, rows["captions"], rows["image_id"], projection=projection)
