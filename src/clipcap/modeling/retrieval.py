@@ -365,14 +365,14 @@ class CaptionDatastore:
         settings = meta.get("index", {})   # a datastore saved before the index: the defaults
         approximate_above = settings.get("approximate_above", APPROXIMATE_ABOVE)
         index = None
-        keys = embeddings if projection is None else projection(embeddings)
-        if (len(embeddings) > approximate_above and settings.get("file") == INDEX_FILE
-                and (directory / INDEX_FILE).exists() and settings.get("fingerprint") == fingerprint(keys)):
+        width = embeddings.shape[1] if projection is None else projection.weight.shape[1]   # of the search keys
+        if (len(embeddings) > approximate_above and settings.get("file") == INDEX_FILE and (directory / INDEX_FILE).exists()
+                and settings.get("fingerprint") == fingerprint(embeddings if projection is None else projection(embeddings))):
             try:
                 index = faiss.read_index(str(directory / INDEX_FILE))
             except RuntimeError as err:
                 log.warning("%s: unreadable (%s); building the index anew", directory / INDEX_FILE, err)
-            if index is not None and (index.ntotal, index.d) != tuple(keys.shape):
+            if index is not None and (index.ntotal, index.d) != (len(embeddings), width):
                 log.warning("%s does not match the embeddings; building the index anew", directory / INDEX_FILE)
                 index = None
         return cls(embeddings, meta["captions"], meta["image_ids"], approximate_above,

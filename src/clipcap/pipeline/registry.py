@@ -364,16 +364,16 @@ def champion_uri(cfg: RegisterConfig, dataset: str) -> str | None:
     return f"models:/{name}/{version}"
 
 
-def version_file(uri: str, tracking_uri: str, path: str) -> Path | None:
-    """A file the run behind a registered version (``models:/name/version``) logged at ``path``, downloaded;
-    None when the version, its run or the file is not there (a version logged before the file was)."""
+def version_files(uri: str, tracking_uri: str, *paths: str) -> list[Path] | None:
+    """Files the run behind a registered version (``models:/name/version``) logged at ``paths``, downloaded;
+    None when the version, its run or one of the files is not there (a version logged before the files were)."""
     name, _, version = uri.removeprefix("models:/").rpartition("/")
     try:
         run_id = MlflowClient(tracking_uri).get_model_version(name, version).run_id
         mlflow.set_tracking_uri(tracking_uri)
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+        return [Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)) for path in paths]
     except (MlflowException, OSError) as err:
-        log.info("%s: no %s from its run (%s)", uri, path, err)
+        log.info("%s: not all of %s from its run (%s)", uri, ", ".join(paths), err)
         return None
 
 

@@ -20,7 +20,7 @@ from clipcap.modeling.captioner import Captioner
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.lineage import lineage_tags, lock_entries
 from clipcap.pipeline.metrics import corpus_metric
-from clipcap.pipeline.registry import download_captioner, log_and_register, version_file
+from clipcap.pipeline.registry import download_captioner, log_and_register, version_files
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.reports import flat_metrics, learning_curves
@@ -60,10 +60,10 @@ def champion_rescorer(cfg: Config, layout: Layout) -> Callable[[str], float]:
 def earlier_captions(uri: str, cfg: Config) -> dict[str, str]:
     """{image id: caption} from a registered version's own evaluation, when it used this ``evaluate.decoding``
     (else, or for a version logged without them, none)."""
-    metrics = version_file(uri, cfg.register.tracking_uri, "metrics.json")
-    predictions = version_file(uri, cfg.register.tracking_uri, "predictions.jsonl")
-    if metrics is None or predictions is None:
+    found = version_files(uri, cfg.register.tracking_uri, "metrics.json", "predictions.jsonl")
+    if found is None:
         return {}
+    metrics, predictions = found
     if read_json(metrics).get("decoding") != config_to_dict(cfg.evaluate.decoding):
         log.info("%s was evaluated with other decoding settings: its test captions are made anew", uri)
         return {}
