@@ -232,3 +232,51 @@ def test_per_caption_losses_are_each_rows_own_loss():
     rows = [(randn(16, seed=1), [5, 6, 7, EOS], [9, 10, 11, 12]), (randn(16, seed=2), [8, EOS], [13])]
     alone = torch.stack([model(**PadCollator(PAD)([row]).model_inputs()) for row in rows])
     torch.testing.assert_close(per_caption, alone)
+
+
+@pytest.mark.parametrize("order", ["prompt_first", "prefix_first", None])
+def test_scoring_many_captions_per_image_equals_each_pair_alone(order):
+    """caption_nll runs each image's context once and copies its cache to every caption of that
+    image: the likelihoods are those of the training loss, one (image, caption) pair at a time."""
+    from clipcap.modeling.decode import caption_nll
+
+    model = scramble_lm(_model(order or "prompt_first"), mapper=True).eval()
+    embeddings = randn(3, 16, seed=5) * 3
+    prompts = None if order is None else [[9, 10, 11], [12], [13, 14, 15, 16]]
+    captions = {"a": [20, 21], "b": [22], "c": [23, 24, 25, 26], "d": [27, 20]}
+    owner = [0, 0, 0, 1, 2, 2]
+    texts = ["a", "b", "c", "d", "a", "c"]
+
+    class Tokenizer:  # each text is a name for a fixed token sequence
+        eos_token_id, pad_token_id = EOS, PAD
+
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [captions[t] for t in texts]}
+
+    tokenizer = Tokenizer()
+    scored = caption_nll(model, tokenizer, embeddings, texts, owner, prompts, batch_size=2)
+    for j, (image, text) in enumerate(zip(owner, texts)):
+        item = (embeddings[image], captions[text] + [EOS], None if prompts is None else prompts[image])
+        alone = model(**PadCollator(PAD)([item]).model_inputs(), per_caption=True)
+        torch.testing.assert_close(scored[j], alone[0], rtol=1e-4, atol=1e-4)
+    assert len({round(float(x), 4) for x in scored}) == len(texts)   # the pairs really differ
+
+
+@pytest.mark.parametrize("decoding", [DecodingConfig(num_beams=3, num_captions=2, max_new_tokens=6),
+                                      DecodingConfig(strategy="sample", num_captions=3, max_new_tokens=6)])
+def test_sharing_the_context_across_beams_changes_no_caption(decoding, monkeypatch):
+    """generate_token_ids runs the prompt and prefix once per image, not once per beam or sample."""
+    from clipcap.modeling import decode
+
+    model = scramble_lm(_model("prompt_first"), mapper=True).eval()
+    embeddings = randn(4, 16, seed=3) * 3
+    ids, mask = pad_left([[9, 10, 11], [12], [13, 14], [15, 16, 17, 18]], PAD)
+    runs = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(decode, "shared_context_cache", lambda *args: None)
+        torch.manual_seed(0)
+        runs.append(generate_token_ids(model, embeddings, eos_token_id=EOS, pad_token_id=PAD, decoding=decoding,
+                                       prompt_ids=ids, prompt_mask=mask))
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].shape[0] == 4 * decoding.num_captions and len({tuple(r) for r in runs[0].tolist()}) > 2

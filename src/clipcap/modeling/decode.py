@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from clipcap.config import DecodingConfig
-from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import PROMPT_HEAD, PROMPT_TAIL, pad_left
+from clipcap.modeling.model import ClipCap, positions
+from clipcap.modeling.retrieval import PROMPT_HEAD, PROMPT_TAIL, pad_left, pad_right
 
 GREEDY = DecodingConfig(strategy="greedy")
 
@@ -27,6 +27,24 @@ def generate_kwargs(decoding: DecodingConfig) -> dict:
     return {**kwargs, "num_beams": 1, "do_sample": False}
 
 
+def rows_per_input(decoding: DecodingConfig) -> int:
+    """How many rows ``generate()`` makes of each input: one per beam, or per sampled caption."""
+    return decoding.num_beams if decoding.strategy == "beam" else decoding.num_captions
+
+
+def shared_context_cache(model: ClipCap, context: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of all but the last context position (prompt and prefix), run once per image and
+    copied to its ``copies`` rows; ``generate()`` then runs only the last position. Left to itself it
+    would copy the inputs first and run the whole context once per beam. None when there is one row."""
+    if copies == 1 or context.shape[1] < 2:
+        return None
+    head, head_mask = context[:, :-1], mask[:, :-1]
+    cache = model.lm.base_model(inputs_embeds=head, attention_mask=head_mask, position_ids=positions(head_mask),
+                                use_cache=True).cache
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
 @torch.inference_mode()
 def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id: int, pad_token_id: int,
                        decoding: DecodingConfig = GREEDY, prompt_ids: torch.Tensor | None = None,
@@ -41,11 +59,14 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
     if prompt_ids is not None:
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     context, mask = model.context(embeddings.to(device, dtype), prompt_ids, prompt_mask)
+    context = context.to(model.lm.dtype)
+    cache = shared_context_cache(model, context, mask, rows_per_input(decoding))
     with warnings.catch_warnings():  # the context holds no token ids, so n-gram blocking covers the caption only
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*inputs_embeds")
         return model.lm.generate(
-            inputs_embeds=context.to(model.lm.dtype),
+            inputs_embeds=context,
             attention_mask=mask,
+            **({"cache": cache} if cache is not None else {}),
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             max_time=max_time,
@@ -83,22 +104,27 @@ def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decod
 
 @torch.inference_mode()
 def caption_nll(model: ClipCap, tokenizer, embeddings: torch.Tensor, captions: list[str],
-                prompts: list[list[int]] | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Each caption's mean token negative log-likelihood (EOS included) under the model, given
-    its image embedding (row i of ``embeddings``) and retrieval prompt."""
-    from clipcap.modeling.retrieval import pad_right
-
+                owner: list[int] | None = None, prompts: list[list[int]] | None = None,
+                batch_size: int = 16) -> torch.Tensor:
+    """Each caption's mean token negative log-likelihood (EOS included) under the model, given its
+    image: caption j belongs to image ``owner[j]`` (row of ``embeddings``, with retrieval prompt
+    ``prompts[owner[j]]``); without ``owner``, caption j to image j. Images go ``batch_size`` at a
+    time, each with all its captions, its context run once (:meth:`ClipCap.caption_nll`)."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.mapper.parameters()).dtype
+    owner_of = torch.arange(len(captions)) if owner is None else torch.as_tensor(owner, dtype=torch.long)
     token_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
-    out = []
-    for start in range(0, len(captions), batch_size):
-        ids, mask = pad_right(token_ids[start : start + batch_size], tokenizer.pad_token_id)
+    nll = torch.empty(len(captions))
+    for start in range(0, embeddings.shape[0], batch_size):
+        rows = ((owner_of >= start) & (owner_of < start + batch_size)).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        ids, mask = pad_right([token_ids[j] for j in rows.tolist()], tokenizer.pad_token_id)
         prompt = {}
         if prompts is not None:
             prompt_ids, prompt_mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
             prompt = {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device)}
-        out.append(model(embeddings[start : start + batch_size].to(device, dtype), ids.to(device), mask.to(device),
-                         per_caption=True, **prompt).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        nll[rows] = model.caption_nll(embeddings[start : start + batch_size].to(device, dtype), ids.to(device),
+                                      mask.to(device), (owner_of[rows] - start).to(device), **prompt).float().cpu()
+    return nll

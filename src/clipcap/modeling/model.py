@@ -172,6 +172,27 @@ class ClipCap(nn.Module):
                                     position_ids=positions(mask)[:, prompt_ids.shape[1] :]).last_hidden_state
         return self._caption_loss(hidden[:, prefix.shape[1] - 1 : -1], input_ids, attention_mask, per_caption)
 
+    @torch.inference_mode()
+    def caption_nll(self, embedding: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    owner: torch.Tensor, prompt_ids: torch.Tensor | None = None,
+                    prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each caption's mean token negative log-likelihood, shape (C,): row j of ``input_ids`` is a
+        caption of image ``owner[j]`` (an index into ``embedding``). The context (prompt and prefix)
+        runs once per image into the KV cache, which is then copied to each of its captions: scoring
+        six candidates of an image costs one context, not six."""
+        context, context_mask = self.context(embedding, prompt_ids, prompt_mask)
+        context = context.to(self.lm.dtype)
+        ran = self.lm.base_model(inputs_embeds=context, attention_mask=context_mask,
+                                 position_ids=positions(context_mask), use_cache=True)
+        cache = ran.cache
+        cache.reorder_cache(owner)
+        mask = torch.cat([context_mask[owner], attention_mask], dim=1)
+        tokens = self.lm.get_input_embeddings()(input_ids).to(context.dtype)
+        hidden = self.lm.base_model(inputs_embeds=tokens, attention_mask=mask, cache=cache,
+                                    position_ids=positions(mask)[:, context.shape[1] :]).last_hidden_state
+        predicting = torch.cat([ran.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
+        return self._caption_loss(predicting, input_ids, attention_mask, per_caption=True)
+
     def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       per_caption: bool = False):
         """``predicting[:, i]`` is the hidden state that predicts caption token i. The LM head (the
