@@ -90,6 +90,6 @@ def test_rerank_picks_the_likeliest_of_the_beams_and_the_retrieved_captions(capt
     for i, (best,) in enumerate(chosen):
         candidates = list(dict.fromkeys(c for c in [*beams[i], *retrieved[i]] if c))
         assert best in candidates
-        nll = caption_nll(captioner.model, captioner.tokenizer, embeddings[[i] * len(candidates)], candidates,
-                          [prompts[i]] * len(candidates))
+        nll = caption_nll(captioner.model, captioner.tokenizer, embeddings[i : i + 1], candidates,
+                          owner=[0] * len(candidates), prompts=[prompts[i]])
         assert best == candidates[int(nll.argmin())]

@@ -254,7 +254,7 @@ def test_scoring_many_captions_per_image_equals_each_pair_alone(order):
             return {"input_ids": [captions[t] for t in texts]}
 
     tokenizer = Tokenizer()
-    scored = caption_nll(model, tokenizer, embeddings, texts, owner, prompts, batch_size=2)
+    scored = caption_nll(model, tokenizer, embeddings, texts, owner=owner, prompts=prompts, batch_size=2)
     for j, (image, text) in enumerate(zip(owner, texts)):
         item = (embeddings[image], captions[text] + [EOS], None if prompts is None else prompts[image])
         alone = model(**PadCollator(PAD)([item]).model_inputs(), per_caption=True)

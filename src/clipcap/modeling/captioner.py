@@ -188,7 +188,7 @@ class Captioner:
         candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(beams, retrieved)]
         owner = [i for i, found in enumerate(candidates) for _ in found]
         nll = caption_nll(self.model, self.tokenizer, embeddings, [c for found in candidates for c in found],
-                          owner, prompts, batch_size)
+                          owner=owner, prompts=prompts, batch_size=batch_size)
         best, start = [], 0
         for found in candidates:
             best.append([found[int(nll[start : start + len(found)].argmin())]])

@@ -103,7 +103,7 @@ def generate_captions(model: ClipCap, tokenizer, embeddings: torch.Tensor, decod
 
 
 @torch.inference_mode()
-def caption_nll(model: ClipCap, tokenizer, embeddings: torch.Tensor, captions: list[str],
+def caption_nll(model: ClipCap, tokenizer, embeddings: torch.Tensor, captions: list[str], *,
                 owner: list[int] | None = None, prompts: list[list[int]] | None = None,
                 batch_size: int = 16) -> torch.Tensor:
     """Each caption's mean token negative log-likelihood (EOS included) under the model, given its
