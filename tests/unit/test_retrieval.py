@@ -260,6 +260,8 @@ def test_scoring_many_captions_per_image_equals_each_pair_alone(order):
         alone = model(**PadCollator(PAD)([item]).model_inputs(), per_caption=True)
         torch.testing.assert_close(scored[j], alone[0], rtol=1e-4, atol=1e-4)
     assert len({round(float(x), 4) for x in scored}) == len(texts)   # the pairs really differ
+    with pytest.raises(ValueError, match="owner"):
+        caption_nll(model, tokenizer, embeddings, texts, owner=[0, 0, 0, 1, 2, 3], prompts=prompts)
 
 
 @pytest.mark.parametrize("decoding", [DecodingConfig(num_beams=3, num_captions=2, max_new_tokens=6),

@@ -114,6 +114,9 @@ def caption_nll(model: ClipCap, tokenizer, embeddings: torch.Tensor, captions: l
     device = next(model.parameters()).device
     dtype = next(model.mapper.parameters()).dtype
     owner_of = torch.arange(len(captions)) if owner is None else torch.as_tensor(owner, dtype=torch.long)
+    if owner_of.shape != (len(captions),) or bool(((owner_of < 0) | (owner_of >= embeddings.shape[0])).any()):
+        raise ValueError(f"owner must give each of the {len(captions)} captions the index of one of the "
+                         f"{embeddings.shape[0]} images")
     token_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
     nll = torch.empty(len(captions))
     for start in range(0, embeddings.shape[0], batch_size):
