@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from clipcap.config import DecodingConfig
-from clipcap.modeling.model import ClipCap, positions
+from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import PROMPT_HEAD, PROMPT_TAIL, pad_left, pad_right
 
 GREEDY = DecodingConfig(strategy="greedy")
@@ -38,9 +38,7 @@ def shared_context_cache(model: ClipCap, context: torch.Tensor, mask: torch.Tens
     would copy the inputs first and run the whole context once per beam. None when there is one row."""
     if copies == 1 or context.shape[1] < 2:
         return None
-    head, head_mask = context[:, :-1], mask[:, :-1]
-    cache = model.lm.base_model(inputs_embeds=head, attention_mask=head_mask, position_ids=positions(head_mask),
-                                use_cache=True).cache
+    cache = model.run_lm(context[:, :-1], mask[:, :-1]).cache
     cache.batch_repeat_interleave(copies)
     return cache
 

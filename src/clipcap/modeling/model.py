@@ -162,14 +162,11 @@ class ClipCap(nn.Module):
         """The same loss, with the prompt run once without gradients into the KV cache: with a frozen
         LM and the prompt first, nothing trainable comes before it, so it needs no backward pass."""
         with torch.no_grad():
-            past = self.lm.base_model(inputs_embeds=self.lm.get_input_embeddings()(prompt_ids),
-                                      attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                                      use_cache=True).cache
+            past = self.run_lm(self.lm.get_input_embeddings()(prompt_ids), prompt_mask).cache
         prefix = self.prefix(embedding).to(tokens.dtype)
         inputs = torch.cat([prefix, tokens], dim=1)
         mask = torch.cat([prompt_mask, attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, cache=past,
-                                    position_ids=positions(mask)[:, prompt_ids.shape[1] :]).last_hidden_state
+        hidden = self.run_lm(inputs, mask, past).last_hidden_state
         return self._caption_loss(hidden[:, prefix.shape[1] - 1 : -1], input_ids, attention_mask, per_caption)
 
     @torch.inference_mode()
@@ -182,16 +179,21 @@ class ClipCap(nn.Module):
         six candidates of an image costs one context, not six."""
         context, context_mask = self.context(embedding, prompt_ids, prompt_mask)
         context = context.to(self.lm.dtype)
-        ran = self.lm.base_model(inputs_embeds=context, attention_mask=context_mask,
-                                 position_ids=positions(context_mask), use_cache=True)
-        cache = ran.cache
-        cache.reorder_cache(owner)
+        ran = self.run_lm(context, context_mask)
+        ran.cache.reorder_cache(owner)
         mask = torch.cat([context_mask[owner], attention_mask], dim=1)
         tokens = self.lm.get_input_embeddings()(input_ids).to(context.dtype)
-        hidden = self.lm.base_model(inputs_embeds=tokens, attention_mask=mask, cache=cache,
-                                    position_ids=positions(mask)[:, context.shape[1] :]).last_hidden_state
+        hidden = self.run_lm(tokens, mask, ran.cache).last_hidden_state
         predicting = torch.cat([ran.last_hidden_state[owner, -1:], hidden[:, :-1]], dim=1)
         return self._caption_loss(predicting, input_ids, attention_mask, per_caption=True)
+
+    def run_lm(self, inputs: torch.Tensor, mask: torch.Tensor, cache=None):
+        """The LM's blocks (no head) on left-padded input embeddings, continuing ``cache`` when given:
+        ``mask`` covers the cached positions and ``inputs``, and positions count from the first real
+        token. The output holds the hidden states and the KV cache to continue from."""
+        start = mask.shape[1] - inputs.shape[1]
+        return self.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions(mask)[:, start:],
+                                  cache=cache, use_cache=True)
 
     def _caption_loss(self, predicting: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       per_caption: bool = False):
