@@ -295,8 +295,8 @@ class DecodingConfig:
     top_p: float = 0.9                  # sample only: nucleus
     temperature: float = 1.0            # sample only
     num_captions: int = 1               # captions returned per image (<= num_beams for beam)
-    rerank: bool = True                 # retrieval-augmented beam search with one caption: the beams and the
-                                        # retrieved captions are scored by the model given the image, the
+    rerank: bool = True                 # retrieval-augmented beam search with one caption: the best beam and
+                                        # the retrieved captions are scored by the model given the image, the
                                         # likeliest is the caption (no effect otherwise)
 
     def __post_init__(self) -> None:

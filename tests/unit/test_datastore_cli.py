@@ -76,7 +76,7 @@ def test_datastore_add_refuses_a_captioner_without_retrieval(tmp_path, capsys):
     assert "retrieval.k: 0" in capsys.readouterr().err
 
 
-def test_rerank_picks_the_likeliest_of_the_beams_and_the_retrieved_captions(captioner_dir, tmp_path):
+def test_rerank_picks_the_likeliest_of_the_best_beam_and_the_retrieved_captions(captioner_dir, tmp_path):
     from clipcap.config import DecodingConfig
     from clipcap.modeling.decode import caption_nll
 
@@ -88,7 +88,7 @@ def test_rerank_picks_the_likeliest_of_the_beams_and_the_retrieved_captions(capt
     retrieved = captioner.retriever.captions(embeddings)
     prompts = captioner.retriever.prompts(captioner.tokenizer, embeddings)
     for i, (best,) in enumerate(chosen):
-        candidates = list(dict.fromkeys(c for c in [*beams[i], *retrieved[i]] if c))
+        candidates = list(dict.fromkeys(c for c in [beams[i][0], *retrieved[i]] if c))  # beam search ranked the rest
         assert best in candidates
         nll = caption_nll(captioner.model, captioner.tokenizer, embeddings[i : i + 1], candidates,
                           owner=[0] * len(candidates), prompts=[prompts[i]])

@@ -180,12 +180,14 @@ class Captioner:
         if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)
-        # rerank: every beam and every retrieved caption, scored by the model given the image
-        beams = generate_captions(self.model, self.tokenizer, embeddings,
-                                  dataclasses.replace(decoding, num_captions=decoding.num_beams, rerank=False),
-                                  batch_size, prompts, max_time)
+        # rerank: the best beam and every retrieved caption, scored by the model given the image. Beam search
+        # already ranked its beams by this likelihood (its mean token log-probability, EOS included, at
+        # length_penalty 1), so the other beams are not scored again; the best one is, as its text may have
+        # been cut at a line break (first_line)
+        best_beams = generate_captions(self.model, self.tokenizer, embeddings,
+                                       dataclasses.replace(decoding, rerank=False), batch_size, prompts, max_time)
         retrieved = self.retriever.captions(embeddings)
-        candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(beams, retrieved)]
+        candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(best_beams, retrieved)]
         owner = [i for i, found in enumerate(candidates) for _ in found]
         nll = caption_nll(self.model, self.tokenizer, embeddings, [c for found in candidates for c in found],
                           owner=owner, prompts=prompts, batch_size=batch_size)
