@@ -270,7 +270,7 @@ class RetrainConfig:
     """Retraining on more data: start from the champion's weights instead of from scratch."""
 
     warm_start: bool = True   # when the champion has this architecture and this train section (only the data grew)
-    epochs: int = 2           # epochs of a warm-started run, over the new data and a replayed sample of the old
+    epochs: int = 1           # epochs of a warm-started run, over the new data and a replayed sample of the old
     lr: float = 1e-4          # its peak learning rate (after a warm-up of a tenth of its steps, <= train.warmup_steps)
     replay: float = 3.0       # old training images per new one in a warm-started run; 0 = all the old data
 

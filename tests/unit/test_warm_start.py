@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from clipcap.config import Config, DatasetConfig, LMConfig, MapperConfig, RegisterConfig, RetrievalConfig
+from clipcap.config import Config, DatasetConfig, LMConfig, MapperConfig, RegisterConfig, RetrainConfig, RetrievalConfig
 from clipcap.modeling.captioner import save_captioner
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
@@ -117,7 +117,7 @@ def test_replay_trains_on_every_new_image_and_a_seeded_sample_of_the_old():
 def test_a_warm_starts_warmup_is_a_tenth_of_its_steps():
     from clipcap.pipeline.stages.train import warm_start_warmup
 
-    cfg = Config()                     # batch 16, 2 retrain epochs, train.warmup_steps 40
+    cfg = dataclasses.replace(Config(), retrain=RetrainConfig(epochs=2))   # batch 16, train.warmup_steps 40
     assert warm_start_warmup(cfg, 312) == 4          # 20 steps an epoch x 2 = 40 steps
     assert warm_start_warmup(cfg, 16 * 1000) == 40   # at most train.warmup_steps
     assert warm_start_warmup(cfg, 3) == 1
