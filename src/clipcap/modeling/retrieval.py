@@ -162,13 +162,15 @@ class CaptionDatastore:
     nprobe: int = NPROBE
     index: faiss.Index | None = field(default=None, repr=False)
     projection: KeyProjection | None = None
+    keys: torch.Tensor | None = field(default=None, repr=False, compare=False)   # the search keys, when known
 
     def __post_init__(self) -> None:
         self.embeddings = self.embeddings.float().contiguous()
         if self.projection is not None and self.projection.weight.shape[0] != self.embeddings.shape[-1]:
             raise ValueError(f"a projection from width {self.projection.weight.shape[0]} for embeddings of "
                              f"width {self.embeddings.shape[-1]}")
-        self.keys = self.embeddings if self.projection is None else self.projection(self.embeddings)
+        if self.keys is None:
+            self.keys = self.embeddings if self.projection is None else self.projection(self.embeddings)
         if self.index is None:
             self.index = self._build_index()
         elif self.index.ntotal != len(self.keys) or self.index.d != self.keys.shape[-1]:
@@ -365,18 +367,19 @@ class CaptionDatastore:
         settings = meta.get("index", {})   # a datastore saved before the index: the defaults
         approximate_above = settings.get("approximate_above", APPROXIMATE_ABOVE)
         index = None
-        width = embeddings.shape[1] if projection is None else projection.weight.shape[1]   # of the search keys
+        embeddings = embeddings.float().contiguous()
+        keys = embeddings if projection is None else projection(embeddings)
         if (len(embeddings) > approximate_above and settings.get("file") == INDEX_FILE and (directory / INDEX_FILE).exists()
-                and settings.get("fingerprint") == fingerprint(embeddings if projection is None else projection(embeddings))):
+                and settings.get("fingerprint") == fingerprint(keys)):
             try:
                 index = faiss.read_index(str(directory / INDEX_FILE))
             except RuntimeError as err:
                 log.warning("%s: unreadable (%s); building the index anew", directory / INDEX_FILE, err)
-            if index is not None and (index.ntotal, index.d) != (len(embeddings), width):
+            if index is not None and (index.ntotal, index.d) != tuple(keys.shape):
                 log.warning("%s does not match the embeddings; building the index anew", directory / INDEX_FILE)
                 index = None
         return cls(embeddings, meta["captions"], meta["image_ids"], approximate_above,
-                   settings.get("nprobe", NPROBE), index, projection)
+                   settings.get("nprobe", NPROBE), index, projection, keys)
 
 
 def prompt_text(captions: list[str]) -> str:
