@@ -51,7 +51,8 @@ class TransformerMapper(nn.Module):
     tokens instead of ~7x larger, which on small data decides between learning and collapse."""
 
     def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int, clip_length: int,
-                 num_layers: int, num_heads: int, mlp_ratio: float, output_scale: float = 1.0) -> None:
+                 num_layers: int, num_heads: int, mlp_ratio: float, output_scale: float = 1.0,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if dim_lm % num_heads:
             raise ConfigError(f"mapper.num_heads={num_heads} must divide the LM width {dim_lm}")
@@ -59,7 +60,7 @@ class TransformerMapper(nn.Module):
         self.linear = nn.Linear(dim_embedding, clip_length * dim_lm)
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, dim_lm))
         layer = nn.TransformerEncoderLayer(
-            d_model=dim_lm, nhead=num_heads, dim_feedforward=int(dim_lm * mlp_ratio), dropout=0.0,
+            d_model=dim_lm, nhead=num_heads, dim_feedforward=int(dim_lm * mlp_ratio), dropout=dropout,
             activation="relu", batch_first=True, norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
@@ -76,7 +77,7 @@ def build_mapper(cfg: MapperConfig, dim_embedding: int, dim_lm: int, output_scal
     if cfg.type == "mlp":
         return MLPMapper(dim_embedding, dim_lm, cfg.prefix_length)
     return TransformerMapper(dim_embedding, dim_lm, cfg.prefix_length, cfg.clip_length,
-                             cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, output_scale)
+                             cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, output_scale, cfg.dropout)
 
 
 class ClipCap(nn.Module):
