@@ -110,8 +110,8 @@ def bleu_statistics(ids, gts, res) -> np.ndarray:
     rows = []
     for i in ids:
         scorer = BleuScorer(res[i][0], gts[i], n=4)
-        found = scorer.ctest[0]
-        reference = scorer._single_reflen(found["reflen"], "closest", found["testlen"])
+        found = scorer.ctest[0]   # its "reflen" is every reference's length: the closest counts (ties: the shorter)
+        reference = min(found["reflen"], key=lambda length: (abs(length - found["testlen"]), length))
         rows.append([found["testlen"], reference, *found["guess"], *found["correct"]])
     return np.array(rows, dtype=np.float64)
 
