@@ -200,13 +200,12 @@ class MapperConfig:
     mlp_ratio: float = 2.0
     center_embedding: bool = True
     normalize_embedding: bool = True
-    dropout: float = 0.0                # transformer mapper, in training: of its attention weights and MLP/residual activations
+    dropout: float = 0.1                # in training: the transformer mapper's attention and MLP/residual activations,
+                                        # the mlp mapper's hidden layer
 
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"mapper.dropout must be in [0, 1), got {self.dropout}")
-        if self.dropout and self.type != "transformer":
-            raise ConfigError("mapper.dropout applies to the transformer mapper only; set it to 0 with mapper.type: mlp")
         if self.prefix_length < 1:
             raise ConfigError("mapper.prefix_length must be >= 1")
         if self.clip_length < 1:

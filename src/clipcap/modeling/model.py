@@ -33,16 +33,18 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 class MLPMapper(nn.Module):
-    def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int) -> None:
+    def __init__(self, dim_embedding: int, dim_lm: int, prefix_length: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.prefix_length, self.dim_lm = prefix_length, dim_lm
         hidden = dim_lm * prefix_length // 2
         self.net = nn.Sequential(
             nn.Linear(dim_embedding, hidden), nn.Tanh(), nn.Linear(hidden, dim_lm * prefix_length)
         )
+        self.dropout = nn.Dropout(dropout)   # on the hidden layer (outside net: its weights keep their names)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.net(embedding).view(-1, self.prefix_length, self.dim_lm)
+        hidden = self.dropout(self.net[1](self.net[0](embedding)))
+        return self.net[2](hidden).view(-1, self.prefix_length, self.dim_lm)
 
 
 class TransformerMapper(nn.Module):
@@ -75,7 +77,7 @@ class TransformerMapper(nn.Module):
 
 def build_mapper(cfg: MapperConfig, dim_embedding: int, dim_lm: int, output_scale: float = 1.0) -> nn.Module:
     if cfg.type == "mlp":
-        return MLPMapper(dim_embedding, dim_lm, cfg.prefix_length)
+        return MLPMapper(dim_embedding, dim_lm, cfg.prefix_length, cfg.dropout)
     return TransformerMapper(dim_embedding, dim_lm, cfg.prefix_length, cfg.clip_length,
                              cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, output_scale, cfg.dropout)
 
