@@ -21,9 +21,11 @@ def tiny_lm(seed: int = 0, vocab: int = TINY_VOCAB, width: int = 32) -> GPT2LMHe
 
 
 def tiny_clipcap(mapper: str = "transformer", finetune_lm: bool = False, dim_embedding: int = 16,
-                 prefix_length: int = 4, seed: int = 0, dropout: float = 0.0) -> ClipCap:
+                 prefix_length: int = 4, seed: int = 0, dropout: float = 0.0,
+                 embedding_noise: float = 0.0) -> ClipCap:
     cfg = MapperConfig(type=mapper, prefix_length=prefix_length, clip_length=3, num_layers=1, num_heads=2,
-                       mlp_ratio=2.0, normalize_embedding=True, dropout=dropout)
+                       mlp_ratio=2.0, normalize_embedding=True, dropout=dropout,
+                       embedding_noise=embedding_noise)
     lm = tiny_lm(seed)
     torch.manual_seed(seed)
     return ClipCap(cfg, dim_embedding, lm, finetune_lm=finetune_lm)

@@ -202,10 +202,14 @@ class MapperConfig:
     normalize_embedding: bool = True
     dropout: float = 0.1                # in training: the transformer mapper's attention and MLP/residual activations,
                                         # the mlp mapper's hidden layer
+    embedding_noise: float = 1.0        # in training: Gaussian noise on the (centred) image embedding, per dimension
+                                        # relative to its RMS, its norm kept: each step sees a nearby image
 
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"mapper.dropout must be in [0, 1), got {self.dropout}")
+        if self.embedding_noise < 0:
+            raise ConfigError(f"mapper.embedding_noise must be >= 0, got {self.embedding_noise}")
         if self.prefix_length < 1:
             raise ConfigError("mapper.prefix_length must be >= 1")
         if self.clip_length < 1:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from clipcap.training.batches import CaptionPairs, PadCollator
 from clipcap.config import DecodingConfig, TrainConfig
 from clipcap.modeling.decode import generate_token_ids
+from clipcap.modeling.model import ClipCap
 from clipcap.training.loop import train_model
 from helpers import EOS, PAD, assert_batched_greedy_equals_sequential, scramble_lm, tiny_clipcap
 
@@ -31,11 +32,30 @@ def test_mapper_dropout_acts_in_training_only(mapper):
     torch.testing.assert_close(model.prefix(embedding), plain.eval().prefix(embedding))
 
 
-def test_mapper_dropout_must_be_a_probability_below_one():
+def test_mapper_dropout_and_noise_are_checked_at_load():
     from clipcap.config import ConfigError, MapperConfig
 
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         MapperConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match="embedding_noise"):
+        MapperConfig(embedding_noise=-0.1)
+
+
+def test_embedding_noise_perturbs_the_direction_in_training_only():
+    model = tiny_clipcap()
+    noisy = tiny_clipcap(embedding_noise=0.5)                          # the same weights
+    embedding = torch.randn(256, 16)
+    unit = ClipCap.perturb(embedding, 0.0)
+    torch.testing.assert_close(unit, embedding)                        # no noise: the embedding itself
+    torch.manual_seed(0)
+    moved = ClipCap.perturb(embedding, 0.5)
+    torch.testing.assert_close(moved.norm(dim=-1), embedding.norm(dim=-1))  # the norm is kept
+    cosine = torch.nn.functional.cosine_similarity(moved, embedding).mean()
+    assert 0.8 < cosine < 0.95                                         # ~1/sqrt(1 + 0.5^2) = 0.89
+    noisy.train()
+    assert not torch.allclose(noisy.prefix(embedding[:3]), model.eval().prefix(embedding[:3]))
+    noisy.eval()                                                       # at inference: the image as it is
+    torch.testing.assert_close(noisy.prefix(embedding[:3]), model.prefix(embedding[:3]))
 
 
 def test_loss_ignores_padding_and_prefix():
