@@ -1,6 +1,6 @@
 """Embedding scaled out: two worker processes (Prefect's ProcessPoolTaskRunner) fill one store with
-shards of their own, the embed stage merges the index, and every image's embedding is identical to a
-single-process run's."""
+shards of their own, the embed stage merges the index, and every image's embedding equals a single-process
+run's (to floating-point rounding)."""
 
 from __future__ import annotations
 
@@ -49,4 +49,6 @@ def test_two_worker_processes_give_the_single_process_store(tmp_path):
     names = sorted(p.name for p in stores[0].shards())
     assert any("part1of2" in n for n in names) and any("part2of2" in n for n in names), names
     ids = manifest["image_id"].tolist()
-    assert torch.equal(stores[0].get(ids), stores[1].get(ids))
+    # the same images under the same ids, the same values up to floating-point order: on some CPUs (seen on
+    # an AMD EPYC, not on an Intel Xeon) a worker process's kernels round the last bits differently
+    torch.testing.assert_close(stores[0].get(ids), stores[1].get(ids), rtol=1e-5, atol=1e-6)
