@@ -50,7 +50,7 @@ def test_embedding_noise_perturbs_the_direction_in_training_only():
     torch.manual_seed(0)
     moved = ClipCap.perturb(embedding, 0.5)
     torch.testing.assert_close(moved.norm(dim=-1), embedding.norm(dim=-1))  # the norm is kept
-    cosine = torch.nn.functional.cosine_similarity(moved, embedding).mean()
+    cosine = F.cosine_similarity(moved, embedding).mean()
     assert 0.8 < cosine < 0.95                                         # ~1/sqrt(1 + 0.5^2) = 0.89
     noisy.train()
     assert not torch.allclose(noisy.prefix(embedding[:3]), model.eval().prefix(embedding[:3]))
