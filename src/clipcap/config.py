@@ -306,6 +306,8 @@ class DecodingConfig:
     rerank: bool = True                 # retrieval-augmented beam search with one caption: the best beam and
                                         # the retrieved captions are scored by the model given the image, the
                                         # likeliest is the caption (no effect otherwise)
+    rerank_margin: float = 0.75         # rerank: the best beam replaces the likeliest retrieved caption only when
+                                        # its mean token negative log-likelihood is lower by more than this (nats)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -319,6 +321,10 @@ class DecodingConfig:
             raise ConfigError("decoding.num_captions > 1 needs strategy 'beam' or 'sample' (greedy gives one)")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ConfigError("decoding.top_p must be in (0, 1] and decoding.temperature > 0")
+        if self.rerank_margin < 0:
+            raise ConfigError(f"decoding.rerank_margin={self.rerank_margin}: must be >= 0 (0: the likeliest "
+                              "caption wins; larger: the retrieved caption is kept unless the best beam is that "
+                              "much likelier)")
 
 
 @dataclass(frozen=True)

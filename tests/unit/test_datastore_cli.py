@@ -76,20 +76,32 @@ def test_datastore_add_refuses_a_captioner_without_retrieval(tmp_path, capsys):
     assert "retrieval.k: 0" in capsys.readouterr().err
 
 
-def test_rerank_picks_the_likeliest_of_the_best_beam_and_the_retrieved_captions(captioner_dir, tmp_path):
+def test_rerank_keeps_the_likeliest_retrieved_caption_unless_the_best_beam_beats_it_by_the_margin(
+        captioner_dir, tmp_path):
     from clipcap.config import DecodingConfig
     from clipcap.modeling.decode import caption_nll
 
     captioner = Captioner.load(captioner_dir)
     embeddings = captioner.embed([noise(tmp_path / f"{i}.png", i) for i in range(3)])
-    decoding = DecodingConfig(num_beams=3, max_new_tokens=5, rerank=True)
-    chosen = captioner.caption_embeddings(embeddings, decoding)
     beams = captioner.caption_embeddings(embeddings, DecodingConfig(num_beams=3, num_captions=3, max_new_tokens=5))
     retrieved = captioner.retriever.captions(embeddings)
     prompts = captioner.retriever.prompts(captioner.tokenizer, embeddings)
-    for i, (best,) in enumerate(chosen):
+    gaps = []
+    for i in range(len(embeddings)):
         candidates = list(dict.fromkeys(c for c in [beams[i][0], *retrieved[i]] if c))  # beam search ranked the rest
-        assert best in candidates
         nll = caption_nll(captioner.model, captioner.tokenizer, embeddings[i : i + 1], candidates,
-                          owner=[0] * len(candidates), prompts=[prompts[i]])
-        assert best == candidates[int(nll.argmin())]
+                          owner=[0] * len(candidates), prompts=[prompts[i]]).tolist()
+        scores = dict(zip(candidates, nll))
+        kept = min(retrieved[i], key=scores.get)
+        gaps.append((beams[i][0], kept, scores[kept] - scores.get(beams[i][0], float("inf"))))
+    assert any(beam != kept and gap > 0 for beam, kept, gap in gaps), "no image where the beam is likelier: the test would not tell the rules apart"
+    for margin in (0.0, max(gap for *_, gap in gaps) / 2, 1e9):
+        chosen = captioner.caption_embeddings(embeddings, DecodingConfig(num_beams=3, max_new_tokens=5, rerank_margin=margin))
+        assert [c for (c,) in chosen] == [beam if beam != kept and gap > margin else kept for beam, kept, gap in gaps]
+
+
+def test_rerank_margin_must_not_be_negative():
+    from clipcap.config import ConfigError, DecodingConfig
+
+    with pytest.raises(ConfigError, match="rerank_margin"):
+        DecodingConfig(rerank_margin=-0.1)

@@ -31,7 +31,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever
+from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever, prompt_token_ids
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -176,25 +176,31 @@ class Captioner:
                            batch_size: int = 16, max_time: float | None = None) -> list[list[str]]:
         """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt);
         ``max_time``: seconds of generation per batch, after which captions end where they are."""
-        prompts = None if self.retriever is None else self.retriever.prompts(self.tokenizer, embeddings)
+        retrieved = None if self.retriever is None else self.retriever.captions(embeddings)
+        prompts = None if retrieved is None else prompt_token_ids(self.tokenizer, retrieved,
+                                                                  self.retriever.max_caption_tokens)
         if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)
         # rerank: the best beam and every retrieved caption, scored by the model given the image. Beam search
         # already ranked its beams by this likelihood (its mean token log-probability, EOS included, at
         # length_penalty 1), so the other beams are not scored again; the best one is, as its text may have
-        # been cut at a line break (first_line)
+        # been cut at a line break (first_line). The likeliest retrieved caption is kept unless the beam is
+        # likelier by more than decoding.rerank_margin: the LM's rewrites of a right neighbour cost more
+        # than its fixes of a wrong one gain (README, "rerank_margin")
         best_beams = generate_captions(self.model, self.tokenizer, embeddings,
                                        dataclasses.replace(decoding, rerank=False), batch_size, prompts, max_time)
-        retrieved = self.retriever.captions(embeddings)
-        candidates = [list(dict.fromkeys(c for c in [*b, *r] if c)) for b, r in zip(best_beams, retrieved)]
+        candidates = [list(dict.fromkeys(c for c in [*r, *b] if c)) for b, r in zip(best_beams, retrieved)]
         owner = [i for i, found in enumerate(candidates) for _ in found]
         nll = caption_nll(self.model, self.tokenizer, embeddings, [c for found in candidates for c in found],
-                          owner=owner, prompts=prompts, batch_size=batch_size)
+                          owner=owner, prompts=prompts, batch_size=batch_size).tolist()
         best, start = [], 0
-        for found in candidates:
-            best.append([found[int(nll[start : start + len(found)].argmin())]])
+        for found, (beam,), near in zip(candidates, best_beams, retrieved):
+            scores = dict(zip(found, nll[start : start + len(found)]))
             start += len(found)
+            kept = min((c for c in near if c), key=scores.get, default=beam)
+            rewrite = beam and beam != kept and scores[beam] < scores[kept] - decoding.rerank_margin
+            best.append([beam if rewrite else kept])
         return best
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
