@@ -94,9 +94,11 @@ def test_rerank_keeps_the_likeliest_retrieved_caption_unless_the_best_beam_beats
         scores = dict(zip(candidates, nll))
         kept = min(retrieved[i], key=scores.get)
         gaps.append((beams[i][0], kept, scores[kept] - scores.get(beams[i][0], float("inf"))))
-    assert any(beam != kept and gap > 0 for beam, kept, gap in gaps), "no image where the beam is likelier: the test would not tell the rules apart"
+    assert any(beam != kept and gap > 0 for beam, kept, gap in gaps), \
+        "no image where the beam is likelier: the test would not tell the rules apart"
     for margin in (0.0, max(gap for *_, gap in gaps) / 2, 1e9):
-        chosen = captioner.caption_embeddings(embeddings, DecodingConfig(num_beams=3, max_new_tokens=5, rerank_margin=margin))
+        decoding = DecodingConfig(num_beams=3, max_new_tokens=5, rerank_margin=margin)
+        chosen = captioner.caption_embeddings(embeddings, decoding)
         assert [c for (c,) in chosen] == [beam if beam != kept and gap > margin else kept for beam, kept, gap in gaps]
 
 

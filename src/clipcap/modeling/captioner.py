@@ -31,7 +31,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever, prompt_token_ids
+from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -177,8 +177,7 @@ class Captioner:
         """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt);
         ``max_time``: seconds of generation per batch, after which captions end where they are."""
         retrieved = None if self.retriever is None else self.retriever.captions(embeddings)
-        prompts = None if retrieved is None else prompt_token_ids(self.tokenizer, retrieved,
-                                                                  self.retriever.max_caption_tokens)
+        prompts = None if retrieved is None else self.retriever.prompts_of(self.tokenizer, retrieved)
         if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)

@@ -87,8 +87,11 @@ class Retriever:
 
     def prompts(self, tokenizer, embeddings: torch.Tensor, query_ids: list[str] | None = None,
                 duplicate_similarity: float | None = None) -> list[list[int]]:
-        return prompt_token_ids(tokenizer, self.captions(embeddings, query_ids, duplicate_similarity),
-                                self.max_caption_tokens)
+        return self.prompts_of(tokenizer, self.captions(embeddings, query_ids, duplicate_similarity))
+
+    def prompts_of(self, tokenizer, retrieved: list[list[str]]) -> list[list[int]]:
+        """The prompts (token ids) of captions :meth:`captions` already found."""
+        return prompt_token_ids(tokenizer, retrieved, self.max_caption_tokens)
 
 
 def nlist_for(entries: int) -> int:
