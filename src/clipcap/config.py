@@ -299,6 +299,8 @@ class DecodingConfig:
     num_beams: int = 5                  # beam only
     max_new_tokens: int = 20
     length_penalty: float = 1.0         # beam only: >1 favours longer captions, <1 shorter
+    early_stopping: bool = True         # beam only: stop once num_beams captions have ended (false: go on while a
+                                        # running beam might still score higher, up to max_new_tokens)
     no_repeat_ngram_size: int = 3       # forbid repeating any n-gram of this size; 0 = off
     top_p: float = 0.9                  # sample only: nucleus
     temperature: float = 1.0            # sample only

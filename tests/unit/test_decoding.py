@@ -62,18 +62,40 @@ def test_no_repeat_ngram_blocks_repeats(model):
         assert len(tokens) == len(set(tokens))
 
 
-def test_length_penalty_changes_what_beam_search_prefers():
-    model = scramble_lm(tiny_clipcap("mlp").eval())
+def eos_competes(model, weight: float = 0.3):
+    """EOS a strong candidate at every step (``weight``: how strong): finished beams compete with longer ones."""
     direction = randn(model.lm.config.n_embd)
-    with torch.no_grad():  # EOS a strong candidate at every step: finished beams compete with longer ones
+    with torch.no_grad():
         model.lm.transformer.ln_f.bias.copy_(direction)
-        model.lm.lm_head.weight[EOS] = direction / direction.norm() * 0.3
+        model.lm.lm_head.weight[EOS] = direction / direction.norm() * weight
+    return model
+
+
+def test_length_penalty_changes_what_beam_search_prefers():
+    model = eos_competes(scramble_lm(tiny_clipcap("mlp").eval()))
     embeddings = randn(8, 16) * 3
     lengths = {}
     for penalty in (-3.0, 3.0):
         out = _generate(model, embeddings, strategy="beam", num_beams=4, length_penalty=penalty)
         lengths[penalty] = sum(int(((row != PAD) & (row != EOS)).sum()) for row in out)
     assert lengths[-3.0] < lengths[3.0]
+
+
+def test_beam_early_stopping_ends_the_search_once_enough_captions_have_ended():
+    steps = []
+    lm_calls = {True: [], False: []}
+    for seed in (1, 2, 3):  # LMs where EOS competes with confident continuations
+        model = eos_competes(scramble_lm(tiny_clipcap("mlp").eval(), seed=seed), weight=0.04)
+        hook = model.lm.register_forward_hook(lambda *_: steps.append(1))
+        for early in (True, False):
+            steps.clear()
+            generate_token_ids(model, randn(8, 16) * 3, eos_token_id=EOS, pad_token_id=PAD, decoding=DecodingConfig(
+                strategy="beam", num_beams=4, max_new_tokens=40, early_stopping=early))
+            lm_calls[early].append(len(steps))
+        hook.remove()
+    # False goes on while a running beam might still beat the ended ones; True stops once 4 have ended
+    assert all(early <= late for early, late in zip(lm_calls[True], lm_calls[False]))
+    assert sum(lm_calls[True]) < sum(lm_calls[False])
 
 
 @pytest.mark.parametrize(("options", "message"), [

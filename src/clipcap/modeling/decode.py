@@ -20,7 +20,7 @@ def generate_kwargs(decoding: DecodingConfig) -> dict:
               "no_repeat_ngram_size": decoding.no_repeat_ngram_size or None}
     if decoding.strategy == "beam":
         return {**kwargs, "num_beams": decoding.num_beams, "do_sample": False,
-                "length_penalty": decoding.length_penalty}
+                "length_penalty": decoding.length_penalty, "early_stopping": decoding.early_stopping}
     if decoding.strategy == "sample":
         return {**kwargs, "num_beams": 1, "do_sample": True, "top_p": decoding.top_p,
                 "temperature": decoding.temperature, "top_k": 0}
