@@ -63,25 +63,30 @@ class Stack:
     def clipcap(self, *args: str) -> str:
         return run([str(self.project / "scripts" / "bin" / "clipcap"), *args], self.project, self.env)
 
-    def deployment(self, dataset: str) -> dict:
-        response = self.api.get(f"/deployments/name/clipcap-retrain/retrain-{dataset}")
+    def call(self, method: str, path: str, **options) -> httpx.Response:
+        """One Prefect API request, repeated while the server answers 503 (its database busy under load,
+        as with two test runs on 2 cores), at most 5 times; any other error fails at once."""
+        for attempt in range(5):
+            response = self.api.request(method, path, **options)
+            if response.status_code != 503:
+                break
+            time.sleep(2 ** attempt)
         response.raise_for_status()
-        return response.json()
+        return response
+
+    def deployment(self, dataset: str) -> dict:
+        return self.call("GET", f"/deployments/name/clipcap-retrain/retrain-{dataset}").json()
 
     def runs(self, dataset: str) -> list[dict]:
         """The deployment's flow runs that ended or are running, oldest first."""
         body = {"deployments": {"id": {"any_": [self.deployment(dataset)["id"]]}},
                 "flow_runs": {"state": {"type": {"any_": ["RUNNING", "COMPLETED", "FAILED", "CRASHED"]}}},
                 "sort": "START_TIME_ASC"}
-        response = self.api.post("/flow_runs/filter", json=body)
-        response.raise_for_status()
-        return response.json()
+        return self.call("POST", "/flow_runs/filter", json=body).json()
 
     def report(self, flow_run: dict) -> dict | None:
         """The markdown artifact the run published."""
-        response = self.api.post("/artifacts/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
-        response.raise_for_status()
-        found = response.json()
+        found = self.call("POST", "/artifacts/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
         return found[0] if found else None
 
     def wait_for_run(self, dataset: str, done, timeout: float, after: datetime | None = None) -> tuple[dict, dict]:
@@ -186,8 +191,7 @@ def test_a_version_restores_from_the_dvc_remote_with_its_metrics(stack, first_ru
 def test_a_new_batch_triggers_a_warm_started_gated_retrain_of_its_dataset_only(stack, first_runs, tmp_path):
     deployment = stack.deployment("tuxpaint")
     for schedule in deployment["schedules"]:  # from here on only the event starts tuxpaint's runs
-        stack.api.patch(f"/deployments/{deployment['id']}/schedules/{schedule['id']}",
-                        json={"active": False}).raise_for_status()
+        stack.call("PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", json={"active": False})
     time.sleep(2 * INTERVAL_S)  # a scheduled run already under way ends first
     test_before = json.loads((stack.project / "artifacts" / "tuxpaint" / "metrics.json").read_text())["test_images"]
     added_at = datetime.now().astimezone()
