@@ -72,13 +72,28 @@ def test_flow_registers_a_champion(project, registered):
 
 
 def test_metrics_hold_model_and_both_baselines(project, registered):
+    from clipcap.pipeline.baselines import most_frequent_caption
+    from clipcap.pipeline.metrics import cider
+
     metrics = json.loads((project / TUXPAINT / "metrics.json").read_text())
     for system in ("model", "baseline_most_frequent", "baseline_retrieval"):
+        assert "SPICE" in metrics[system]
         for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
             assert isinstance(metrics[system][name], float), (system, name)
-            assert 0.0 <= metrics[system][name] <= 10.0
-        assert "SPICE" in metrics[system]
-    assert metrics["test_images"] >= 5
+    # each system's CIDEr is its captions' CIDEr against the manifest's test references, recomputed here
+    manifest = pd.read_parquet(project / TUXPAINT / "manifest.parquet")
+    references = {i: list(c) for i, c in zip(manifest["image_id"], manifest["captions"])}
+    test_ids = manifest.loc[manifest["split"] == "test", "image_id"].tolist()
+    records = [json.loads(line) for line in
+               (project / TUXPAINT / "evaluation" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image_id"] for r in records] == test_ids and metrics["test_images"] == len(test_ids) >= 5
+    test_refs = {i: references[i] for i in test_ids}
+    frequent = most_frequent_caption([references[i] for i in manifest.loc[manifest["split"] == "train", "image_id"]])
+    for system, predicted in (("model", {r["image_id"]: r["prediction"] for r in records}),
+                              ("baseline_retrieval", {r["image_id"]: r["retrieval"] for r in records}),
+                              ("baseline_most_frequent", dict.fromkeys(test_ids, frequent))):
+        assert metrics[system]["CIDEr"] == pytest.approx(cider(test_refs, predicted), rel=1e-9, abs=0), system
+    assert metrics["baseline_retrieval"]["CIDEr"] != metrics["baseline_most_frequent"]["CIDEr"]
     samples = (project / TUXPAINT / "evaluation" / "samples.md").read_text()
     assert samples.count("\n|") >= 5
     for system in ("model", "baseline_retrieval"):                      # bootstrap intervals around the scores

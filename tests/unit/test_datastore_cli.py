@@ -43,8 +43,16 @@ def test_a_retrieving_captioner_round_trips_with_its_datastore(captioner_dir, tm
     assert captioner.retriever is not None and captioner.retriever.k == 2
     assert len(captioner.retriever.datastore) == 3
     image = noise(tmp_path / "x.png", 1)
-    assert len(captioner.retriever.captions(captioner.embed([image]))[0]) == 2
-    assert isinstance(captioner.caption([image])[0], str)
+    embedding = captioner.embed([image])
+    retrieved = captioner.retriever.captions(embedding)[0]
+    assert len(retrieved) == 2 and set(retrieved) <= {"A red kite.", "A blue boat.", "A green tree."}
+    from clipcap.modeling.decode import GREEDY, generate_captions
+
+    prompts = captioner.retriever.prompts_of(captioner.tokenizer, [retrieved])
+    with_prompt = generate_captions(captioner.model, captioner.tokenizer, embedding, GREEDY, prompts=prompts)[0][0]
+    without = generate_captions(captioner.model, captioner.tokenizer, embedding, GREEDY)[0][0]
+    assert with_prompt != without  # the retrieved captions change this model's caption: the check below means something
+    assert captioner.caption([image], GREEDY) == [with_prompt]  # it captions with its retrieved captions in the prompt
 
 
 def test_datastore_add_makes_new_images_retrievable(captioner_dir, tmp_path, capsys):

@@ -43,6 +43,9 @@ def test_nucleus_sampling_is_seeded_and_varies(model):
     again = _generate(model, embeddings, strategy="sample", top_p=0.95, temperature=1.5, num_captions=4)
     assert first.shape[0] == 8 and torch.equal(first, again)
     assert len({tuple(r) for r in first[:4].tolist()}) > 1  # samples differ
+    torch.manual_seed(1)
+    other = _generate(model, embeddings, strategy="sample", top_p=0.95, temperature=1.5, num_captions=4)
+    assert not torch.equal(other, first)  # the seed is what they depend on
 
 
 def test_tiny_top_p_is_greedy(model):

@@ -18,27 +18,40 @@ from clipcap.modeling.encoders import build_encoder
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "embed_images.py"
 
 
+def assert_same_vectors(found: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    """``found`` holds ``expected``'s vectors, to within ``rtol`` of their size (not an absolute tolerance:
+    the random encoder's vectors are ~1e-8), and the images' vectors differ from each other by far more than
+    that, so another image's vector never passes for the right one."""
+    tolerance = rtol * float(expected.abs().max())
+    torch.testing.assert_close(found, expected, rtol=0, atol=tolerance)
+    gaps = (expected[:, None] - expected[None]).abs().amax(dim=-1)
+    others = gaps[~torch.eye(len(expected), dtype=torch.bool)]
+    assert others.numel() == 0 or others.min() > 100 * tolerance, "images' vectors within the tolerance: vacuous"
+
+
 def test_store_roundtrip_order_and_missing(tmp_path):
     store = EmbeddingStore(tmp_path, "enc@1")
     a, b = torch.randn(3, 4), torch.randn(2, 4)
     store.add(["x", "y", "z"], a)
     store.add(["u", "v"], b)
     fresh = EmbeddingStore(tmp_path, "enc@1")  # reads the index from disk
-    torch.testing.assert_close(fresh.get(["v", "x", "z"]), torch.stack([b[1], a[0], a[2]]))
+    assert_same_vectors(fresh.get(["v", "x", "z"]), torch.stack([b[1], a[0], a[2]]))
     assert fresh.missing(["x", "new", "u", "new"]) == ["new"]
     assert EmbeddingStore(tmp_path, "enc@2").missing(["x"]) == ["x"]  # another encoder, another store
 
 
 def test_stale_or_missing_index_is_rebuilt_from_the_shards(tmp_path):
     store = EmbeddingStore(tmp_path, "enc@1")
-    store.add(["a", "b"], torch.randn(2, 4))
+    vectors = torch.randn(3, 4)
+    store.add(["a", "b"], vectors[:2])
     stale = (store.dir / INDEX).read_text()  # what a kill between the next shard and its index leaves
-    store.add(["c"], torch.randn(1, 4))
+    store.add(["c"], vectors[2:])
     (store.dir / INDEX).write_text(stale)
     assert EmbeddingStore(tmp_path, "enc@1").missing(["a", "b", "c", "d"]) == ["d"]
     (store.dir / INDEX).unlink()
     reopened = EmbeddingStore(tmp_path, "enc@1")
-    assert len(reopened) == 3 and reopened.get(["c"]).shape == (1, 4)
+    assert len(reopened) == 3
+    assert_same_vectors(reopened.get(["c", "a", "b"]), vectors[[2, 0, 1]])
     reopened.add(["d"], torch.randn(1, 4))  # the next write brings the index up to date
     assert len(json.loads((store.dir / INDEX).read_text())["ids"]) == 4
 
@@ -84,11 +97,12 @@ def test_the_store_refuses_to_write_non_finite_embeddings_and_names_the_image(tm
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_reader_refuses_a_damaged_shard_by_name(tmp_path, damage):
     store = EmbeddingStore(tmp_path, "enc@1")
-    store.add(["a", "b"], torch.randn(2, 8))
+    intact = torch.randn(2, 8)
+    store.add(["a", "b"], intact)
     shard = store.add(["c", "d"], torch.randn(2, 8))
     damage(shard)
     reader = EmbeddingStore(tmp_path, "enc@1")
-    assert reader.get(["a"]).shape == (1, 8)  # the intact shard still reads
+    assert_same_vectors(reader.get(["b", "a"]), intact[[1, 0]])  # the intact shard still reads
     with pytest.raises(DamagedShardError, match=rf"{shard.name}.*clipcap embed"):
         reader.get(["a", "c"])
 
@@ -121,8 +135,14 @@ def test_embedding_is_incremental_and_keyed_by_encoder(images, tmp_path):
     other = _embed(paths[:7], store_dir, imagenet)
     assert (other.encoded, other.reused) == (7, 0)  # another encoder: everything again, in its own store
     assert len(EmbeddingStore(store_dir, random.key)) == 7  # the first store is kept
-    vectors = EmbeddingStore(store_dir, random.key).get([Path(p).stem for p in paths[:7]])
-    assert vectors.shape == (7, 1280) and torch.isfinite(vectors).all()
+    from clipcap.modeling.encoders import encode_images
+
+    ids = [Path(p).stem for p in paths[:7]]
+    vectors = EmbeddingStore(store_dir, random.key).get(ids)
+    assert vectors.shape == (7, 1280)
+    assert_same_vectors(vectors, torch.cat(list(encode_images(random, paths[:7], 2))))  # each image's own vector
+    assert_same_vectors(EmbeddingStore(store_dir, imagenet.key).get(ids),
+                        torch.cat(list(encode_images(imagenet, paths[:7], 2))))
 
 
 def test_sigkill_mid_run_resumes_without_reencoding_finished_shards(images, tmp_path):
@@ -146,8 +166,7 @@ def test_sigkill_mid_run_resumes_without_reencoding_finished_shards(images, tmp_
     ids = [Path(p).stem for p in paths]
     uninterrupted = tmp_path / "uninterrupted"
     _embed(paths, uninterrupted, encoder, shard_size=4)
-    torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids),
-                               EmbeddingStore(uninterrupted, encoder.key).get(ids))
+    assert_same_vectors(EmbeddingStore(store_dir, encoder.key).get(ids), EmbeddingStore(uninterrupted, encoder.key).get(ids))
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -159,12 +178,14 @@ def test_embed_sets_a_damaged_shard_aside_and_encodes_its_images_again(images, t
     store = EmbeddingStore(store_dir, encoder.key)
     ids = [Path(p).stem for p in paths]
     before = store.get(ids)
-    damaged = store.shards()[1]
+    damaged = store.shards()[1]  # the middle one of three: the re-encoded shard must not take the last one's name
+    intact = {p.name: p.read_bytes() for p in store.shards() if p != damaged}
     damage(damaged)
     again = _embed(paths, store_dir, encoder, shard_size=2)
     assert (again.encoded, again.reused) == (2, 4)  # exactly the damaged shard's images
     assert (store_dir / store.dir.name / "damaged" / damaged.name).exists()  # kept for inspection
-    torch.testing.assert_close(EmbeddingStore(store_dir, encoder.key).get(ids), before)
+    assert all((store.dir / name).read_bytes() == data for name, data in intact.items())  # shards are never rewritten
+    assert_same_vectors(EmbeddingStore(store_dir, encoder.key).get(ids), before)  # every image: its own vector
 
 
 def test_named_writers_share_a_store_without_colliding_and_merge_indexes_them(tmp_path):
@@ -181,7 +202,7 @@ def test_named_writers_share_a_store_without_colliding_and_merge_indexes_them(tm
     merged = EmbeddingStore(tmp_path, "enc@1")
     assert merged.merge() == 5
     assert json.loads((merged.dir / INDEX).read_text())["shards"] == names
-    torch.testing.assert_close(EmbeddingStore(tmp_path, "enc@1").get(["d", "a", "c"]), vectors[[3, 0, 2]])
+    assert_same_vectors(EmbeddingStore(tmp_path, "enc@1").get(["d", "a", "c"]), vectors[[3, 0, 2]])
     with pytest.raises(ValueError, match="writer name"):
         EmbeddingStore(tmp_path, "enc@1", writer="../x")
 

@@ -34,9 +34,18 @@ def test_bootstrap_intervals_bracket_the_score_and_have_width(scores):
 
 
 def test_bootstrap_is_seeded():
-    predictions = {i: "A drawing of a cat." for i in REFS}
-    first = score_captions(REFS, predictions, bootstrap=200, seed=3).ci95
-    assert first == score_captions(REFS, predictions, bootstrap=200, seed=3).ci95
+    """The same seed draws the same resamples; another seed other ones (so the seed is not ignored).
+    Per-image scores of many sizes: with few distinct ones, two seeds' percentiles could coincide."""
+    from clipcap.pipeline.baselines import _meteor
+
+    words = ["cat", "dog", "car", "tree", "boat", "kite", "pear", "moon", "shoe", "lamp"]
+    predictions = {i: f"A {'drawing of a ' * (n % 3)}{w} {'in a picture' if n % 2 else ''}."
+                   for n, (i, w) in enumerate(zip(REFS, words))}
+    meteor = _meteor()   # one Java process for the three scorings
+    first = score_captions(REFS, predictions, bootstrap=200, seed=3, meteor=meteor).ci95
+    assert first == score_captions(REFS, predictions, bootstrap=200, seed=3, meteor=meteor).ci95
+    other = score_captions(REFS, predictions, bootstrap=200, seed=4, meteor=meteor).ci95
+    assert first.keys() == other.keys() and all(first[name] != other[name] for name in ("BLEU-4", "CIDEr"))
 
 
 def test_bleu_from_summed_statistics_is_pycocoevalcaps_corpus_bleu():

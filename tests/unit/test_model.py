@@ -146,6 +146,7 @@ def test_length_grouped_batches_cover_every_caption_once_per_epoch():
     sampler = LengthGroupedBatches(lengths, batch_size=3, seed=0, group_batches=2)
     first = list(sampler)
     assert first == list(sampler)  # the order is a function of (seed, epoch)
+    assert first != list(LengthGroupedBatches(lengths, batch_size=3, seed=1, group_batches=2))  # another seed
     sampler.set_epoch(1)
     second = list(sampler)
     assert len(first) == len(sampler) == 4

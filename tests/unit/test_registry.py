@@ -107,6 +107,34 @@ def test_a_champion_scored_on_another_test_set_is_rescored_on_this_one_first(sto
     assert calls == ["models:/clipcap-toy/1"] and _champion(cfg) == 2
 
 
+def test_later_challengers_on_the_new_test_set_use_the_champion_s_saved_rescore(store):
+    """The champion (0.9 on its old split) re-scores 0.6 on the new one and beats the first challenger
+    there (0.5), so it stays; the second challenger (0.7) beats its saved re-score, not its old 0.9, and
+    the champion is not re-scored again. Test sets are named by 64-hex digests, as the stages name them."""
+    cfg, captioner = store
+    old_split, new_split = "a" * 64, "b" * 64
+    _register(cfg, captioner, 0.9, test_set=old_split)
+    calls = []
+
+    def rescore(uri):
+        calls.append(uri)
+        return 0.6
+
+    first = _register(cfg, captioner, 0.5, test_set=new_split, rescore=rescore)
+    assert not first.promoted and first.champion_value == 0.6 and calls == ["models:/clipcap-toy/1"]
+    assert "0.5000 <= 0.6000 of version 1 (re-scored on this test set)" in first.reason
+    tags = MlflowClient(cfg.tracking_uri).get_model_version("clipcap-toy", "1").tags
+    assert tags[f"clipcap.score.CIDEr.{'b' * 32}"] == "0.6"
+    second = _register(cfg, captioner, 0.7, test_set=new_split, rescore=rescore)
+    assert calls == ["models:/clipcap-toy/1"]                    # the saved re-score, not a second one
+    assert second.promoted and second.champion_value == 0.6 and second.champion_before == 1
+    assert "0.7000 > 0.6000 of version 1 (re-scored on this test set earlier)" in second.reason
+    assert _champion(cfg) == 3
+    # the saved re-score belongs to that test set only: on a third one the champion (now 3) is re-scored
+    third = _register(cfg, captioner, 0.8, test_set="c" * 64, rescore=lambda uri: calls.append(uri) or 0.75)
+    assert third.promoted and calls[1:] == ["models:/clipcap-toy/3"] and third.champion_value == 0.75
+
+
 def test_a_rescored_champion_that_still_wins_stays(store):
     cfg, captioner = store
     _register(cfg, captioner, 0.9, test_set="old split")

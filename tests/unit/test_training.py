@@ -210,6 +210,31 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert restored == pytest.approx(best, rel=1e-5)
 
 
+@pytest.mark.parametrize("patience", [3, 0])
+def test_a_run_that_ends_after_worse_epochs_ends_with_the_best_epoch_s_weights(patience):
+    """Early stopping on (patience 3) but never reached in 3 epochs whose val loss is best after the first:
+    the model ends with the best epoch's weights, not the last one's. Off (patience 0): the last epoch's."""
+    snapshots = []  # the weights after each epoch, as validated
+
+    def on_epoch(trained):
+        snapshots.append({k: v.clone() for k, v in trained.weights().items()})
+        return {}
+
+    model = tiny_clipcap("mlp", finetune_lm=True)
+    cfg = TrainConfig(seed=0, epochs=3, batch_size=4, lr=1e-2, warmup_steps=0, early_stopping_patience=patience,
+                      device="cpu")
+    history = train_model(model, _pairs(16, 0), _pairs(8, 1), cfg, pad_token_id=PAD, on_epoch=on_epoch)
+    val_losses = [e["val_loss"] for e in history.epochs]
+    assert len(val_losses) == 3 and not history.stopped_early
+    best = val_losses.index(min(val_losses))
+    assert best < 2 and val_losses[2] > val_losses[best]  # the last epoch is worse than an earlier one
+    assert any(not torch.equal(snapshots[best][k], snapshots[2][k]) for k in snapshots[2])
+    expected, final = snapshots[best] if patience else snapshots[2], model.weights()
+    assert final.keys() == expected.keys() and len(final) > 20  # the mapper and the fine-tuned LM
+    for key in final:
+        assert torch.equal(final[key], expected[key]), key
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32),
                                               ("auto", torch.float32)])  # auto: bf16 on CUDA only
 def test_precision_sets_the_dtype_the_model_computes_in_on_cpu(precision, dtype):

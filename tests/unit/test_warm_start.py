@@ -48,7 +48,9 @@ def test_the_champion_with_the_same_recipe_is_the_start(cfg, tmp_path):
     champion = _champion(cfg, tmp_path / "champion")
     found = find_warm_start(cfg)
     assert found.source == "models:/clipcap-toy/1" and "same recipe" in found.reason
-    assert torch.equal(found.weights["mapper.prefix_const"], champion.weights()["mapper.prefix_const"])
+    state = champion.state_dict()  # every saved tensor is the champion's (the mapper's and the LM's)
+    assert champion.weights().keys() <= found.weights.keys() and "mapper.prefix_const" in found.weights
+    assert all(torch.equal(found.weights[k], state[k]) for k in found.weights)
     assert found.describe(2) == {"from": "models:/clipcap-toy/1", "reason": found.reason, "epochs": 2}
 
 
@@ -106,9 +108,14 @@ def test_replay_trains_on_every_new_image_and_a_seeded_sample_of_the_old():
     picked = replay_rows(rows, old, 3.0, seed=0)
     assert {"i18", "i19"} <= set(picked["image_id"]) and len(picked) == 2 + 6
     assert list(picked.index) == sorted(picked.index)                     # manifest order kept
+    # each row keeps its label in ``rows``: the train stage finds its embedding by it (train_emb[index])
+    assert picked["image_id"].tolist() == rows.loc[picked.index, "image_id"].tolist()
+    assert list(picked.index[-2:]) == [18, 19]
     assert picked.equals(replay_rows(rows, old, 3.0, seed=0))             # seeded
     assert not picked.equals(replay_rows(rows, old, 3.0, seed=1))
     assert len(replay_rows(rows, old, 100.0, seed=0)) == 20               # never more than there is
+    three_new = frozenset(f"i{n}" for n in range(17))
+    assert len(replay_rows(rows, three_new, 0.5, seed=0)) == 3 + 2       # 1.5 old ones: rounded up
     assert replay_rows(rows, old, 0.0, seed=0) is rows                    # 0: all the old data
     assert replay_rows(rows, None, 3.0, seed=0) is rows                   # the champion's images unknown
     assert replay_rows(rows, frozenset(rows["image_id"]), 3.0, seed=0) is rows   # nothing new to train on
@@ -121,3 +128,50 @@ def test_a_warm_starts_warmup_is_a_tenth_of_its_steps():
     assert warm_start_warmup(cfg, 312) == 4          # 20 steps an epoch x 2 = 40 steps
     assert warm_start_warmup(cfg, 16 * 1000) == 40   # at most train.warmup_steps
     assert warm_start_warmup(cfg, 3) == 1
+    accumulating = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=2, warmup_steps=7))
+    assert warm_start_warmup(accumulating, 312) == 2      # 20 micro-batches an epoch: 10 steps x 2 = 20 steps
+    assert warm_start_warmup(accumulating, 16 * 1000) == 7   # at most this train.warmup_steps
+
+
+def test_a_warm_started_run_pairs_each_replayed_caption_with_its_own_images_embedding(cfg, monkeypatch):
+    """The train stage trains a warm start on the new images and a sample of the old (``replay_rows``),
+    finding their embeddings by row label: every caption it trains on must come with its own image's
+    embedding, the new images' (at the end of the split) and the replayed old ones'."""
+    import pandas as pd
+
+    import clipcap.pipeline.stages.train as stage
+    from clipcap.pipeline.warm_start import WarmStart
+
+    cfg = dataclasses.replace(cfg, retrain=RetrainConfig(replay=1.0))
+    rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(20)],
+                         "captions": [[f"Picture {n}, caption {c}." for c in range(2)] for n in range(20)]})
+    embeddings = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))  # one distinct vector per image
+    val = pd.DataFrame({"image_id": [], "captions": []})
+    monkeypatch.setattr(stage, "split_data", lambda *args: [(rows, embeddings), (val, torch.empty(0, 8))])
+    lm = load_lm(cfg.lm.name, cfg.lm.tokenizer, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    weights = ClipCap(cfg.mapper, 8, lm.model).weights()
+    old = frozenset(f"i{n}" for n in range(16))  # 4 new images, 4 old ones replayed
+    monkeypatch.setattr(stage, "find_warm_start", lambda c: WarmStart("models:/clipcap-toy/1", "same recipe",
+                                                                      weights, old))
+    seen = []
+
+    class Trained(Exception):
+        pass
+
+    def train_model(model, pairs, *args, **kwargs):
+        seen.append(pairs)
+        raise Trained
+
+    monkeypatch.setattr(stage, "train_model", train_model)
+    with pytest.raises(Trained):
+        stage.run(cfg, tracking=False)
+    [pairs] = seen
+    trained = {}
+    for image, tokens in zip(pairs.image_index, pairs.token_ids):
+        caption = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+        number = int(caption.removeprefix("Picture ").split(",")[0])
+        assert torch.equal(pairs.embeddings[image], embeddings[number]), caption  # its own image's vector
+        trained.setdefault(f"i{number}", []).append(caption)
+    assert {"i16", "i17", "i18", "i19"} <= trained.keys() and len(trained) == 8
+    assert all(len(captions) == 2 for captions in trained.values())
