@@ -3,7 +3,7 @@
 Stages (what ``dvc.yaml`` runs): fetch, validate, embed, train [--resume], evaluate, register; each
 is ``clipcap.pipeline.stages.<name>.run``, imported only when its verb runs (so a stage's code is
 its module's imports plus this file's module-level ones: ``dvc.yaml`` lists exactly those).
-Inference: ``clipcap caption IMAGE_OR_FOLDER... --model PATH_OR_MODELS_URI``;
+Inference: ``clipcap caption IMAGE_OR_FOLDER... --model PATH_OR_MODELS_URI``; ``clipcap serve`` (HTTP);
 ``clipcap interpret IMAGE --model ...`` shows the prefix as its nearest vocabulary tokens.
 Multi-GPU training: ``torchrun --nproc_per_node N -m clipcap.cli train``.
 """
@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("folder", help="images + captions.jsonl or captions.csv")
     batch.add_argument("--batch-name", default=None, help="the batch's folder name (default: the folder's name)")
     batch.add_argument("--no-event", action="store_true", help="do not send the clipcap.batch.added event")
+    serve = verbs.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring app, within the "
+                                           "model's serve limits: requests at once, a bounded queue, body size)")
+    serve.add_argument("--model", default=None,
+                       help="an MLflow model URI (default: models:/clipcap-DATASET@champion)")
+    serve.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from params.yaml)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5000, help="(default: 5000)")
     interpret = verbs.add_parser("interpret", help="show each prefix vector's nearest vocabulary tokens")
     interpret.add_argument("image")
     _add_model_options(interpret)
@@ -208,6 +215,17 @@ def _models(args: argparse.Namespace) -> None:
               f"(run {restored.run_id}; stages {', '.join(restored.stages)}); its test metrics: {scores}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from clipcap.pipeline.registry import model_name
+    from clipcap.pipeline.server import serve
+
+    cfg = None if args.model and args.tracking_uri else load_config(args.params, args.dataset)
+    mlflow.set_tracking_uri(args.tracking_uri or cfg.register.tracking_uri)
+    serve(args.model or f"models:/{model_name(cfg.dataset.name)}@champion", args.host, args.port)
+
+
 def _add_batch(args: argparse.Namespace) -> None:
     from clipcap.pipeline.batches import add_batch
 
@@ -239,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{update.skipped or 'none'}); the datastore holds {update.size}")
         elif args.verb == "models":
             _models(args)
+        elif args.verb == "serve":
+            _serve(args)
         elif args.verb == "add-batch":
             _add_batch(args)
         elif args.verb == "summary":

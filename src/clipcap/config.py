@@ -12,6 +12,7 @@ params fail at load time rather than deep inside a stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -148,6 +149,7 @@ class ValidateConfig:
     max_caption_chars: int = 300
     min_image_side: int = 5
     max_image_pixels: int = 50_000_000   # width x height from the header; larger images are never decoded
+    max_aspect_ratio: float = 32.0       # longer side / shorter side from the header; strips are never decoded
     max_bad_fraction: float = 0.05       # quarantined rows / input rows above which the stage fails
     num_workers: int = 2                 # threads decoding images for the checks; 0 = in the calling thread
     max_caption_repeats: int = 0         # a caption given to more distinct images is a series name; 0 = off
@@ -162,6 +164,8 @@ class ValidateConfig:
             raise ConfigError("validate.min_image_side must be >= 1")
         if self.max_image_pixels < self.min_image_side ** 2:
             raise ConfigError("validate.max_image_pixels must be >= validate.min_image_side squared")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError("validate.max_aspect_ratio must be >= 1 (1: squares only)")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError("validate.max_bad_fraction must be between 0 and 1")
         if self.num_workers < 0:
@@ -323,6 +327,12 @@ class DecodingConfig:
             raise ConfigError("decoding.num_captions > 1 needs strategy 'beam' or 'sample' (greedy gives one)")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ConfigError("decoding.top_p must be in (0, 1] and decoding.temperature > 0")
+        if self.temperature > 100:
+            raise ConfigError("decoding.temperature must be at most 100")
+        if not -10 <= self.length_penalty <= 10:
+            raise ConfigError("decoding.length_penalty must be between -10 and 10 (1: the mean log-probability)")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError("decoding.no_repeat_ngram_size must be >= 0 (0: off)")
         if self.rerank_margin < 0:
             raise ConfigError(f"decoding.rerank_margin={self.rerank_margin}: must be >= 0 (0: the likeliest "
                               "caption wins; larger: the retrieved caption is kept unless the best beam is that "
@@ -371,19 +381,28 @@ class ServeConfig:
     max_images: int = 64                # images per request
     max_image_bytes: int = 20_000_000   # encoded bytes per image
     max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    max_aspect_ratio: float = 32.0      # longer side / shorter side, read from the header before decoding
+    max_request_pixels: int = 100_000_000  # width x height summed over a request's images, from their headers
+    max_request_bytes: int = 64_000_000  # the HTTP body (clipcap serve): larger bodies get 413 before reading on
     max_num_beams: int = 8
     max_num_captions: int = 8
     max_new_tokens: int = 64
-    max_seconds: float = 20.0           # generation time per request; then the captions end where they are
+    max_seconds: float = 20.0           # decoding the images + generation per request; then captions end there
+    max_concurrent: int = 2             # requests worked on at once (clipcap serve); others wait in the queue
+    max_queued: int = 8                 # requests waiting for a slot; one more gets 503 at once
     image_root: str | None = None       # a folder whose files requests may name by path; None: paths are refused
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_num_beams", "max_num_captions",
-                     "max_new_tokens"):
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_request_pixels", "max_request_bytes",
+                     "max_num_beams", "max_num_captions", "max_new_tokens", "max_concurrent"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name} must be >= 1")
-        if self.max_seconds <= 0:
-            raise ConfigError("serve.max_seconds must be > 0")
+        if self.max_queued < 0:
+            raise ConfigError("serve.max_queued must be >= 0")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError("serve.max_aspect_ratio must be >= 1 (1: squares only)")
+        if not 0 < self.max_seconds < 3600:
+            raise ConfigError("serve.max_seconds must be > 0 and under an hour")
 
 
 @dataclass(frozen=True)
@@ -403,6 +422,13 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors name a bad value without echoing a huge one."""
+    text = repr(value) if not isinstance(value, (str, bytes, list, dict, tuple)) or len(value) <= limit else \
+        f"a {type(value).__name__} of length {len(value):,}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_value(key: str, value: Any, hint: Any) -> Any:
     """Return ``value`` coerced to ``hint`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(hint)
@@ -418,32 +444,34 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
                 return _check_value(key, value, option)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {shown(value)}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{key}: {shown(value)} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin is tuple:  # tuple[X, ...]: a YAML list
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         inner = typing.get_args(hint)[0]
         return tuple(_check_value(f"{key}[{index}]", item, inner) for index, item in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover - programming error
 
@@ -453,13 +481,13 @@ def config_from_mapping(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key (known keys in {prefix}: {', '.join(sorted(known))})"
+            f"{prefix}.{str(unknown[0])[:60]}: unknown key (known keys in {prefix}: {', '.join(sorted(known))})"
         )
     kwargs = {}
     for name, value in data.items():
@@ -485,14 +513,82 @@ def config_from_dict(data: dict[str, Any], dataset: str | None = None) -> Config
     return Config(**{name: config_from_mapping(hints[name], data.get(name), name) for name in hints})
 
 
+MAX_PARAMS_BYTES = 1 << 20    # params.yaml is ~15 kB; a file over a megabyte is not a parameter file
+MAX_PARAMS_VALUES = 100_000   # values once YAML aliases are expanded (params.yaml: ~1,000, and no aliases)
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a document whose aliases (``*name``) expand to more than
+    ``MAX_PARAMS_VALUES`` values ("billion laughs": a few lines that expand to gigabytes wherever the
+    data is walked, copied or printed) or refer back into their own anchor. Checked on the composed
+    node graph, each node's expanded size counted once, before any Python object is built."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+class _AliasBomb(yaml.YAMLError):
+    pass
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        return []
+
+    sizes: dict[int, int] = {}   # id(node) -> the number of values it expands to
+    path: set[int] = set()       # the nodes being counted (a depth-first walk, no recursion)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        if counted:
+            path.discard(id(node))
+            sizes[id(node)] = size = 1 + sum(sizes[id(child)] for child in children(node))
+            if size > MAX_PARAMS_VALUES:
+                raise _AliasBomb(f"its YAML aliases (*name) expand to more than {MAX_PARAMS_VALUES:,} values "
+                                 "(an alias bomb?)")
+            continue
+        if id(node) in sizes:
+            continue
+        path.add(id(node))
+        stack.append((node, True))
+        for child in children(node):
+            if id(child) in path:
+                raise _AliasBomb(f"the YAML alias at line {child.start_mark.line + 1} refers back into its own "
+                                 "anchor (a structure holding itself)")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """``params.yaml`` as parsed YAML (a mapping), with a readable error when it is missing or broken."""
+    """``params.yaml`` as parsed YAML (a mapping), with a readable error when it is missing or broken.
+
+    Bounded, so that a broken or hostile file fails at once instead of filling memory: a file over
+    ``MAX_PARAMS_BYTES`` is refused unread, and so are YAML aliases expanding to more than
+    ``MAX_PARAMS_VALUES`` values or to themselves (see :class:`_ParamsLoader`)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameter file not found (run from the project root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        with path.open("rb") as handle:
+            text = handle.read(MAX_PARAMS_BYTES + 1)
+            size = max(len(text), os.fstat(handle.fileno()).st_size)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the parameter file ({err.strerror or err})") from err
+    if size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes, more than the {MAX_PARAMS_BYTES:,} a parameter file may have; "
+                          "it holds settings only (about 15 kB): restore it from git (git checkout params.yaml)")
+    try:
+        data = yaml.load(text, Loader=_ParamsLoader) or {}
+    except _AliasBomb as err:
+        raise ConfigError(f"{path}: {err}; write the values out instead of using anchors (&name) and "
+                          "aliases (*name)") from err
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int of over 4,300 digits
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")

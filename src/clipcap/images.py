@@ -1,9 +1,11 @@
-"""Image loading shared by embedding, validation and inference.
+"""Image loading shared by validation, embedding (training and evaluation), the CLI and serving.
 
-:func:`load_rgb` is the one way an image file becomes pixels: size checked from the header
-before anything is decoded (:func:`open_image`), EXIF orientation applied, then every mode
-converted to 8-bit RGB (:func:`to_rgb`): transparency composited on white, 16-bit and 32-bit
-grayscale scaled (not clipped) to 8 bits, CMYK, palette, bilevel and grayscale converted.
+:func:`load_rgb` is the one way an image file (a path or the bytes of a request) becomes pixels:
+size and shape checked from the header before anything is decoded (:func:`open_image`), EXIF
+orientation applied, then every mode converted to 8-bit RGB (:func:`to_rgb`): transparency
+composited on white, 16-bit and 32-bit grayscale scaled (not clipped) to 8 bits, CMYK, palette,
+bilevel and grayscale converted. The encoder's ``preprocess`` then pads and resizes the same way
+on every path (:class:`clipcap.modeling.encoders.PadToSquare`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+MAX_ASPECT_RATIO = 20.0  # the default bound on the longer side / the shorter side (validate, serve)
+
+
 class ImageTooLargeError(ClipcapError, ValueError):
     """The header announces more pixels than allowed: the image is not decoded. ``size`` is the
     (width, height) the header gave, None where Pillow's own bomb limit refused it first."""
@@ -33,9 +38,26 @@ class ImageTooLargeError(ClipcapError, ValueError):
         self.size = size
 
 
-def open_image(path: str | Path | IO[bytes], max_pixels: int | None = None) -> Image.Image:
+class ImageShapeError(ClipcapError, ValueError):
+    """The header announces a strip (longer side / shorter side above the bound): the image is not
+    decoded. A 5 x 100,000 PNG is 3 KB, but padded to a square it would be 10^10 pixels, and
+    resized to the encoder's input it is a line a few pixels wide: nothing a captioner can see."""
+
+    def __init__(self, message: str, size: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+def aspect_ratio(width: int, height: int) -> float:
+    """The longer side over the shorter (1 for a square; infinite for an empty side)."""
+    return max(width, height) / min(width, height) if min(width, height) > 0 else float("inf")
+
+
+def open_image(path: str | Path | IO[bytes], max_pixels: int | None = None,
+               max_aspect_ratio: float | None = None) -> Image.Image:
     """Open ``path`` (or a binary file object) reading only its header; refuse it before decoding
-    when it has over ``max_pixels`` pixels.
+    when it has over ``max_pixels`` pixels (:class:`ImageTooLargeError`) or its longer side is over
+    ``max_aspect_ratio`` times its shorter (:class:`ImageShapeError`).
 
     PIL's own decompression-bomb refusal (twice ``Image.MAX_IMAGE_PIXELS``) is raised as
     :class:`ImageTooLargeError` as well, so callers see one error for "too large".
@@ -48,7 +70,11 @@ def open_image(path: str | Path | IO[bytes], max_pixels: int | None = None) -> I
     if max_pixels is not None and width * height > max_pixels:
         image.close()
         raise ImageTooLargeError(f"{path}: {width}x{height} = {width * height:,} pixels, more than "
-                                 f"validate.max_image_pixels={max_pixels:,}", (width, height))
+                                 f"max_image_pixels={max_pixels:,}", (width, height))
+    if max_aspect_ratio is not None and aspect_ratio(width, height) > max_aspect_ratio:
+        image.close()
+        raise ImageShapeError(f"{path}: {width}x{height}, one side {aspect_ratio(width, height):.0f} times the "
+                              f"other, more than max_aspect_ratio={max_aspect_ratio:g}", (width, height))
     return image
 
 
@@ -101,9 +127,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB: size checked from the header (``max_pixels``), EXIF orientation
-    applied, every mode converted (:func:`to_rgb`)."""
-    with open_image(path, max_pixels) as image:
+def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None,
+             max_aspect_ratio: float | None = None) -> Image.Image:
+    """Open an image (a path or a binary file object) as 8-bit RGB: size and shape checked from the
+    header (``max_pixels``, ``max_aspect_ratio``), EXIF orientation applied, every mode converted
+    (:func:`to_rgb`)."""
+    with open_image(path, max_pixels, max_aspect_ratio) as image:
         rgb = to_rgb(apply_orientation(image))
         return rgb.copy() if rgb is image else rgb  # closing ``image`` would invalidate it

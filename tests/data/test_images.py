@@ -94,8 +94,9 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size, blue_corner):
 
 def test_size_is_refused_from_the_header_before_decoding(tmp_path):
     path = png_header(tmp_path / "big.png", 5000, 4000)  # 20 M pixels claimed; a few bytes on disk
-    with pytest.raises(ImageTooLargeError, match="5000x4000 = 20,000,000 pixels, more than validate.max_image_pixels"):
+    with pytest.raises(ImageTooLargeError, match="5000x4000 = 20,000,000 pixels, more than max_image_pixels=10,000,000"):
         load_rgb(path, max_pixels=10_000_000)
+    assert "validate.max_image_pixels=10,000,000" in check_image(path, ValidateConfig(max_image_pixels=10_000_000))[1]
     with open_image(path, max_pixels=None) as image:   # without a limit the header still opens
         assert image.size == (5000, 4000)
 
@@ -106,3 +107,20 @@ def test_decompression_bomb_is_our_error_not_pils(tmp_path):
         open_image(path, max_pixels=10**12)
     assert not isinstance(err.value, Image.DecompressionBombError)
     assert check_image(path, ValidateConfig(max_image_pixels=10**9))[0] == "too_large"
+
+
+def test_strips_are_refused_from_the_header_at_the_bound(tmp_path):
+    from clipcap.images import ImageShapeError
+
+    strip = png_header(tmp_path / "strip.png", 5, 100_000)  # 3 KB; never decoded
+    with pytest.raises(ImageShapeError, match=r"5x100000, one side 20000 times the other, more than max_aspect_ratio=32"):
+        load_rgb(strip, max_aspect_ratio=32)
+    assert check_image(strip, ValidateConfig())[0] == "bad_shape"
+    assert "validate.max_aspect_ratio=32" in check_image(strip, ValidateConfig())[1]
+    at = save(Image.new("L", (40, 10), 9), tmp_path / "at.png")
+    past = save(Image.new("L", (10, 41), 9), tmp_path / "past.png")
+    assert load_rgb(at, max_aspect_ratio=4).size == (40, 10)
+    with pytest.raises(ImageShapeError):
+        load_rgb(past, max_aspect_ratio=4)
+    assert check_image(past, ValidateConfig(max_aspect_ratio=4))[0] == "bad_shape"
+    assert check_image(past, ValidateConfig(max_aspect_ratio=4.1)) is None

@@ -21,8 +21,10 @@ from imagefiles import (
     noise,
     palette_with_transparency,
     png_header,
+    save,
     truncated,
 )
+from PIL import Image
 
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.stages import embed, fetch, validate
@@ -68,6 +70,9 @@ def build_batch(root: Path) -> tuple[bytes, dict[int, str], set[tuple[str, str]]
     noise(root / "dot.png", size=(1, 1), seed=4)
     png_header(root / "bomb.png", 100_000, 100_000)                  # 10^10 pixels: PIL's own limit
     png_header(root / "big.png", 4000, 3000)                         # 12 M > validate.max_image_pixels=10 M
+    png_header(root / "strip.png", 5, 100_000)                       # 3 KB; padded to a square, 10^10 pixels
+    save(Image.new("L", (320, 10), 90), root / "at-ratio.png")        # 32:1, validate.max_aspect_ratio's default
+    save(Image.new("L", (330, 10), 90), root / "past-ratio.png")      # 33:1
     (root / "folder.jpg").mkdir()
 
     lines: list[tuple[bytes, str | None]] = [
@@ -80,6 +85,7 @@ def build_batch(root: Path) -> tuple[bytes, dict[int, str], set[tuple[str, str]]
         (_line("rotated.jpg", "A photo taken with the camera on its side."), None),
         (_line("palette.png", "A red bar on a transparent background."), None),
         (_line("la.png", "A grey bar on a transparent background."), None),
+        (_line("at-ratio.png", "A long grey bar."), None),
         (_line("link-inside.png", "A symlink that stays inside the folder."), None),
         (_line("good.png", "  Whitespace\tand\nnewlines   are normalised. "), None),
         (_line("good.png", "Crème brûlée, naïve café 🎉."), None),
@@ -91,6 +97,8 @@ def build_batch(root: Path) -> tuple[bytes, dict[int, str], set[tuple[str, str]]
         (_line("dot.png", "A single pixel."), "too_small"),
         (_line("bomb.png", "A decompression bomb."), "too_large"),
         (_line("big.png", "Too many pixels for the limit."), "too_large"),
+        (_line("strip.png", "A strip five pixels wide."), "bad_shape"),
+        (_line("past-ratio.png", "A grey bar a little too long."), "bad_shape"),
         (_line("nowhere.png", "A file that does not exist."), "missing_file"),
         (_line("folder.jpg", "A folder with an image name."), "missing_file"),
         (_line("good.png", "A noisy square."), "duplicate"),                  # same image and caption as line 1
@@ -121,6 +129,7 @@ def build_batch(root: Path) -> tuple[bytes, dict[int, str], set[tuple[str, str]]
         ("rotated.jpg", "A photo taken with the camera on its side."),
         ("palette.png", "A red bar on a transparent background."), ("la.png", "A grey bar on a transparent background."),
         ("deep.png", "A symlink that stays inside the folder."), ("la.png", "Lines after the bad ones are still read."),
+        ("at-ratio.png", "A long grey bar."),
     }
     return data, bad, good
 
@@ -155,7 +164,7 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_every_good_one_kept(
     # identical content is one image whose captions are merged (good.png = good-copy.png, deep.png = link-inside.png)
     by_name = {Path(p).name: list(c) for p, c in zip(result.manifest["path"], result.manifest["captions"])}
     assert len(by_name["good.png"]) == 4 and len(by_name["deep.png"]) == 2
-    assert result.manifest["image_id"].is_unique and len(result.manifest) == 8
+    assert result.manifest["image_id"].is_unique and len(result.manifest) == 9
     assert all(e["success"] for e in result.expectations if e["suite"] == "manifest")
     failed = {e["reason"] for e in result.expectations if e["suite"] == "records" and not e["success"]}
     assert failed == {"control_characters", "empty_caption", "caption_too_short", "caption_too_long"}

@@ -1,6 +1,7 @@
-"""A registered clipcap model served by a real ``mlflow models serve`` on 127.0.0.1, tried as users and
-attackers would: images in every accepted form, and every kind of bad request, each answered with the
-expected status while the server stays up; SIGTERM stops it promptly.
+"""A registered clipcap model served by a real ``clipcap serve`` (MLflow's scoring app behind clipcap's
+limits) on 127.0.0.1, tried as users and attackers would: images in every accepted form, and every kind
+of bad request, each answered with the expected status in one short line while the server stays up; a
+burst beyond the queue is answered 503 at once; SIGTERM under load stops it promptly.
 
 The model is a tiny captioner (1-layer LM) registered through the project's own registry code, so the
 test runs in about a minute; what is tested is the serving path, which is the same for any model.
@@ -15,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,13 +33,26 @@ pytestmark = pytest.mark.pipeline
 
 STAMP = Path("/usr/share/tuxpaint/stamps/food/pizza.png")   # a real image file on the server's disk
 SERVE = {"max_images": 64, "max_image_bytes": 2_000_000, "max_image_pixels": 40_000_000, "max_num_beams": 8,
-         "max_num_captions": 8, "max_new_tokens": 64, "max_seconds": 3.0, "image_root": None}
+         "max_num_captions": 8, "max_new_tokens": 64, "max_seconds": 3.0, "image_root": None,
+         "max_request_bytes": 16_000_000, "max_concurrent": 2, "max_queued": 4}
 
 
 def _png(size: tuple[int, int], seed: int = 0) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _strip() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (5, 100_000), 255).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _white_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (6324, 6324), 255).save(out, format="PNG", optimize=True)
     return out.getvalue()
 
 
@@ -84,8 +99,8 @@ def server(tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/clipcap-serving@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        [sys.executable, "-m", "clipcap.cli", "serve", "--model", "models:/clipcap-serving@champion",
+         "--tracking-uri", store, "--host", "127.0.0.1", "--port", str(port)], cwd=root,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -156,11 +171,29 @@ def test_requests_and_attacks_over_http(server):
     assert "not base64-encoded image bytes" in refusals["/etc/passwd"]
     assert "passwd" not in refusals["/etc/passwd"] and "pizza" not in refusals["a path on the server"]
 
-    status, body = attempt("malformed JSON", b'{"dataframe_split": {"columns": ["image"], "data": [[')
-    assert 400 <= status < 500, body
+    status, body = attempt("malformed JSON (1 MB)", b'{"dataframe_split": {"columns": ["image"], "data": [["'
+                           + b"A" * 1_000_000)
+    assert status == 400 and len(body) < 1000 and "AAAA" not in body, body
+    status, body = attempt("10,000-deep JSON", b"[" * 10_000 + b"]" * 10_000)
+    assert status == 400 and len(body) < 1000, body
     status, body = attempt("wrong column", json.dumps(
         {"dataframe_split": {"columns": ["picture"], "data": [[_b64(photo)]]}}).encode())
-    assert 400 <= status < 500, body
+    assert 400 <= status < 500 and _b64(photo)[:40] not in body, body
+    status, body = attempt("a 5 MB strategy", _frame([_b64(photo)], {"strategy": "x" * 5_000_000}))
+    assert status == 400 and "params.strategy" in _message(body) and len(body) < 1000, body
+    status, body = attempt("params not a mapping", json.dumps(
+        {"dataframe_split": {"columns": ["image"], "data": [[_b64(photo)]]}, "params": "y" * 100_000}).encode())
+    assert 400 <= status < 500 and "yyyy" not in body, body
+    for name, value in (("temperature", "NaN"), ("temperature", "Infinity"), ("length_penalty", "1e308"),
+                        ("no_repeat_ngram_size", "-5")):
+        data = _frame([_b64(photo)]).replace(b'}}', b'}, "params": {"strategy": "sample", "' + name.encode()
+                                             + b'": ' + value.encode() + b'}}')
+        status, body = attempt(f"{name} {value}", data)
+        assert status == 400 and name in _message(body), body
+    status, body = attempt("a body over serve.max_request_bytes", b'{"x": "' + b"z" * 17_000_000 + b'"}')
+    assert status == 413 and len(body) < 1000, body
+    status, body = attempt("a 5 x 100,000 PNG (3 KB)", _frame([_b64(_strip())]))
+    assert status == 400 and "serve.max_aspect_ratio" in _message(body), body
     status, body = attempt("not an image", _frame([_b64(os.urandom(3000))]))
     assert status == 400 and "image 0" in _message(body), body
     status, body = attempt("decompression bomb as bytes", _frame([_b64(decompression_bomb_png())]))
@@ -175,6 +208,21 @@ def test_requests_and_attacks_over_http(server):
         assert status == 400 and limit in _message(body), body
     status, body = attempt("65 images (over serve.max_images)", _frame(many * 2 + many[:1]))
     assert status == 400 and "max_images" in _message(body), body
+
+    # six requests of 64 white 6,324 x 6,324 PNGs (inside every per-image bound) at once, and a normal request
+    # during them: the request pixel budget refuses each from the headers, nothing is decoded
+    white = _b64(_white_png())
+    attack = _frame([white] * 64)
+    with ThreadPoolExecutor(7) as pool:
+        attacks = [pool.submit(_post, base, attack, timeout=300) for _ in range(6)]
+        time.sleep(0.2)
+        started = time.monotonic()
+        status, body = _post(base, _frame([_b64(photo)]))
+        during = time.monotonic() - started
+        answers = [a.result() for a in attacks]
+    table.append(("6 requests of 64 white 6,324^2 PNGs + a normal one", answers[0][0], _alive(base)))
+    assert status == 200 and during < 5, (status, during, body)
+    assert all(code == 400 and "serve.max_request_pixels" in _message(text) for code, text in answers), answers[0]
 
     # six requests at every limit at once: each is bounded by serve.max_seconds, none takes the server down
     heaviest = _frame(many * 2, {"num_beams": 8, "num_captions": 8, "max_new_tokens": 64})
@@ -194,7 +242,21 @@ def test_requests_and_attacks_over_http(server):
     print("\n".join(f"| {what} | {status} | {'yes' if alive else 'NO'} |" for what, status, alive in table))
     print(f"normal request after the attacks: {normal_seconds:.2f} s")
 
-    os.killpg(process.pid, signal.SIGTERM)
-    started = time.monotonic()
-    process.wait(timeout=30)
-    assert time.monotonic() - started < 10
+    # a burst past serve.max_concurrent + serve.max_queued: the extra requests get 503 at once, the rest 200
+    slow = _frame(many * 2, {"num_beams": 8, "max_new_tokens": 64})
+    with ThreadPoolExecutor(SERVE["max_concurrent"] + SERVE["max_queued"] + 3) as pool:
+        burst = list(pool.map(lambda _: _post(base, slow, timeout=300),
+                              range(SERVE["max_concurrent"] + SERVE["max_queued"] + 3)))
+    codes = sorted(code for code, _ in burst)
+    assert set(codes) == {200, 503} and codes.count(200) >= SERVE["max_concurrent"] + SERVE["max_queued"], codes
+    assert all(len(text) < 1000 for code, text in burst if code == 503)
+
+    # SIGTERM while requests are running
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(_post, base, slow, 300)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGTERM)
+        started = time.monotonic()
+        process.wait(timeout=60)
+        assert time.monotonic() - started < 10

@@ -147,3 +147,61 @@ def test_each_dataset_can_have_its_own_schedule():
     assert config_from_dict(data, "b").schedule.cron == "*/15 * * * *"
     with pytest.raises(ConfigError, match="schedule.cron"):
         config_from_dict({"schedule": {"cron": "daily"}})
+
+
+# ---------------------------------------------------------------- a bounded read of params.yaml
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+    + ["datasets: {stamps: {}}", "dataset: {categories: *i}"]) + "\n"  # 9**9: 387 million strings
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_in_little_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    (tmp_path / "params.yaml").write_text(BILLION_LAUGHS)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / "params.yaml")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1.0 and peak < 20 << 20
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: its YAML aliases") and "\n" not in message
+    assert "more than 100,000 values" in message and "write the values out" in message
+
+
+def test_a_yaml_alias_holding_itself_is_refused(tmp_path):
+    from clipcap.config import read_params
+
+    (tmp_path / "params.yaml").write_text("train: &t {nested: *t}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: the YAML alias at line 1 refers back into its own anchor"):
+        read_params(tmp_path / "params.yaml")
+
+
+def test_a_few_aliases_still_work(tmp_path):
+    from clipcap.config import read_params
+
+    (tmp_path / "params.yaml").write_text("base: &base {epochs: 2, lr: 0.001}\ntrain: {<<: *base, epochs: 3}\n")
+    assert read_params(tmp_path / "params.yaml")["train"] == {"epochs": 3, "lr": 0.001}
+
+
+def test_a_params_file_over_a_megabyte_is_refused_unparsed(tmp_path):
+    from clipcap.config import MAX_PARAMS_BYTES, read_params
+
+    (tmp_path / "params.yaml").write_text("train: {epochs: 2}\n" + "# padding\n" * (MAX_PARAMS_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"params.yaml: 1,048,599 bytes, more than the 1,048,576 a parameter file "
+                                          r"may have; .*git checkout params.yaml"):
+        read_params(tmp_path / "params.yaml")
+
+
+def test_an_integer_yaml_cannot_convert_is_a_config_error(tmp_path):
+    from clipcap.config import read_params
+
+    (tmp_path / "params.yaml").write_text(f"train: {{epochs: {'9' * 5000}}}\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML: Exceeds the limit"):
+        read_params(tmp_path / "params.yaml")

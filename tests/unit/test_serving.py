@@ -1,8 +1,12 @@
 """What a served captioner accepts and refuses (clipcap.modeling.serving and the pyfunc model), in process
-with a tiny captioner: base64 of any size up to the limit, no client-given paths, bounded params."""
+with a tiny captioner: base64 of any size up to the limit, no client-given paths, bounded images, requests
+and params, one-line refusals, and the same pixels as training and the CLI."""
 
 import base64
 import io
+import math
+import time
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,11 +14,13 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from clipcap.config import ServeConfig
 from helpers import decompression_bomb_png
-from clipcap.modeling.serving import RequestError, check_request_size, request_decoding, request_image
+from clipcap.modeling import serving
+from clipcap.modeling.serving import (RequestError, RequestTimeout, check_request_size, request_decoding,
+                                      request_pixels, request_sources)
 
 
 def _png(size=(160, 120), seed=0) -> bytes:
@@ -28,12 +34,24 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _as_array(image: Image.Image) -> torch.Tensor:
+    """A preprocess that keeps the decoded image whole (height x width x RGB), to look at what was decoded."""
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def request_image(value, index: int, limits: ServeConfig) -> torch.Tensor:
+    """One image of a request, decoded as the server decodes it (image ``index`` of the request)."""
+    values = [_b64(_png((8, 8)))] * index + [value]
+    return request_pixels(values, limits, _as_array)[index]
+
+
 def test_base64_images_of_any_size_up_to_the_limit_decode():
     big = _png((160, 150))
     assert len(big) > 70_000  # the size that used to fail with "File name too long"
-    image = request_image(_b64(big), 0, ServeConfig())
-    assert image.size == (160, 150) and image.mode == "RGB"
-    assert request_image(big, 1, ServeConfig()).size == (160, 150)  # raw bytes too
+    pixels = request_image(_b64(big), 0, ServeConfig())
+    assert pixels.shape == (150, 160, 3)
+    assert torch.equal(pixels, torch.from_numpy(np.asarray(Image.open(io.BytesIO(big)).convert("RGB")).copy()))
+    assert torch.equal(request_image(big, 1, ServeConfig()), pixels)  # raw bytes too
 
 
 def test_client_paths_are_never_opened_and_existence_does_not_leak(tmp_path):
@@ -55,8 +73,8 @@ def test_paths_inside_the_allowed_root_only(tmp_path):
     (tmp_path / "secret.png").write_bytes(_png())
     (root / "link.png").symlink_to(tmp_path / "secret.png")
     limits = ServeConfig(image_root=str(root))
-    assert request_image(str(root / "a.png"), 0, limits).size == (160, 120)
-    assert request_image("a.png", 0, limits).size == (160, 120)  # relative to the root
+    assert request_image(str(root / "a.png"), 0, limits).shape == (120, 160, 3)
+    assert request_image("a.png", 0, limits).shape == (120, 160, 3)  # relative to the root
     for escape in ("../secret.png", str(tmp_path / "secret.png"), "link.png"):
         with pytest.raises(RequestError, match="does not open file paths"):
             request_image(escape, 0, limits)
@@ -79,6 +97,67 @@ def test_oversized_images_are_refused_before_decoding():
             request_image(value, 0, ServeConfig())
 
 
+def _gray_png(size) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", size, 255).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_strips_are_refused_from_the_header_at_the_bound():
+    """A 5 x 100,000 PNG is 3 KB; padded to a square it would be 10^10 pixels."""
+    with pytest.raises(RequestError, match=r"^image 0: 5x100000, one side more than 32 times the other "
+                                           r"\(serve.max_aspect_ratio\)$"):
+        request_image(_gray_png((5, 100_000)), 0, ServeConfig())
+    limits = ServeConfig(max_aspect_ratio=4)
+    assert request_image(_gray_png((40, 10)), 0, limits).shape == (10, 40, 3)     # exactly 4: accepted
+    with pytest.raises(RequestError, match="serve.max_aspect_ratio"):
+        request_image(_gray_png((41, 10)), 0, limits)                              # just above: refused
+
+
+def test_the_request_pixel_budget_counts_every_image_before_any_is_decoded(monkeypatch):
+    decoded = []
+
+    def load_rgb(*args, **kwargs):
+        decoded.append(args)
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(serving, "load_rgb", load_rgb)
+    limits = ServeConfig(max_request_pixels=3 * 100 * 100)
+    images = [_gray_png((100, 100))] * 4        # each image within every per-image bound; 4 together are not
+    with pytest.raises(RequestError, match=r"^images 0-3: 40,000 pixels in all; at most 30,000 per request "
+                                           r"\(serve.max_request_pixels\)"):
+        request_pixels(images, limits, _as_array)
+    assert decoded == []                        # refused from the headers: nothing was decoded
+    monkeypatch.undo()
+    assert len(request_pixels(images[:3], limits, _as_array)) == 3   # exactly at the budget: accepted
+
+
+def test_decoding_stops_at_the_deadline():
+    images = [_png((64, 64), seed=i) for i in range(3)]
+    with pytest.raises(RequestTimeout, match=r"longer than serve.max_seconds=20 \(stopped at image 0 of 3\)"):
+        request_pixels(images, ServeConfig(), _as_array, deadline=time.monotonic() - 1)
+    assert len(request_pixels(images, ServeConfig(), _as_array, deadline=time.monotonic() + 60)) == 3
+
+
+def _png_with_chunk(kind: bytes, size: int) -> bytes:
+    """A small PNG carrying one huge compressed text (zTXt) or colour profile (iCCP) chunk."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(out, format="PNG")
+    data = out.getvalue()
+    body = b"x\x00\x00" + zlib.compress(b"a" * size) if kind == b"zTXt" else b"p\x00\x00" + zlib.compress(b"\x00" * size)
+    chunk = len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return data[:33] + chunk + data[33:]  # after the 8-byte signature and the 25-byte IHDR chunk
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iCCP"])
+def test_huge_metadata_chunks_are_a_one_line_refusal(kind):
+    data = _png_with_chunk(kind, 4_000_000)
+    assert len(data) < 20_000
+    with pytest.raises(RequestError) as err:
+        request_image(data, 1, ServeConfig())
+    assert str(err.value).startswith("image 1: the image") and "\n" not in str(err.value)
+
+
 def test_garbage_is_a_one_line_refusal_without_the_payload():
     payload = "QUJD" * 10_000  # valid base64, not an image
     with pytest.raises(RequestError) as err:
@@ -95,12 +174,28 @@ def test_request_size_and_decoding_bounds():
     with pytest.raises(RequestError, match="no images"):
         check_request_size(0, ServeConfig())
     assert request_decoding({"num_beams": 3, "num_captions": 2}, ServeConfig()).num_captions == 2
-    for params, limit in (({"num_beams": 64}, "serve.max_num_beams"), ({"max_new_tokens": 200}, "serve.max_new_tokens"),
-                          ({"num_beams": 9, "num_captions": 9}, "serve.max_num_beams")):
+    limits = ServeConfig(max_num_beams=6, max_num_captions=2, max_new_tokens=30)
+    assert request_decoding({"num_beams": 6, "num_captions": 2, "max_new_tokens": 30}, limits).num_beams == 6  # at
+    for params, limit in (({"num_beams": 7}, "serve.max_num_beams"), ({"max_new_tokens": 31}, "serve.max_new_tokens"),
+                          ({"num_beams": 4, "num_captions": 3}, "serve.max_num_captions")):
         with pytest.raises(RequestError, match=limit):
-            request_decoding(params, ServeConfig())
+            request_decoding(params, limits)
     with pytest.raises(RequestError, match="params.strategy"):
         request_decoding({"strategy": "telepathy"}, ServeConfig())
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"temperature": math.nan}, "params.temperature"), ({"temperature": math.inf}, "params.temperature"),
+    ({"length_penalty": 1e308}, "length_penalty"), ({"length_penalty": math.nan}, "params.length_penalty"),
+    ({"no_repeat_ngram_size": -5}, "no_repeat_ngram_size"), ({"top_p": math.nan}, "params.top_p"),
+    ({"strategy": "x" * 5_000_000}, "params.strategy"), ({"x" * 100_000: 1}, "unknown key"),
+    ("not a mapping" * 100_000, "params: expected a mapping"),
+])
+def test_nonsense_params_are_refused_in_one_short_line(params, named):
+    with pytest.raises(RequestError) as err:
+        request_decoding(params, ServeConfig())
+    message = str(err.value)
+    assert named in message and "\n" not in message and len(message) < 1000
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +235,83 @@ def test_the_served_model_refuses_with_a_400_naming_the_image(pyfunc_model):
         pyfunc_model.predict(None, pd.DataFrame({"image": [_b64(_png())] * 101}))
 
 
-def test_large_photos_are_held_small():
+def test_a_request_holds_the_encoders_input_not_its_images(pyfunc_model):
     big = io.BytesIO()
     Image.new("RGB", (4000, 3000), (10, 120, 200)).save(big, format="JPEG")
-    image = request_image(big.getvalue(), 0, ServeConfig())
-    assert image.size == (1024, 768) and image.mode == "RGB"
+    held = request_pixels([big.getvalue()], ServeConfig(), pyfunc_model.captioner.encoder.preprocess)
+    assert [tuple(p.shape) for p in held] == [(3, 224, 224)]
+
+
+def test_the_served_model_passes_its_time_budget_to_generation(pyfunc_model, monkeypatch):
+    seen = {}
+    real = pyfunc_model.captioner.captions
+
+    def spy(images, decoding, batch_size=16, max_time=None):
+        seen["max_time"] = max_time
+        return real(images, decoding, batch_size, max_time=max_time)
+
+    monkeypatch.setattr(pyfunc_model.captioner, "captions", spy)
+    monkeypatch.setattr(pyfunc_model, "limits", ServeConfig(max_images=100, max_seconds=7.5))
+    pyfunc_model.predict(None, pd.DataFrame({"image": [_b64(_png((48, 40)))]}), params={"max_new_tokens": 2})
+    assert 5 < seen["max_time"] <= 7.5   # what is left of serve.max_seconds after decoding, never more
+
+
+def test_a_request_whose_images_outlast_the_budget_gets_a_504(pyfunc_model, monkeypatch):
+    monkeypatch.setattr(pyfunc_model, "limits", ServeConfig(max_images=100, max_seconds=0.001))
+    with pytest.raises(MlflowException) as err:
+        pyfunc_model.predict(None, pd.DataFrame({"image": [_b64(_png((48, 40), seed=i)) for i in range(20)]}))
+    assert err.value.get_http_status_code() == 504 and "serve.max_seconds" in err.value.message
+
+
+def _transparent_rotated_png(path):
+    """A stamp as users draw them: an object on a transparent background, with an EXIF orientation, so that
+    a plain convert("RGB") (transparency -> black) or a loader that ignores EXIF gives other pixels."""
+    rgba = np.zeros((40, 64, 4), dtype=np.uint8)
+    rgba[5:20, 8:30] = (200, 30, 30, 255)          # an opaque red block, off-centre
+    rgba[25:35, 40:60] = (20, 20, 200, 128)         # a half-transparent blue one
+    exif = Image.Exif()
+    exif[0x0112] = 6                                 # rotate 90 degrees when shown
+    Image.fromarray(rgba, "RGBA").save(path, format="PNG", exif=exif.tobytes())
+    return path
+
+
+def test_the_same_file_gives_bit_identical_pixels_on_every_path(pyfunc_model, tmp_path):
+    """Training and evaluation (the embed stage: paths through a DataLoader), clipcap caption (paths), the
+    Python API (PIL images) and the served model (bytes, base64, a path under image_root) show the encoder
+    exactly the same tensor."""
+    from clipcap.modeling.encoders import ImageDataset, pixels_of
+    from clipcap.images import load_rgb
+
+    path = _transparent_rotated_png(tmp_path / "stamp.png")
+    preprocess = pyfunc_model.captioner.encoder.preprocess
+    trained = ImageDataset([str(path)], preprocess)[0]
+    data = path.read_bytes()
+    served = request_pixels([data, _b64(data), "stamp.png"], ServeConfig(image_root=str(tmp_path)), preprocess)
+    with Image.open(path) as opened:                # the Python API, given the image as the user opened it
+        from_pil = ImageDataset([opened], preprocess)[0]
+    for pixels in (*served, from_pil, pixels_of(load_rgb(path), preprocess)):
+        assert torch.equal(pixels, trained)
+    corner = load_rgb(path).getpixel((0, 0))        # transparency composited on white, not black
+    assert corner == (255, 255, 255) and load_rgb(path).size == (40, 64)  # EXIF orientation applied
+
+
+def test_the_served_caption_equals_the_clis(pyfunc_model, tmp_path):
+    path = _transparent_rotated_png(tmp_path / "stamp.png")
+    captioner = pyfunc_model.captioner
+    served = pyfunc_model.predict(None, pd.DataFrame({"image": [_b64(path.read_bytes())]}),
+                                  params={"max_new_tokens": 6})
+    from clipcap.config import DecodingConfig
+    assert served == captioner.caption([str(path)], DecodingConfig(max_new_tokens=6))
+    served_vector = captioner.embed(request_pixels([path.read_bytes()], ServeConfig(), captioner.encoder.preprocess))
+    assert torch.equal(served_vector, captioner.embed([str(path)]))
+
+
+def test_clipcap_caption_on_a_471_byte_strip_captions_it(pyfunc_model, tmp_path):
+    """A 1 x 100,000 PNG once made the loader build a 100,000^2 canvas (MemoryError); the CLI path (a file,
+    no serve limits) now bounds its shape before padding and captions it."""
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, 100_000), 0).save(path, optimize=True)
+    assert path.stat().st_size < 1000
+    from clipcap.config import DecodingConfig
+    (caption,) = pyfunc_model.captioner.caption([str(path)], DecodingConfig(max_new_tokens=2))
+    assert pyfunc_model.captioner.embed([str(path)]).shape == (1, 1280)

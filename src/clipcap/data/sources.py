@@ -16,7 +16,8 @@ image or caption, or an image path leaving the folder (``..``, an absolute path,
 pointing out) becomes a record whose ``problem`` is a reason code; the ``validate`` stage
 quarantines it. The folder, Karpathy and nocaps sources make the path and caption checks
 with one function, :func:`caption_records`. Only a missing folder or captions file is an
-error (:class:`SourceError`).
+error (:class:`SourceError`). Every record's caption is in Unicode NFC (composed) form, whatever
+the source wrote, so that one text is one string.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import csv
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -63,13 +65,19 @@ class SourceRecord:
 
     origin: str                # where it was read, e.g. "data/b1/captions.jsonl:12"
     path: str                  # the image file ("" when the row names none; the raw name for unsafe paths)
-    caption: str               # as written (validation normalises whitespace)
+    caption: str               # as written, in Unicode NFC (validation normalises whitespace)
     category: str
     source: str
     split: str | None = None   # the dataset's own split (karpathy, nocaps); None: seeded hash of the image
     domain: str | None = None  # nocaps: in-domain / near-domain / out-domain
     problem: str | None = None  # a reason code when the row could not be read properly
     detail: str = ""            # what exactly is wrong, for the quarantine file
+
+    def __post_init__(self) -> None:
+        # One spelling per text: "café" typed as é or as e + U+0301 is the same caption to the duplicate
+        # and repeat checks, the datastore and the tokenizer, whichever source it came from.
+        if isinstance(self.caption, str) and not self.caption.isascii():
+            object.__setattr__(self, "caption", unicodedata.normalize("NFC", self.caption))
 
 
 def shown(text: str | bytes, limit: int = _SHOWN_CHARS) -> str:

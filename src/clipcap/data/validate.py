@@ -8,7 +8,8 @@ reason (each check is a pass over the rows no earlier pass quarantined, returnin
    ``missing_field``, ``unsafe_path``, ``bad_split``, ``unreadable_file``);
 2. the image, checked once per distinct file (:func:`check_image`): ``missing_file``,
    ``empty_file``, ``not_an_image``, ``too_large`` (width x height from the header above
-   ``validate.max_image_pixels``: never decoded), ``too_small``, ``corrupt_image`` (does not
+   ``validate.max_image_pixels``: never decoded), ``bad_shape`` (the longer side over
+   ``validate.max_aspect_ratio`` times the shorter: never decoded), ``too_small``, ``corrupt_image`` (does not
    decode, e.g. truncated), ``unsupported_mode`` (cannot become RGB);
 3. a Great Expectations 1.x suite on the captions and splits, a row failing several
    expectations getting the first of ``control_characters``, ``empty_caption``,
@@ -43,7 +44,7 @@ from PIL import UnidentifiedImageError
 
 from clipcap.config import ValidateConfig
 from clipcap.data import sources
-from clipcap.images import ImageTooLargeError, apply_orientation, open_image, to_rgb
+from clipcap.images import ImageShapeError, ImageTooLargeError, apply_orientation, open_image, to_rgb
 from clipcap.data.manifest import SPLITS, UNREADABLE_FILE, group_records
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_text
@@ -55,6 +56,7 @@ EMPTY_FILE = "empty_file"
 NOT_AN_IMAGE = "not_an_image"
 TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"
+BAD_SHAPE = "bad_shape"
 CORRUPT_IMAGE = "corrupt_image"
 UNSUPPORTED_MODE = "unsupported_mode"
 CONTROL_CHARACTERS = "control_characters"
@@ -84,6 +86,7 @@ REASONS = {
     NOT_AN_IMAGE: "the file is not an image (text, HTML error page...): replace it with the real image",
     TOO_LARGE: "downscale the image, or raise validate.max_image_pixels",
     TOO_SMALL: "use a larger image, or lower validate.min_image_side",
+    BAD_SHAPE: "crop the strip to the object, or raise validate.max_aspect_ratio",
     CORRUPT_IMAGE: "the image is truncated or damaged: copy, export or download it again",
     UNSUPPORTED_MODE: "convert the image to RGB (or grayscale) and save it again",
     CONTROL_CHARACTERS: "remove control characters (escape codes, NUL, bell...) from the caption",
@@ -116,8 +119,9 @@ def normalize_caption(text: str) -> str:
 def check_image(path: str | Path, cfg: ValidateConfig) -> tuple[str, str] | None:
     """``(reason, detail)`` when the image at ``path`` is unusable, None when it is fine.
 
-    The header is read first: an image over ``cfg.max_image_pixels`` pixels or under
-    ``cfg.min_image_side`` is refused without decoding. Then the image is decoded and converted
+    The header is read first: an image over ``cfg.max_image_pixels`` pixels, longer than
+    ``cfg.max_aspect_ratio`` times its width (or wider) or under ``cfg.min_image_side`` is refused
+    without decoding. Then the image is decoded and converted
     exactly as :func:`clipcap.data.images.load_rgb` does for training and inference.
     """
     file = Path(path)
@@ -131,9 +135,11 @@ def check_image(path: str | Path, cfg: ValidateConfig) -> tuple[str, str] | None
     except OSError as err:
         return UNREADABLE_FILE, f"cannot read {file}: {err}"
     try:
-        image = open_image(file, cfg.max_image_pixels)
+        image = open_image(file, cfg.max_image_pixels, cfg.max_aspect_ratio)
     except ImageTooLargeError as err:
-        return TOO_LARGE, str(err)
+        return TOO_LARGE, str(err).replace("max_image_pixels", "validate.max_image_pixels")
+    except ImageShapeError as err:
+        return BAD_SHAPE, str(err).replace("max_aspect_ratio", "validate.max_aspect_ratio")
     except UnidentifiedImageError:
         return NOT_AN_IMAGE, f"{file} is not an image format PIL can read"
     except Exception as err:  # PIL raises many types on damaged headers

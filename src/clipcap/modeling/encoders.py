@@ -14,6 +14,7 @@ workers), ``dim``, ``key`` (what the embedding store keys on) and ``forward``;
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,17 +28,41 @@ from tqdm import tqdm
 
 from clipcap.errors import ClipcapError
 from clipcap.fileio import file_sha256
-from clipcap.images import load_rgb
+from clipcap.images import BACKGROUND, MAX_ASPECT_RATIO, apply_orientation, load_rgb, to_rgb
 
 
 class EncoderSpecError(ClipcapError, ValueError):
     pass
 
 
+class BoundShape:
+    """The first step of every encoder's preprocess: an image whose longer side is over ``max_side`` is
+    scaled down to it, and a strip beyond ``max_aspect_ratio`` is padded on white to that ratio, so no
+    later step (a square canvas, a shorter-side resize) builds a huge image from a small file. Images
+    within both bounds (every image of the shipped datasets that passes validation) pass unchanged."""
+
+    def __init__(self, max_side: int = 10_000, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+        self.max_side, self.max_aspect_ratio = max_side, max_aspect_ratio
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if max(width, height) > self.max_side:
+            scale = self.max_side / max(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        short = math.ceil(max(width, height) / self.max_aspect_ratio)
+        if min(width, height) >= short:
+            return image
+        size = (short, height) if width < height else (width, short)
+        canvas = Image.new("RGB", size, BACKGROUND)
+        canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+        return canvas
+
+
 class PadToSquare:
     """Pad to a square on white so a wide or tall object is never cropped away."""
 
-    def __init__(self, fill: tuple[int, int, int] = (255, 255, 255)) -> None:
+    def __init__(self, fill: tuple[int, int, int] = BACKGROUND) -> None:
         self.fill = fill
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -66,6 +91,7 @@ class EfficientNetLite0(ImageEncoder):
             net = EfficientNet.from_name("efficientnet-lite0")
         preprocess = transforms.Compose(
             [
+                BoundShape(),
                 PadToSquare(),
                 transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
                 transforms.ToTensor(),
@@ -86,6 +112,7 @@ class OpenClipEncoder(ImageEncoder):
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        preprocess = transforms.Compose([BoundShape(), *preprocess.transforms])
         super().__init__(f"open_clip:{model_name}", key, model.visual.output_dim, preprocess)
         self.visual = model.visual.eval()
 
@@ -138,22 +165,35 @@ def build_encoder(spec: str) -> ImageEncoder:
     return encoder.requires_grad_(False).eval()
 
 
-class ImageDataset(Dataset):
-    """Decodes and preprocesses images (paths or PIL images) in DataLoader workers."""
+Pixels = torch.Tensor  # an image after its encoder's preprocess (what serving holds instead of the image)
+ImageInput = str | Path | Image.Image | Pixels
 
-    def __init__(self, images: list[str | Path | Image.Image], preprocess) -> None:
+
+def pixels_of(image: ImageInput, preprocess) -> Pixels:
+    """The encoder input of one image: a path through :func:`clipcap.images.load_rgb`, a PIL image
+    through the same steps (EXIF orientation, :func:`clipcap.images.to_rgb`: transparency on white),
+    then the encoder's ``preprocess``; a tensor is taken as already preprocessed. Every path that shows
+    an image to an encoder (embedding, evaluation, the CLI, the Python API, serving) goes through here."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return preprocess(to_rgb(apply_orientation(image)) if isinstance(image, Image.Image) else load_rgb(image))
+
+
+class ImageDataset(Dataset):
+    """Decodes and preprocesses images (paths, PIL images or preprocessed tensors) in DataLoader workers."""
+
+    def __init__(self, images: list[ImageInput], preprocess) -> None:
         self.images, self.preprocess = images, preprocess
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.images[index]
-        return self.preprocess(image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image))
+        return pixels_of(self.images[index], self.preprocess)
 
 
 @torch.inference_mode()
-def encode_images(encoder: ImageEncoder, images: list[str | Path | Image.Image], batch_size: int,
+def encode_images(encoder: ImageEncoder, images: list[ImageInput], batch_size: int,
                   num_workers: int = 0, progress: bool = False) -> Iterator[torch.Tensor]:
     """Yield embeddings batch by batch for ``images`` (in order). Images are decoded and resized
     in ``num_workers`` DataLoader processes, a few batches ahead, while the encoder runs."""

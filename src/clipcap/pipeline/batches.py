@@ -4,7 +4,16 @@ dataset's batches (``data/<dataset>/<batch>/``), record it with ``dvc add data``
 The folder is read and checked as the validate stage will read it (images + ``captions.jsonl`` or
 ``captions.csv``): a batch whose share of bad rows exceeds ``validate.max_bad_fraction`` is refused
 with every bad row named, and nothing is copied. A batch is copied whole to a temporary sibling and
-renamed, so a failure leaves no half batch behind. The announcement is a Prefect event,
+renamed, so a failure leaves no half batch behind, and nothing already under ``data/`` is touched.
+
+Links and special files: the folder is walked without following any link, so a link never takes the
+copy out of the folder or round a loop. A symbolic link to a regular file inside the folder is
+accepted and copied as a file (its content, under the link's name: the batch then reads the same
+under ``data/``). Every other link is refused, each named with its reason: one pointing outside the
+folder (``photos/x.png: a symbolic link to /etc/passwd, outside the batch folder``), to a folder
+(inside or not: it would copy a tree twice, or loop), to nothing, or round a loop; so is anything
+that is not a regular file or folder (a FIFO, socket or device). The batch is refused whole then,
+before anything is read or copied. The announcement is a Prefect event,
 ``clipcap.batch.added`` about the resource ``clipcap.dataset.<dataset>``, sent through Prefect's own
 command line when ``PREFECT_API_URL`` names a server: a deployment triggered by it retrains now; without
 a server the next scheduled run finds the batch.
@@ -12,16 +21,18 @@ a server the next scheduled run finds the batch.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipcap.config import Config, SplitConfig
+from clipcap.config import Config
 from clipcap.data.manifest import build_records
 from clipcap.data.sources import iter_folder
 from clipcap.data.validate import validate_records
@@ -51,7 +62,7 @@ class BatchAdded:
 
 def check_batch(folder: Path, cfg: Config):
     """The batch's rows checked as the validate stage checks them; raises when it would fail it."""
-    result = validate_records(build_records(iter_folder(folder), SplitConfig()), cfg.validate)
+    result = validate_records(build_records(iter_folder(folder), cfg.split), cfg.validate)
     if result.manifest.empty or not result.success:
         bad = result.quarantine.head(10)
         rows = "\n".join(f"  {row.record}: {row.reason}: {row.detail}" for row in bad.itertuples())
@@ -63,13 +74,87 @@ def check_batch(folder: Path, cfg: Config):
     return result
 
 
+def _link_problem(link: Path, root: Path) -> str | None:
+    """Why the symbolic link ``link`` (in the batch folder ``root``, resolved) cannot be copied; None when
+    it names a regular file inside ``root``."""
+    target = os.readlink(link)
+    try:
+        real = link.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 raises this for a loop
+        return f"a symbolic link to {target} that loops back on itself; replace it with the file it should name"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"a symbolic link to {target} that loops back on itself; replace it with the file it should name"
+        return f"a symbolic link to {target}, which does not exist; remove it or copy the file in instead"
+    if not real.is_relative_to(root):
+        return f"a symbolic link to {real}, outside the batch folder; copy the file in instead"
+    if real.is_dir():
+        return f"a symbolic link to the folder {target}; copy the files in instead (or remove the link)"
+    if not real.is_file():
+        return f"a symbolic link to {real}, which is not a regular file; remove it"
+    return None
+
+
+def _entries(folder: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """((source, relative path) of every file to copy, problems): ``folder`` walked without following links."""
+    root = folder.resolve()
+    files: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    for top, dirs, names in os.walk(root, followlinks=False, onerror=lambda err: problems.append(
+            f"{err.filename}: cannot be read ({err.strerror}); fix its permissions")):
+        top_path = Path(top)
+        linked = [d for d in dirs if (top_path / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if d not in linked)  # os.walk lists a link to a folder among dirs
+        for name in sorted([*names, *linked]):
+            path = top_path / name
+            relative = path.relative_to(root)
+            shown_name = f"{folder.name}/{relative}"
+            if path.is_symlink():
+                why = _link_problem(path, root)
+            else:
+                kind = path.lstat().st_mode
+                why = None if stat.S_ISREG(kind) else "not a regular file (a FIFO, socket or device); remove it"
+            if why:
+                problems.append(f"{shown_name}: {why}")
+            else:
+                files.append((path, relative))
+    return files, problems
+
+
+def check_links(folder: Path) -> list[tuple[Path, Path]]:
+    """The files ``copy_batch`` will copy; raises naming every link or special file it will not
+    (see the module's docstring)."""
+    if not folder.is_dir():
+        return []  # check_batch says what is missing
+    files, problems = _entries(folder)
+    if len(problems) == 1:
+        raise ClipcapError(f"{problems[0]} (nothing was added)")
+    if problems:
+        shown_rows = "\n".join(f"  {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ClipcapError(f"{folder}: {len(problems)} items cannot be added (nothing was added):\n{shown_rows}{more}")
+    return files
+
+
 def copy_batch(folder: Path, destination: Path) -> None:
-    """Copy ``folder`` to ``destination`` whole or not at all (a temporary sibling, then a rename)."""
+    """Copy ``folder`` to ``destination`` whole or not at all (a temporary sibling, then a rename), following
+    no link out of it: see :func:`check_links`; a link to a file inside is copied as that file."""
+    files = check_links(folder)
+    root = folder.resolve()
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        shutil.copytree(folder, partial)
+        partial.mkdir()
+        for source, relative in files:
+            if source.is_symlink() and (why := _link_problem(source, root)):  # changed since it was checked
+                raise ClipcapError(f"{folder.name}/{relative}: {why} (nothing was added)")
+            target = partial / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.resolve(), target)
         partial.rename(destination)
+    except OSError as err:
+        raise ClipcapError(f"{destination}: copying the batch failed ({err.strerror or err}: {err.filename}); "
+                           "nothing was added: free space there (or fix the permissions) and add it again") from err
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -102,6 +187,7 @@ def add_batch(cfg: Config, folder: str | Path, project: Path = Path("."), name: 
     destination = project / cfg.dataset.batches / name
     if destination.exists():
         raise ClipcapError(f"{destination} already exists: a batch is added once; pass another --name to add more")
+    check_links(folder)  # before anything is read: the captions file itself may be a link out
     result = check_batch(folder, cfg)
     destination.parent.mkdir(parents=True, exist_ok=True)
     copy_batch(folder, destination)

@@ -22,6 +22,7 @@ error naming the shard and the fix, so a damaged store is never trained on.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clipcap.errors import ClipcapError
@@ -47,6 +48,10 @@ class MissingEmbeddingError(ClipcapError, KeyError):
 
 class DamagedShardError(ClipcapError):
     pass
+
+
+class StoreWriteError(ClipcapError):
+    """A shard or the index could not be written (a full disk, a read-only folder)."""
 
 
 def _digest(embeddings: torch.Tensor) -> str:
@@ -162,13 +167,29 @@ class EmbeddingStore:
                                f"images (first: {bad[0]}); nothing of this batch was stored: check that image "
                                "and the encoder's weights")
         metadata = {"ids": json.dumps(image_ids), "encoder": self.encoder_key, "sha256": _digest(embeddings)}
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
+        try:
+            with atomic_path(path) as tmp:  # a failed write leaves no shard, not even a partial one
+                save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
+        except (OSError, SafetensorError) as err:
+            raise StoreWriteError(self._write_failed(f"shard {path.name}", err,
+                                                     "nothing of this batch was stored")) from err
         for row, image_id in enumerate(image_ids):
             index.setdefault(image_id, (path.name, row))
         if self.writer is None:
-            self._write_index(index)
+            try:
+                self._write_index(index)
+            except OSError as err:  # the shard is whole; the index is a cache, rebuilt from the shards
+                raise StoreWriteError(self._write_failed(INDEX, err, f"shard {path.name} was stored whole")) from err
         return path
+
+    def _write_failed(self, what: str, err: Exception, kept: str) -> str:
+        """One line: which write in the store failed, why, what is kept, and the fix."""
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                  else (str(err).splitlines() or [type(err).__name__])[0][:300])
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in str(err)
+        fix = "free space on its disk" if full else "check that the folder is writable and its disk has room"
+        return (f"{self.dir}: could not write the embedding {what} ({reason}); {kept}: {fix}, then run "
+                "'clipcap embed' again (what is stored is kept)")
 
     def merge(self) -> int:
         """Index every shard on disk, whoever wrote it (after parallel writers), and write the index;

@@ -13,18 +13,25 @@ Params: the fields of :class:`clipcap.config.DecodingConfig`. Response: one capt
 a list of ``num_captions`` captions per image when that param is above 1.
 
 Limits (:class:`clipcap.config.ServeConfig`, the ``serve`` section of params.yaml, stored with the
-model): images per request, bytes and pixels per image (the pixels read from the header before
-decoding; images are held at most 1024 px on a side), beams, captions and new tokens, and seconds
-of generation per request. A request beyond them, or
-with an unreadable image, is refused with HTTP 400 and a one-line reason naming the image by position.
+model): images per request, bytes, pixels and shape per image and pixels per request (read from the
+headers before anything is decoded), beams, captions and new tokens, and seconds per request for
+decoding the images and generation together. Images are decoded by the loader training uses and
+held only as the encoder's input. A request beyond a limit, or with an unreadable image, is refused
+with HTTP 400 and a one-line reason naming the image by position; one whose images take longer than
+its seconds to decode gets 504. ``clipcap serve`` adds the server's own limits (body size, requests
+at once, a bounded queue: :mod:`clipcap.pipeline.server`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import time
+
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
 
 
 class RequestRefused(MlflowException):
@@ -32,8 +39,10 @@ class RequestRefused(MlflowException):
     message of an error raised by ``predict`` with the request's data ("Failed to predict data '...'"),
     which would echo the payload - client paths, base64 - back in the error body."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        from clipcap.modeling.serving import REFUSAL_MARK
+
+        super().__init__(message, error_code=error_code, **{REFUSAL_MARK: True})
 
     @property
     def message(self) -> str:
@@ -54,8 +63,10 @@ class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
         self.limits = config_from_mapping(ServeConfig, dict(getattr(context, "model_config", None) or {}), "serve")
 
     def predict(self, context, model_input, params=None) -> list:
-        from clipcap.modeling.serving import RequestError, check_request_size, request_decoding, request_image
+        from clipcap.modeling.serving import (RequestError, RequestTimeout, check_request_size, request_decoding,
+                                              request_pixels)
 
+        deadline = time.monotonic() + self.limits.max_seconds  # decoding the images and generation, together
         try:
             if isinstance(model_input, pd.DataFrame):
                 if "image" not in model_input.columns:
@@ -66,12 +77,34 @@ class ClipCapPyfunc(mlflow.pyfunc.PythonModel):
                 values = list(model_input)
             check_request_size(len(values), self.limits)
             decoding = request_decoding(params, self.limits)
-            images = [request_image(value, index, self.limits) for index, value in enumerate(values)]
+            pixels = request_pixels(values, self.limits, self.captioner.encoder.preprocess, deadline)
+        except RequestTimeout as err:
+            raise RequestRefused(str(err), DEADLINE_EXCEEDED) from None
         except RequestError as err:
             raise RequestRefused(str(err)) from None
-        # one batch: generation is one generate() call, so serve.max_seconds bounds the whole request
-        found = self.captioner.captions(images, decoding, batch_size=len(images), max_time=self.limits.max_seconds)
+        finally:
+            release_memory()  # the decoded images are gone: keep the process at its idle size
+        # one batch: generation is one generate() call, so the deadline bounds the whole request
+        found = self.captioner.captions(pixels, decoding, batch_size=len(pixels),
+                                        max_time=max(deadline - time.monotonic(), 0.05))
         return [c[0] for c in found] if decoding.num_captions == 1 else found
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise: a served model's resident size
+    would stay at its largest request's)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+try:
+    _name = ctypes.util.find_library("c")
+    _LIBC = ctypes.CDLL(_name) if _name else None
+    if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # musl, macOS: nothing to do
+        _LIBC = None
+except OSError:
+    _LIBC = None
 
 
 mlflow.models.set_model(ClipCapPyfunc())

@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 from clipcap.config import ConfigError, DecodingConfig, RegisterConfig
 from clipcap.environment import cache_dir
 from clipcap.errors import ClipcapError
+from clipcap.pipeline.store_errors import store_errors
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,16 @@ def _pinned(packages: tuple[str, ...]) -> list[str]:
 
 def connect(cfg: RegisterConfig, artifact_root: str | Path = "mlartifacts") -> MlflowClient:
     """Point MLflow at the configured store; create the experiment (with a local artifact root, unless a
-    tracking server decides where artifacts go)."""
+    tracking server decides where artifacts go). A database another process holds locked is one line
+    saying so (:func:`clipcap.pipeline.store_errors.store_errors`)."""
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    client = MlflowClient()
-    if client.get_experiment_by_name(cfg.experiment) is None:
-        server = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
-        client.create_experiment(cfg.experiment,
-                                 artifact_location=None if server else Path(artifact_root).resolve().as_uri())
-    mlflow.set_experiment(cfg.experiment)
+    with store_errors(cfg.tracking_uri):
+        client = MlflowClient()
+        if client.get_experiment_by_name(cfg.experiment) is None:
+            server = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
+            client.create_experiment(cfg.experiment,
+                                     artifact_location=None if server else Path(artifact_root).resolve().as_uri())
+        mlflow.set_experiment(cfg.experiment)
     return client
 
 

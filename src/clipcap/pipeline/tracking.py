@@ -5,6 +5,11 @@ run (its id is in ``training/summary.json``) to add the test metrics, the files 
 
 Step metrics are sent in batches (every ``FLUSH_STEPS`` steps or ``FLUSH_S`` seconds, and at each
 epoch's end), so a fast GPU loop does not wait on the tracking store.
+
+A sqlite tracking store that another process holds locked (a stage or ``mlflow`` writing it) is one
+:class:`TrackingStoreLocked` line naming the database and what to do, not SQLAlchemy's traceback
+(:mod:`clipcap.pipeline.store_errors`): :func:`clipcap.pipeline.registry.connect`, which every command
+opening the store goes through, and the training run here translate it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,11 @@ from mlflow.exceptions import MlflowException
 
 from clipcap.config import Config, config_to_dict
 from clipcap.pipeline.registry import connect, model_name
+from clipcap.pipeline.store_errors import TrackingStoreLocked, store_errors  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 FLUSH_STEPS, FLUSH_S = 20, 5.0
 EPOCH_METRICS = ("val_loss", "val_CIDEr")
-
-
 def run_params(cfg: Config) -> dict[str, str]:
     """Every parameter of the run, flattened (``train.lr``...), and the Python version."""
     params: dict[str, str] = {}
@@ -65,8 +69,9 @@ class LiveRun:
         self.flush()
 
     def flush(self) -> None:
-        for start in range(0, len(self._pending), 1000):  # the store's batch limit
-            self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        with store_errors(self.tracking_uri):
+            for start in range(0, len(self._pending), 1000):  # the store's batch limit
+                self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
         self._pending, self._sent = [], time.monotonic()
 
     def describe(self) -> dict:
@@ -78,12 +83,14 @@ def training_run(cfg: Config, tags: dict[str, str] | None = None) -> Iterator[Li
     """Open the dataset's training run (params and tags logged, system metrics sampled) for the length of
     the ``with`` block; it ends FINISHED, or FAILED when the block raises."""
     client = connect(cfg.register)
-    run = mlflow.start_run(run_name=f"{model_name(cfg.dataset.name)}-train", log_system_metrics=True, tags=tags)
+    with store_errors(cfg.register.tracking_uri):
+        run = mlflow.start_run(run_name=f"{model_name(cfg.dataset.name)}-train", log_system_metrics=True, tags=tags)
     live = LiveRun(client, run.info.run_id, cfg.register.tracking_uri)
     log.info("MLflow run %s at %s: loss, learning rate and system metrics live", run.info.run_id,
              cfg.register.tracking_uri)
     try:
-        mlflow.log_params(run_params(cfg))
+        with store_errors(cfg.register.tracking_uri):
+            mlflow.log_params(run_params(cfg))
         yield live
         live.flush()
     except BaseException:
@@ -98,7 +105,8 @@ def reusable_run(described: dict | None, tracking_uri: str) -> str | None:
     if not described or described.get("tracking_uri") != tracking_uri:
         return None
     try:
-        run = mlflow.MlflowClient(tracking_uri).get_run(described["run_id"])
+        with store_errors(tracking_uri):
+            run = mlflow.MlflowClient(tracking_uri).get_run(described["run_id"])
     except MlflowException:
         log.warning("training run %s is not in %s: registering under a new run", described.get("run_id"), tracking_uri)
         return None
