@@ -289,3 +289,27 @@ def test_a_versions_own_test_captions_are_reused_only_with_the_same_decoding(sto
     assert earlier_captions(without.uri, project) == {}                       # logged before the files were
     other = dataclasses.replace(project, evaluate=EvaluateConfig(decoding=DecodingConfig(num_beams=3)))
     assert earlier_captions(with_files.uri, other) == {}                      # made another way: caption anew
+
+
+def test_a_project_copied_with_its_store_refuses_to_write_into_the_originals(tmp_path, monkeypatch):
+    """MLflow records the artifact folder as an absolute path: a ``cp -a`` copy of a project would log its
+    runs and models into the original's mlartifacts/. The copy refuses, naming both folders and the fix."""
+    import shutil
+
+    from clipcap.pipeline.registry import connect
+
+    original = tmp_path / "original"
+    original.mkdir()
+    monkeypatch.chdir(original)
+    cfg = RegisterConfig(tracking_uri="sqlite:///mlflow.db", experiment="t")  # the project's own store
+    connect(cfg)
+    connect(cfg)                                          # the same project again: fine
+    shutil.copytree(original, tmp_path / "copy", symlinks=True)
+    monkeypatch.chdir(tmp_path / "copy")
+    with pytest.raises(ClipcapError) as err:
+        connect(cfg)
+    message = str(err.value)
+    assert f"keeps its runs and models in {(original / 'mlartifacts').resolve()}" in message
+    assert str((tmp_path / "copy" / "mlartifacts").resolve()) in message and "\n" not in message
+    shared = RegisterConfig(tracking_uri=f"sqlite:///{original / 'mlflow.db'}", experiment="t")
+    connect(shared)                                       # naming the original's store on purpose is allowed

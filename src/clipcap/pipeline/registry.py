@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -113,12 +114,32 @@ def connect(cfg: RegisterConfig, artifact_root: str | Path = "mlartifacts") -> M
     mlflow.set_tracking_uri(cfg.tracking_uri)
     with store_errors(cfg.tracking_uri):
         client = MlflowClient()
-        if client.get_experiment_by_name(cfg.experiment) is None:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
             server = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
             client.create_experiment(cfg.experiment,
                                      artifact_location=None if server else Path(artifact_root).resolve().as_uri())
+        else:
+            check_artifacts_here(cfg, experiment.artifact_location, artifact_root)
         mlflow.set_experiment(cfg.experiment)
     return client
+
+
+def check_artifacts_here(cfg: RegisterConfig, location: str, artifact_root: str | Path) -> None:
+    """A project's own store (``sqlite:///mlflow.db``, a path relative to the project) must keep its runs
+    and models in the project's ``artifact_root``. MLflow records that folder as an absolute path, so a
+    project copied with ``cp -a`` (or moved) would write its runs and models into the original's folder."""
+    database = cfg.tracking_uri.removeprefix("sqlite:///")
+    if not cfg.tracking_uri.startswith("sqlite:///") or database.startswith("/") or not location.startswith("file:"):
+        return
+    here = Path(artifact_root).resolve()
+    if Path(urlparse(location).path).resolve() != here:
+        raise ClipcapError(
+            f"{database}: experiment {cfg.experiment!r} keeps its runs and models in {urlparse(location).path}, not "
+            f"in this project's {here} (the project was copied or moved with its store): writing here would change "
+            f"another folder's files. Give this project a store of its own (move {database} and "
+            f"{Path(artifact_root).name}/ aside; `clipcap models restore` brings registered versions back from the "
+            "DVC remote), or set register.tracking_uri to the original project's store")
 
 
 @dataclass(frozen=True)
