@@ -82,7 +82,7 @@ def retrain(project_dir: str = ".", dataset: str | None = None, embed_workers: i
     project = Path(project_dir).resolve()
     dataset = dataset or dataset_names(read_params(project / "params.yaml"))[0]
     layout = Layout(project / Layout.of(dataset).root)
-    (project / "data" / dataset).mkdir(parents=True, exist_ok=True)  # its batches (data.dvc tracks data/)
+    dvc_project.keep_batches_folders(project, [dataset])  # its batches folder, kept in data.dvc (a stage dep)
     fetch(dataset, str(project))
     stale = stale_stages(dataset, str(project))
     if not stale:

@@ -5,7 +5,15 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 [ -d data ] || dvc checkout -q data.dvc 2>/dev/null || mkdir -p data
-for dataset in $(clipcap datasets); do mkdir -p "data/$dataset"; done  # each dataset's batches folder (a stage dep)
+# each dataset's batches folder data/<dataset>/ (fetch's DVC dependency) with a README recorded in data.dvc: DVC
+# removes an empty folder when it checks data.dvc out (`dvc exp run` does), and every stage would then fail
+python - $(clipcap datasets) <<'PY'
+import sys
+from pathlib import Path
+from clipcap.pipeline.dvc_project import keep_batches_folders
+for path in keep_batches_folders(Path("."), sys.argv[1:]):
+    print(f"wrote {path}, recorded in data.dvc")
+PY
 # No arguments: the embedded default, the first dataset in params.yaml (tuxpaint). Arguments go to
 # `dvc repro`: `bash scripts/run.sh --all` or plain `dvc repro` builds every dataset, `register@openclipart` one.
 default=$(clipcap datasets | sed -n 1p)

@@ -98,3 +98,13 @@ def test_dvc_itself_accepts_dvc_yaml(tmp_path):
     datasets = list(yaml.safe_load((ROOT / "params.yaml").read_text())["datasets"])
     assert datasets[0] == "tuxpaint"
     assert [line.split()[0] for line in done.stdout.splitlines()] == [f"{s}@{d}" for s in STAGES for d in datasets]
+
+
+def test_the_stages_after_embed_depend_on_the_vectors_digest_not_the_store_folder():
+    """A damaged shard set aside and re-encoded is a new file (a new hash of the store folder) holding the same
+    vectors: the stages that read them depend on embed's digest of them, so such a repair re-runs nothing."""
+    store, digest = f"artifacts/{PER_DATASET}/embeddings", f"artifacts/{PER_DATASET}/vectors.json"
+    assert digest in DVC["embed"]["outs"]
+    readers = [stage for stage in STAGES if store in DVC[stage]["deps"] or digest in DVC[stage]["deps"]]
+    assert readers == ["train", "evaluate", "register"]
+    assert all(store not in DVC[stage]["deps"] for stage in readers)

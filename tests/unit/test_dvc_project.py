@@ -55,3 +55,28 @@ def test_stale_reads_what_dvc_status_finds_out_of_date(tmp_path):
                                                       {"changed outs": {"out.txt": "deleted"}}]}
     dvc_project.dvc(["repro", "-q", "a"], tmp_path)
     assert dvc_project.stale(tmp_path, "a") == {}
+
+
+def test_a_kept_batches_folder_survives_the_checkout_dvc_exp_run_starts_with(tmp_path):
+    """DVC records files, not folders: checking out a data.dvc that records none of an empty data/<dataset>/
+    removes it (and fetch's dependency with it). A README recorded in data.dvc keeps it."""
+    import subprocess
+
+    def run(*args):
+        done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    for name in ("kept", "bare"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "add", "-q", "data")  # a fresh project: data.dvc records 0 files
+    written = dvc_project.keep_batches_folders(tmp_path, ["kept"])
+    assert written == [tmp_path / "data" / "kept" / "README.md"]
+    assert "data/kept/<batch>/" in written[0].read_text()
+    assert dvc_project.stale(tmp_path, "data.dvc") == {}  # recorded
+    run("dvc", "checkout", "--force")
+    assert (tmp_path / "data" / "kept" / "README.md").is_file()
+    assert not (tmp_path / "data" / "bare").exists()  # what happened to every dataset's folder before
+    assert dvc_project.keep_batches_folders(tmp_path, ["kept"]) == []  # nothing new: data.dvc left alone

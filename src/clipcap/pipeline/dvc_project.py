@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +73,38 @@ def dvc(args: list[str], project: Path, echo: Callable[[str], None] | None = Non
             tail = "\n".join(lines[-40:])
             raise DvcError(f"'dvc {' '.join(args)}' failed in {project} (exit {process.returncode}):\n{tail}")
     return "\n".join(lines)
+
+
+BATCHES_README = "README.md"
+
+
+def batches_readme(dataset: str) -> str:
+    """The text of ``data/<dataset>/README.md``: the same bytes for a dataset wherever it is written, so
+    projects (and a committed ``data.dvc``) that record it agree."""
+    return (f"# New batches of the dataset {dataset}\n\n"
+            f"One folder per batch here, data/{dataset}/<batch>/: images and a captions.jsonl or captions.csv.\n"
+            f"Then `dvc add data && dvc repro`, or `clipcap add-batch {dataset} FOLDER` (it checks the batch first).\n\n"
+            "This file keeps the folder in data.dvc. The fetch stage depends on the folder, and DVC tracks files,\n"
+            "not folders: it removes an empty one when it checks data.dvc out (`dvc exp run` does, first).\n")
+
+
+def keep_batches_folders(project: Path, datasets: Iterable[str],
+                         echo: Callable[[str], None] | None = None) -> list[Path]:
+    """Give each dataset's batches folder ``data/<dataset>/`` (the fetch stage's DVC dependency) a README,
+    and record the new ones in ``data.dvc`` (``dvc add data``, when the project has one). An empty folder
+    is not enough: ``data.dvc`` then records none of it, so ``dvc checkout`` (which ``dvc exp run`` runs
+    first) removes it and every stage of the dataset fails with "dependency 'data/<dataset>' does not
+    exist". Returns the READMEs written (none when every folder had one)."""
+    written = []
+    for dataset in datasets:
+        path = Path(project) / "data" / dataset / BATCHES_README
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, batches_readme(dataset))
+            written.append(path)
+    if written and is_dvc_project(Path(project)) and (Path(project) / "data.dvc").exists():
+        dvc(["add", "-q", "data"], Path(project), echo)
+    return written
 
 
 def stale(project: Path, target: str) -> dict:
