@@ -313,3 +313,23 @@ def test_a_project_copied_with_its_store_refuses_to_write_into_the_originals(tmp
     assert str((tmp_path / "copy" / "mlartifacts").resolve()) in message and "\n" not in message
     shared = RegisterConfig(tracking_uri=f"sqlite:///{original / 'mlflow.db'}", experiment="t")
     connect(shared)                                       # naming the original's store on purpose is allowed
+
+
+def test_a_param_changed_since_training_is_kept_as_a_tag_not_a_failure(store):
+    """``dvc repro`` after changing a param only register reads (register.min_delta) re-runs register alone,
+    which reopens the training run: MLflow refuses to change a logged param."""
+    import mlflow
+
+    cfg, captioner = store
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run() as run:                               # what the train stage logged
+        mlflow.log_params({"register.min_delta": "0.0", "train.lr": "0.0003"})
+    found = log_and_register(cfg, "toy", captioner, {"register.min_delta": "0.5", "train.lr": "0.0003", "new": "1"},
+                             {"model_CIDEr": 0.4}, {}, files=[], example_image="x.png", test_set="t",
+                             run_id=run.info.run_id)
+    logged = MlflowClient(cfg.tracking_uri).get_run(run.info.run_id).data
+    assert found.version == 1
+    assert logged.params == {"register.min_delta": "0.0", "train.lr": "0.0003", "new": "1"}
+    assert logged.tags["clipcap.param_at_register.register.min_delta"] == "0.5"
+    assert not any(k.startswith("clipcap.param_at_register.train") for k in logged.tags)

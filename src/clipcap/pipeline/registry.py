@@ -256,6 +256,23 @@ def gate(value: float, champion: Champion, test_set: str | None, metric: str, mi
     return False, f"{metric} {value:.4f} <= {champion.value:.4f}{margin} of version {champion.version}{how}"
 
 
+PARAM_AT_REGISTER_TAG = "clipcap.param_at_register.{key}"
+
+
+def log_new_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """Log ``params`` on a run, which may be the training run reopened: MLflow refuses to change a logged
+    param, and one that only evaluate or register read (``register.min_delta``) may have changed since
+    training (``dvc repro`` then re-runs register alone). Those are kept as tags of the run instead
+    (``PARAM_AT_REGISTER_TAG``), so the run shows both what it trained with and what registered it."""
+    logged = client.get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+    changed = {k: str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
+    if changed:
+        log.info("params changed since training, kept as run tags: %s",
+                 ", ".join(f"{k} {logged[k]} -> {v}" for k, v in changed.items()))
+        mlflow.set_tags({PARAM_AT_REGISTER_TAG.format(key=k): v for k, v in changed.items()})
+
+
 def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Path, params: dict, metrics: dict,
                      curves: dict[str, list[tuple[int, float]]], files: list[str | Path],
                      example_image: str, test_set: str | None = None, serve: dict | None = None,
@@ -286,7 +303,7 @@ def log_and_register(cfg: RegisterConfig, dataset: str, captioner_dir: str | Pat
             digest = (tags or {}).get("clipcap.data")
             mlflow.log_input(mlflow.data.from_pandas(data, name=f"{dataset}-manifest", digest=digest and digest[:32]),
                              context="training")
-        mlflow.log_params(params)
+        log_new_params(client, run.info.run_id, params)
         mlflow.log_metrics(metrics)
         for curve, points in (curves.items() if run_id is None else ()):  # train_loss per step; val_* per epoch
             for step, value in points:
