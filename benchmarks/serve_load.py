@@ -7,6 +7,7 @@ Serves the model with ``clipcap serve`` on 127.0.0.1 (the project's champion by 
 ``bash scripts/run.sh`` first; a model registered before clipcap serve's limits existed serves with the
 pyfunc code it was logged with), then:
 - idle: resident memory after a warm-up request; a normal request (one stamp, base64 PNG) timed 3 times;
+- skew: eight transparent stamps captioned over HTTP and by ``clipcap caption``'s path with the same model;
 - attack: six parallel requests of 64 white 6,324 x 6,324 PNGs (~130 KB each, 40 M pixels: inside every
   per-image bound), while a normal request is sent every 0.25 s until all six are answered;
   ``normal_during_attack_s`` is the slowest of those normal requests;
@@ -100,6 +101,33 @@ def start(model: str, tracking_uri: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("clipcap serve did not answer /ping within 5 minutes")
 
 
+def transparent_stamps(count: int = 8) -> list[Path]:
+    """The first ``count`` stamps (in name order, across categories) with transparent pixels."""
+    found = []
+    for path in sorted(Path("/usr/share/tuxpaint/stamps").rglob("*.png")):
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                found.append(path)
+        if len(found) == count:
+            break
+    return found
+
+
+def served_against_cli(base: str, model: str, tracking_uri: str) -> dict:
+    """Each transparent stamp's caption over HTTP beside what ``clipcap caption`` gives with the same model."""
+    from clipcap.modeling.captioner import Captioner
+    from clipcap.pipeline.registry import download_captioner
+
+    stamps = transparent_stamps()
+    status, _, body = post(base, frame([b64(p.read_bytes()) for p in stamps]))
+    assert status == 200, body
+    served = json.loads(body)["predictions"]
+    cli = Captioner.load(download_captioner(model, tracking_uri)).caption([str(p) for p in stamps])
+    rows = [{"stamp": str(p.relative_to("/usr/share/tuxpaint/stamps")), "served": s, "cli": c}
+            for p, s, c in zip(stamps, served, cli)]
+    return {"served_vs_cli": rows, "served_equals_cli": sum(r["served"] == r["cli"] for r in rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/clipcap-tuxpaint@champion")
@@ -115,6 +143,9 @@ def main() -> None:
         assert status == 200, body
         result["normal_idle_s"] = sorted(post(base, normal)[1] for _ in range(3))[1]
         result["idle_rss_mb"] = rss_mb(process.pid)
+        result |= served_against_cli(base, args.model, args.tracking_uri)
+        print(f"transparent stamps: the served caption equals clipcap caption's for {result['served_equals_cli']} of "
+              f"{len(result['served_vs_cli'])}", flush=True)
         print(f"idle: {result['idle_rss_mb']:.0f} MB, a normal request {result['normal_idle_s']:.2f} s", flush=True)
 
         attack = frame([b64(white_png())] * 64)
@@ -178,6 +209,10 @@ def markdown(r: dict) -> str:
         f"{r['after_rss_mb']:.0f} MB |",
         f"| **memory after the attack / idle** | **{r['memory_after_attack_ratio']:.2f}** |",
         f"| **SIGTERM with four heavy requests in flight: exit after** | **{r['sigterm_under_load_s']:.1f} s** |", "",
+        f"Transparent stamps, served (HTTP) against `clipcap caption` with the same model: "
+        f"{r['served_equals_cli']} of {len(r['served_vs_cli'])} the same.", "",
+        "| stamp | served | clipcap caption |", "|---|---|---|",
+        *[f"| {row['stamp']} | {row['served']} | {row['cli']} |" for row in r["served_vs_cli"]], "",
     ])
 
 
