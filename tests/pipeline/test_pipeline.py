@@ -89,10 +89,18 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
     assert [r["image_id"] for r in records] == test_ids and metrics["test_images"] == len(test_ids) >= 5
     test_refs = {i: references[i] for i in test_ids}
     frequent = most_frequent_caption([references[i] for i in manifest.loc[manifest["split"] == "train", "image_id"]])
+    from clipcap.pipeline.naming import names_object_rate
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    labelled = {r["image_id"]: r["label"] for r in records}  # the encoder has an ImageNet head: the label baseline
+    assert all(c.removeprefix("An ").removeprefix("A ").removesuffix(".") in _IMAGENET_CATEGORIES
+               for c in labelled.values())
     for system, predicted in (("model", {r["image_id"]: r["prediction"] for r in records}),
                               ("baseline_retrieval", {r["image_id"]: r["retrieval"] for r in records}),
-                              ("baseline_most_frequent", dict.fromkeys(test_ids, frequent))):
+                              ("baseline_most_frequent", dict.fromkeys(test_ids, frequent)),
+                              ("baseline_label", labelled)):
         assert metrics[system]["CIDEr"] == pytest.approx(cider(test_refs, predicted), rel=1e-9, abs=0), system
+        assert metrics[system]["names_object"] == names_object_rate(predicted, test_refs), system
     assert metrics["baseline_retrieval"]["CIDEr"] != metrics["baseline_most_frequent"]["CIDEr"]
     samples = (project / TUXPAINT / "evaluation" / "samples.md").read_text()
     assert samples.count("\n|") >= 5
@@ -102,6 +110,7 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
     gallery = (project / TUXPAINT / "evaluation" / "gallery.html").read_text()
     assert gallery.count("<tr>") == 1 + metrics["test_images"]                    # a header row, then one per image
     assert gallery.count("data:image/png;base64,") == metrics["test_images"]
+    assert "<th>label baseline</th>" in gallery and "label baseline" in samples
     curve = (project / TUXPAINT / "training" / "curve.csv").read_text().splitlines()
     assert curve[0] == "epoch,step,train_loss,val_loss,val_CIDEr" and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
 

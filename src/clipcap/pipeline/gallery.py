@@ -42,12 +42,17 @@ def thumbnail_uri(path: str | Path, size: int = THUMBNAIL) -> str:
 
 
 def write_gallery(path: str | Path, records: list[dict], title: str) -> None:
-    """``records``: predictions.jsonl rows (path, references, prediction, retrieval, scores)."""
+    """``records``: predictions.jsonl rows (path, references, prediction, retrieval, label where there is
+    one, scores)."""
     rows = sorted(records, key=lambda r: r["scores"].get("model", {}).get("CIDEr", 0.0))
+    with_label = any("label" in r for r in rows)  # the label baseline, where the encoder has a classifier
     cells = []
     for r in rows:
         cider = r["scores"].get("model", {}).get("CIDEr")
         retrieval = r["scores"].get("baseline_retrieval", {}).get("CIDEr")
+        label = r["scores"].get("baseline_label", {}).get("CIDEr")
+        label_cells = (f"<td>{html.escape(r.get('label', ''))}</td>"
+                       f'<td class="score">{"" if label is None else f"{label:.2f}"}</td>') if with_label else ""
         references = "".join(f"<li>{html.escape(c)}</li>" for c in r["references"])
         cells.append(
             "<tr>"
@@ -58,13 +63,14 @@ def write_gallery(path: str | Path, records: list[dict], title: str) -> None:
             f'<td class="score">{"" if cider is None else f"{cider:.2f}"}</td>'
             f"<td>{html.escape(r['retrieval'])}</td>"
             f'<td class="score">{"" if retrieval is None else f"{retrieval:.2f}"}</td>'
-            "</tr>")
+            f"{label_cells}</tr>")
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f"<p>{len(rows)} test images, the model's worst captions (by CIDEr on the image) first.</p>"
         "<table><thead><tr><th>image</th><th>references</th><th>model</th><th>CIDEr</th>"
-        "<th>retrieval baseline</th><th>CIDEr</th></tr></thead><tbody>"
+        "<th>retrieval baseline</th><th>CIDEr</th>"
+        + ("<th>label baseline</th><th>CIDEr</th>" if with_label else "") + "</tr></thead><tbody>"
         + "".join(cells) + "</tbody></table></body></html>\n")
     write_text(path, page)

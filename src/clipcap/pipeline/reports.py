@@ -53,18 +53,24 @@ def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:
 
 
 def write_samples(layout: Layout, rows: pd.DataFrame, predicted: list[str], retrieved: list[str],
-                  per_image: dict[str, dict[str, dict[str, float]]], count: int) -> list[dict]:
+                  per_image: dict[str, dict[str, dict[str, float]]], count: int,
+                  labelled: list[str] | None = None) -> list[dict]:
     """Every test prediction with each system's scores on that image (``predictions.jsonl``), and
-    the first ``count`` as a Markdown table."""
+    the first ``count`` as a Markdown table; ``labelled``: the label baseline's captions, where there is one."""
     records = [
         {"image_id": i, "path": p, "references": list(r), "prediction": c, "retrieval": n,
+         **({} if labelled is None else {"label": labelled[k]}),
          "scores": {system: found.get(i, {}) for system, found in per_image.items()}}
-        for i, p, r, c, n in zip(rows["image_id"], rows["path"], rows["captions"], predicted, retrieved)
+        for k, (i, p, r, c, n) in enumerate(zip(rows["image_id"], rows["path"], rows["captions"], predicted, retrieved))
     ]
     write_text(layout.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    lines = ["# Sample captions (test split)", "", "| image | reference | model | retrieval baseline |", "|---|---|---|---|"]
+    label_column = labelled is not None
+    lines = ["# Sample captions (test split)", "",
+             "| image | reference | model | retrieval baseline |" + (" label baseline |" if label_column else ""),
+             "|---|---|---|---|" + ("---|" if label_column else "")]
     for r in records[:count]:
-        cells = [f"`{r['path']}`", r["references"][0], r["prediction"], r["retrieval"]]
+        cells = [f"`{r['path']}`", r["references"][0], r["prediction"], r["retrieval"],
+                 *([r["label"]] if label_column else [])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     write_text(layout.samples, "\n".join(lines) + "\n")
     return records
@@ -114,9 +120,11 @@ def summary(layout: Layout) -> str:
         names = list(next(iter(systems.values())))
         width = max(len(s) for s in systems)
         lines.append(f"Test split: {metrics['test_images']} images (SPICE: {metrics['spice']})")
-        lines.append(" " * width + "".join(f"{n:>9}" for n in names))
+        widths = [max(9, len(n) + 1) for n in names]
+        lines.append(" " * width + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
         for system, scores in systems.items():
-            cells = "".join(f"{'n/a' if v is None else format(v, '.3f'):>9}" for v in scores.values())
+            cells = "".join(f"{'n/a' if scores.get(n) is None else format(scores[n], '.3f'):>{w}}"
+                            for n, w in zip(names, widths))
             lines.append(f"{system:<{width}}{cells}")
         intervals = metrics.get("ci95", {})
         if any(intervals.values()):
@@ -143,7 +151,8 @@ def retrain_report(registered: dict, metrics: dict, gallery: str) -> str:
     where the caption gallery is."""
     metric = registered["metric"]
     systems = [("this run", "model"), ("retrieval baseline", "baseline_retrieval"),
-               ("most frequent caption", "baseline_most_frequent")]
+               ("label baseline", "baseline_label"), ("most frequent caption", "baseline_most_frequent")]
+    systems = [(label, key) for label, key in systems if key in metrics]
     names = [name for name in metrics["model"] if metrics["model"][name] is not None]
     lines = [f"# {registered['name']} version {registered['version']}", "",
              f"Test split: {metrics.get('test_images', '?')} images.", "",

@@ -1,5 +1,8 @@
-"""``clipcap evaluate``: caption the test split and score the model beside two baselines (the most
-frequent training caption, and nearest-neighbour retrieval), scored the same way."""
+"""``clipcap evaluate``: caption the test split and score the model beside the baselines, scored the same
+way: the most frequent training caption, nearest-neighbour retrieval, and, where the encoder has a
+classifier of its own (EfficientNet-Lite0's ImageNet head), "A <its top-1 label>." Each system also gets
+``names_object``: the share of test images whose caption names their reference's head noun
+(:mod:`clipcap.pipeline.naming`)."""
 
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ from clipcap.environment import resolve_device
 from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import Captioner
+from clipcap.modeling.labels import encoder_labels, label_caption
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
 from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
+from clipcap.pipeline.naming import names_object_rate
 from clipcap.pipeline.reports import domain_line, write_samples
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
@@ -45,10 +50,15 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         "baseline_most_frequent": {i: frequent for i in ids},
         "baseline_retrieval": dict(zip(ids, retrieved)),
     }
+    labels = encoder_labels(captioner.encoder)
+    labelled = None if labels is None else [label_caption(top[0].name) for top in labels.top(test_emb, k=1)]
+    if labelled is not None:
+        systems["baseline_label"] = dict(zip(ids, labelled))
     references = dict(zip(ids, test_rows["captions"]))
     scores = score_systems(references, systems)
     metrics = {
-        **{name: found.corpus for name, found in scores.items()},
+        **{name: found.corpus | {"names_object": names_object_rate(systems[name], references)}
+           for name, found in scores.items()},
         "test_images": len(ids),
         "test_set": test_set_digest(references),   # what makes two runs' scores comparable (the promotion gate)
         "spice": "computed" if spice_available() else "unavailable (needs Stanford CoreNLP jars; offline here)",
@@ -61,10 +71,14 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         log.info(domain_line(metrics))
     write_json(layout.metrics, metrics)
     per_image = {name: found.per_image for name, found in scores.items()}
-    records = write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples)
+    records = write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples, labelled)
     write_gallery(layout.gallery, records, f"clipcap-{cfg.dataset.name}: captions of the test split")
-    log.info("CIDEr: model %.3f %s | most frequent %.3f | retrieval %.3f %s -> %s",
+    log.info("CIDEr: model %.3f %s | most frequent %.3f | retrieval %.3f %s%s -> %s",
              metrics["model"]["CIDEr"], metrics["ci95"]["model"].get("CIDEr"),
              metrics["baseline_most_frequent"]["CIDEr"], metrics["baseline_retrieval"]["CIDEr"],
-             metrics["ci95"]["baseline_retrieval"].get("CIDEr"), layout.metrics)
+             metrics["ci95"]["baseline_retrieval"].get("CIDEr"),
+             f" | label {metrics['baseline_label']['CIDEr']:.3f}" if "baseline_label" in metrics else "", layout.metrics)
+    log.info("names the object: %s", ", ".join(f"{name} {found['names_object']:.2f}"
+                                               for name, found in metrics.items() if isinstance(found, dict)
+                                               and "names_object" in found))
     return metrics
