@@ -1,8 +1,10 @@
-"""Captions of eight everyday photos the captioner never saw, beside the retrieval baseline's.
+"""Captions of eight everyday photos the captioner never saw, beside the retrieval and label baselines'.
 
 The photos ship with scikit-image (astronaut, chelsea, coffee, rocket, stereo_motorcycle),
 scikit-learn (china, flower) and matplotlib (grace_hopper). The retrieval baseline is the caption
-of the nearest training image, the same baseline ``clipcap evaluate`` scores.
+of the nearest training image, the label baseline "A <the encoder's ImageNet top-1 label>.", the same
+baselines ``clipcap evaluate`` scores. A caption names the photo's main object when one of its words
+(lemmatised) is one of ``MAIN_OBJECT``'s for that photo; the last row counts them per system.
 
     python benchmarks/unseen_photos.py [--dataset tuxpaint] [--model artifacts/<dataset>/model] [--artifacts artifacts/<dataset>]
 
@@ -24,9 +26,21 @@ from PIL import Image  # noqa: E402
 
 from clipcap.config import load_config  # noqa: E402
 from clipcap.modeling.captioner import Captioner  # noqa: E402
+from clipcap.modeling.labels import encoder_labels, label_caption  # noqa: E402
 from clipcap.modeling.retrieval import CaptionDatastore  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
+from clipcap.pipeline.naming import lemma, words  # noqa: E402
 from clipcap.pipeline.splits import split_data  # noqa: E402
+
+MAIN_OBJECT = {"astronaut": {"astronaut", "person", "man", "woman", "spaceman"}, "chelsea": {"cat", "kitten"},
+               "coffee": {"coffee", "cup", "mug", "espresso"}, "rocket": {"rocket"},
+               "stereo_motorcycle": {"motorcycle", "moped", "motorbike", "scooter"}, "china": {"building", "palace",
+               "temple", "pagoda", "house"}, "flower": {"flower", "blossom", "dahlia"},
+               "grace_hopper": {"woman", "person", "officer", "lady"}}
+
+
+def names_main_object(photo: str, caption: str) -> bool:
+    return bool(MAIN_OBJECT[photo] & {lemma(w) for w in words(caption)})
 
 
 def photos(folder: Path) -> list[Path]:
@@ -66,8 +80,18 @@ def main() -> None:
         found = captioner.embed(paths)
         captions = captioner.caption_embeddings(found, cfg.evaluate.decoding)
         nearest = training.nearest(found, 1)
-    lines = ["| photo | model | retrieval baseline |", "|---|---|---|"]
-    lines += [f"| {p.stem} | {c[0]} | {n[0]} |" for p, c, n in zip(paths, captions, nearest)]
+    labels = encoder_labels(captioner.encoder)
+    labelled = ([label_caption(top[0].name) for top in labels.top(found, k=1)] if labels is not None
+                else ["-"] * len(paths))
+    systems = {"model": [c[0] for c in captions], "retrieval baseline": [n[0] for n in nearest],
+               "label baseline": labelled}
+    lines = ["| photo | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for index, path in enumerate(paths):
+        cells = [f"{found[index]}{' ✓' if names_main_object(path.stem, found[index]) else ''}"
+                 for found in systems.values()]
+        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+    named = [sum(names_main_object(p.stem, c) for p, c in zip(paths, found)) for found in systems.values()]
+    lines.append("| **names the main object** | " + " | ".join(f"**{n} of {len(paths)}**" for n in named) + " |")
     table = "\n".join(lines) + "\n"
     if args.output:
         args.output.write_text(table)
