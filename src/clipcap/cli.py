@@ -279,7 +279,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"clipcap {args.verb}: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a tracking database another process holds locked, met anywhere: one line too
+        from clipcap.pipeline.store_errors import locked_store
+
+        locked = locked_store(err, _tracking_uri(args))
+        if locked is None or args.verbose:
+            raise
+        print(f"clipcap {args.verb}: error: {locked}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """The tracking store the command used: ``--tracking-uri``, else its dataset's ``register.tracking_uri``."""
+    if getattr(args, "tracking_uri", None):
+        return args.tracking_uri
+    try:
+        return load_config(args.params, getattr(args, "name", None) or args.dataset).register.tracking_uri
+    except Exception:  # params.yaml itself unreadable: the default store
+        from clipcap.config import RegisterConfig
+
+        return RegisterConfig().tracking_uri
 
 
 if __name__ == "__main__":

@@ -56,3 +56,27 @@ def test_other_store_errors_pass_through():
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         with store_errors("sqlite:///x.db"):
             raise sqlite3.OperationalError("no such table: runs")
+
+
+def test_a_lock_met_after_the_store_was_opened_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """Inside a registry operation (not where the store is opened): the CLI still prints one line."""
+    import sqlalchemy.exc
+
+    from clipcap.pipeline import models
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"register": {"tracking_uri": uri}, "datasets": {"mine": {}}}))
+    monkeypatch.chdir(tmp_path)
+
+    def locked(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("UPDATE registered_models", {}, sqlite3.OperationalError(
+            "database is locked"))
+
+    monkeypatch.setattr(models, "list_versions", locked)
+    assert main(["models", "list", "mine"]) == 1
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed and len(printed.strip().splitlines()) == 1
+    assert printed.startswith(f"clipcap models: error: the MLflow tracking database {tmp_path / 'mlflow.db'} is locked")
+    monkeypatch.setattr(models, "list_versions", lambda *a, **k: 1 / 0)   # any other error is not hidden
+    with pytest.raises(ZeroDivisionError):
+        main(["models", "list", "mine"])
