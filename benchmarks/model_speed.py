@@ -378,6 +378,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def save_report(kind: str, result: dict, text: str) -> Path:
+    """Write ``result`` and its Markdown ``text`` to ``results/<kind>-<this CPU>.json`` and ``.md``; the stem."""
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"{kind}-{slug(cpu_model())}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    return stem
+
+
 def machine_info(device: torch.device) -> dict:
     commit = os.environ.get("CLIPCAP_COMMIT") or subprocess.run(  # a copied tree's .git may be stale
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,

@@ -37,11 +37,10 @@ apply_offline_env()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
+from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
 from PIL import Image, ImageDraw  # noqa: E402
 from projects import STAMPS, TINY_PARAMS, new_project  # noqa: E402  (tests/projects.py)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 210), "yellow": (230, 200, 40),
           "black": (10, 10, 10), "purple": (130, 40, 160), "orange": (240, 130, 20), "grey": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "bar")
@@ -204,10 +203,7 @@ def main() -> None:
     print(f"skip with {args.big} images: {result['skip_10k_images_s']:.1f} s", flush=True)
 
     result["incremental_over_full_time"] = result["incremental_s"] / result["full_s"]
-    name = slug(cpu_model())
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"retrain-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"retrain-{name}.md").write_text(markdown(result))
+    save_report("retrain", result, markdown(result))
     print(markdown(result))
 
 

@@ -38,11 +38,10 @@ from pathlib import Path
 from clipcap.environment import apply_offline_env
 
 apply_offline_env()
-from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
+from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 STAMPS = sorted(Path("/usr/share/tuxpaint/stamps/animals").rglob("*.png"))
 
 
@@ -187,10 +186,7 @@ def main() -> None:
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    RESULTS.mkdir(exist_ok=True)
-    name = slug(cpu_model())
-    (RESULTS / f"serve-load-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"serve-load-{name}.md").write_text(markdown(result))
+    save_report("serve-load", result, markdown(result))
     print(markdown(result))
 
 
