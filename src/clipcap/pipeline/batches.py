@@ -136,10 +136,10 @@ def check_links(folder: Path) -> list[tuple[Path, Path]]:
     return files
 
 
-def copy_batch(folder: Path, destination: Path) -> None:
-    """Copy ``folder`` to ``destination`` whole or not at all (a temporary sibling, then a rename), following
-    no link out of it: see :func:`check_links`; a link to a file inside is copied as that file."""
-    files = check_links(folder)
+def copy_batch(folder: Path, destination: Path, files: list[tuple[Path, Path]]) -> None:
+    """Copy ``files`` (what :func:`check_links` found in ``folder``) to ``destination`` whole or not at all
+    (a temporary sibling, then a rename), following no link out of it; a link to a file inside is copied as
+    that file, and a link changed since it was checked is refused."""
     root = folder.resolve()
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -187,10 +187,10 @@ def add_batch(cfg: Config, folder: str | Path, project: Path = Path("."), name: 
     destination = project / cfg.dataset.batches / name
     if destination.exists():
         raise ClipcapError(f"{destination} already exists: a batch is added once; pass another --name to add more")
-    check_links(folder)  # before anything is read: the captions file itself may be a link out
+    files = check_links(folder)  # before anything is read: the captions file itself may be a link out
     result = check_batch(folder, cfg)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    copy_batch(folder, destination)
+    copy_batch(folder, destination, files)
     images = len(result.manifest)
     log.info("%s: batch %s added to %s (%d images; %s)", cfg.dataset.name, name, destination, images,
              f"{result.quarantined} rows validate will quarantine: {result.reasons_text()}"
