@@ -29,7 +29,7 @@ from clipcap.modeling.captioner import Captioner  # noqa: E402
 from clipcap.modeling.labels import encoder_labels, label_caption  # noqa: E402
 from clipcap.modeling.retrieval import CaptionDatastore  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
-from clipcap.pipeline.naming import lemma, words  # noqa: E402
+from clipcap.naming import lemma, words  # noqa: E402
 from clipcap.pipeline.splits import split_data  # noqa: E402
 
 MAIN_OBJECT = {"astronaut": {"astronaut", "person", "man", "woman", "spaceman"}, "chelsea": {"cat", "kitten"},

@@ -249,6 +249,39 @@ class RetrievalConfig:
 
 
 @dataclass(frozen=True)
+class EntitiesConfig:
+    """Entity-aware prompts (after ViECap): nouns naming what the image shows, written into the LM's input
+    ("Objects: cat, cup.") beside the image prefix; in training the caption's own nouns, each dropped with
+    probability ``drop``; at inference named by ``source`` (clipcap.modeling.entities)."""
+
+    source: Literal["none", "classifier", "zero_shot", "tagger"] = "none"
+    drop: float = 0.4                   # training: each of the caption's nouns is left out with this probability
+    max_per_caption: int = 10           # training: at most this many of the caption's nouns
+    top_k: int = 3                      # inference: at most this many entities
+    threshold: float = 0.2              # inference: a noun's probability must be at least this
+    vocabulary: str = "imagenet"        # zero_shot: imagenet (the classifier's everyday nouns) | captions (the
+                                        # training captions' nouns) | a text file, one noun a line
+    temperature: float = 0.01           # zero_shot: softmax temperature of the image-text similarities
+    tagger_min_images: int = 2          # tagger / vocabulary captions: a noun of at least this many training images
+    tagger_steps: int = 300             # tagger: full-batch optimiser steps
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drop < 1:
+            raise ConfigError("entities.drop must be in [0, 1)")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError("entities.threshold must be in [0, 1]")
+        for key in ("max_per_caption", "top_k", "tagger_min_images", "tagger_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"entities.{key} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("entities.temperature must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     epochs: int = 4
@@ -414,6 +447,7 @@ class Config:
     lm: LMConfig = field(default_factory=LMConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    entities: EntitiesConfig = field(default_factory=EntitiesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

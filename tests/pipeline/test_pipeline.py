@@ -89,7 +89,7 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
     assert [r["image_id"] for r in records] == test_ids and metrics["test_images"] == len(test_ids) >= 5
     test_refs = {i: references[i] for i in test_ids}
     frequent = most_frequent_caption([references[i] for i in manifest.loc[manifest["split"] == "train", "image_id"]])
-    from clipcap.pipeline.naming import names_object_rate
+    from clipcap.naming import names_object_rate
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
     labelled = {r["image_id"]: r["label"] for r in records}  # the encoder has an ImageNet head: the label baseline

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clipcap.pipeline.naming import head_noun, lemma, names_object, names_object_rate
+from clipcap.naming import head_noun, lemma, names_object, names_object_rate
 
 
 @pytest.mark.parametrize("word, expected", [

@@ -31,7 +31,8 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever
+from clipcap.modeling.entities import ENTITIES_FILE, EntityHead
+from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever, prompt_token_ids
 
 FORMAT = "clipcap-captioner/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -40,8 +41,10 @@ BASE_LM_DIR = "base_lm"  # a registered captioner's copy of the files its base L
 
 def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_name: str,
                    tokenizer_name: str | None, lm_pretrained: bool, retrieval: RetrievalConfig | None = None,
-                   datastore: CaptionDatastore | None = None, extra: dict | None = None) -> Path:
-    """Write a captioner folder; ``retrieval`` None (or ``k: 0``) is the paper's model, without datastore."""
+                   datastore: CaptionDatastore | None = None, entities: EntityHead | None = None,
+                   extra: dict | None = None) -> Path:
+    """Write a captioner folder; ``retrieval`` None (or ``k: 0``) and ``entities`` None is the paper's model,
+    without datastore or entity head."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     retrieval = retrieval or RetrievalConfig(k=0)
@@ -52,7 +55,9 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
     save_lm = model.finetune_lm or not lm_pretrained
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(model.weights(include_lm=save_lm), str(tmp))
-    saved = [WEIGHTS_FILE, *([EMBEDDINGS_FILE, CAPTIONS_FILE] if datastore is not None else [])]
+    entity_settings = None if entities is None else entities.save(directory)
+    saved = [WEIGHTS_FILE, *([EMBEDDINGS_FILE, CAPTIONS_FILE] if datastore is not None else []),
+             *([ENTITIES_FILE] if entities is not None else [])]
     write_json(directory / CONFIG_FILE, {
         "format": FORMAT,
         "encoder": encoder,
@@ -63,6 +68,7 @@ def save_captioner(directory: str | Path, model: ClipCap, *, encoder: str, lm_na
         "mapper": asdict(model.mapper_cfg),
         "dim_embedding": model.dim_embedding,
         "retrieval": asdict(retrieval),
+        **({} if entity_settings is None else {"entities": entity_settings}),
         **(extra or {}),
     })
     return directory
@@ -143,18 +149,26 @@ def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
     return Retriever(CaptionDatastore.load(directory), retrieval.k, retrieval.max_caption_tokens)
 
 
+def load_entities(directory: str | Path, config: dict) -> EntityHead | None:
+    """The entity head of an entity-aware captioner (None: it takes no entities)."""
+    settings = config.get("entities")
+    return None if settings is None else EntityHead.load(directory, settings)
+
+
 class Captioner:
     """Images in, captions out: ``Captioner.load(path).caption(["cat.png"])``."""
 
     def __init__(self, model: ClipCap, tokenizer, config: dict, retriever: Retriever | None = None,
-                 encoder: ImageEncoder | None = None) -> None:
+                 encoder: ImageEncoder | None = None, entities: EntityHead | None = None) -> None:
         self.model, self.tokenizer, self.config, self.retriever = model, tokenizer, config, retriever
+        self.entity_head = entities
         self._encoder = encoder
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> Captioner:
         model, tokenizer, config = load_captioner_model(directory)
-        return cls(model.to(device), tokenizer, config, load_retriever(directory, config))
+        return cls(model.to(device), tokenizer, config, load_retriever(directory, config),
+                   entities=load_entities(directory, config))
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -177,7 +191,7 @@ class Captioner:
         """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt);
         ``max_time``: seconds of generation per batch, after which captions end where they are."""
         retrieved = None if self.retriever is None else self.retriever.captions(embeddings)
-        prompts = None if retrieved is None else self.retriever.prompts_of(self.tokenizer, retrieved)
+        prompts = self.prompts(embeddings, retrieved)
         if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)
@@ -201,6 +215,18 @@ class Captioner:
             rewrite = beam and beam != kept and scores[beam] < scores[kept] - decoding.rerank_margin
             best.append([beam if rewrite else kept])
         return best
+
+    def entities(self, embeddings: torch.Tensor) -> list[list[str]] | None:
+        """The entities the captioner's head names in each image (None: it takes no entities)."""
+        return None if self.entity_head is None else self.entity_head.entities(embeddings.cpu())
+
+    def prompts(self, embeddings: torch.Tensor, retrieved: list[list[str]] | None) -> list[list[int]] | None:
+        """Each image's prompt: its retrieved captions and its entities (None for the paper's model)."""
+        entities = self.entities(embeddings)
+        if retrieved is None and entities is None:
+            return None
+        max_tokens = self.retriever.max_caption_tokens if self.retriever is not None else 0
+        return prompt_token_ids(self.tokenizer, retrieved, max_tokens, entities)
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                       batch_size: int = 16, num_workers: int = 0, progress: bool = False,

@@ -115,9 +115,16 @@ class OpenClipEncoder(ImageEncoder):
         preprocess = transforms.Compose([BoundShape(), *preprocess.transforms])
         super().__init__(f"open_clip:{model_name}", key, model.visual.output_dim, preprocess)
         self.visual = model.visual.eval()
+        self._text = (model.eval(), open_clip.get_tokenizer(model_name))  # not a submodule: not moved or saved
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """The text tower's embeddings of ``texts`` (zero-shot entity vocabularies)."""
+        model, tokenizer = self._text
+        return model.encode_text(tokenizer(texts)).float()
 
 
 def _efficientnet_weights() -> str:

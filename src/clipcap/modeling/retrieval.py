@@ -41,6 +41,7 @@ from clipcap.fileio import atomic_path, write_json
 
 EMBEDDINGS_FILE, CAPTIONS_FILE, INDEX_FILE = "datastore.safetensors", "datastore.json", "datastore.faiss"
 PROMPT_HEAD, PROMPT_TAIL = "Similar images show:", "This image shows:"
+ENTITY_HEAD = "Objects:"     # an entity-aware captioner's prompt: "Objects: cat, cup." (clipcap.modeling.entities)
 APPROXIMATE_ABOVE = 10_000   # entries; a store this size or smaller is searched exactly (benchmarks/retrieval_speed.py)
 NPROBE = 16                  # inverted lists visited per query by the approximate index
 RERANK = 256                 # candidates of the approximate index re-scored exactly per query
@@ -89,9 +90,10 @@ class Retriever:
                 duplicate_similarity: float | None = None) -> list[list[int]]:
         return self.prompts_of(tokenizer, self.captions(embeddings, query_ids, duplicate_similarity))
 
-    def prompts_of(self, tokenizer, retrieved: list[list[str]]) -> list[list[int]]:
-        """The prompts (token ids) of captions :meth:`captions` already found."""
-        return prompt_token_ids(tokenizer, retrieved, self.max_caption_tokens)
+    def prompts_of(self, tokenizer, retrieved: list[list[str]], entities: list[list[str]] | None = None
+                   ) -> list[list[int]]:
+        """The prompts (token ids) of captions :meth:`captions` already found (and of ``entities``)."""
+        return prompt_token_ids(tokenizer, retrieved, self.max_caption_tokens, entities)
 
 
 def nlist_for(entries: int) -> int:
@@ -385,22 +387,35 @@ class CaptionDatastore:
                    settings.get("nprobe", NPROBE), index, projection, keys)
 
 
-def prompt_text(captions: list[str]) -> str:
-    """``Similar images show: A cat. A dog. This image shows:`` (each caption ends with a full stop)."""
+def prompt_text(captions: list[str], entities: list[str] | None = None) -> str:
+    """``Similar images show: A cat. A dog. This image shows:`` (each caption ends with a full stop); with
+    ``entities`` (an entity-aware captioner: a list, maybe empty), ``Objects: cat, dog.`` goes before the
+    last sentence, which then always ends the prompt (``This image shows:`` alone when there is nothing)."""
     shown = [c if c.rstrip().endswith((".", "!", "?")) else c.rstrip() + "." for c in captions]
-    return " ".join([PROMPT_HEAD, *shown, PROMPT_TAIL])
+    parts = [PROMPT_HEAD, *shown] if shown else []
+    if entities:
+        parts.append(f"{ENTITY_HEAD} {', '.join(entities)}.")
+    return " ".join([*parts, PROMPT_TAIL]) if parts or entities is not None else ""
 
 
-def prompt_token_ids(tokenizer, retrieved: list[list[str]], max_caption_tokens: int) -> list[list[int]]:
-    """The prompt's token ids for each image (each retrieved caption cut to ``max_caption_tokens``)."""
+def cut_captions(tokenizer, captions: list[str], max_caption_tokens: int) -> list[str]:
+    """Each caption cut to its first ``max_caption_tokens`` tokens (the text a prompt shows of it)."""
+    if not captions:
+        return []
+    ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(i[:max_caption_tokens]) for i in ids]
+
+
+def prompt_token_ids(tokenizer, retrieved: list[list[str]] | None, max_caption_tokens: int,
+                     entities: list[list[str]] | None = None) -> list[list[int]]:
+    """The prompt's token ids for each image (each retrieved caption cut to ``max_caption_tokens``; with
+    ``entities``, one list of nouns per image)."""
+    images = len(retrieved) if retrieved is not None else len(entities)
     out = []
-    for captions in retrieved:
-        if not captions:
-            out.append([])
-            continue
-        ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        cut = [tokenizer.decode(i[:max_caption_tokens]) for i in ids]
-        out.append(tokenizer(prompt_text(cut), add_special_tokens=False)["input_ids"])
+    for i in range(images):
+        captions = cut_captions(tokenizer, retrieved[i], max_caption_tokens) if retrieved is not None else []
+        text = prompt_text(captions, None if entities is None else entities[i])
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
     return out
 
 

@@ -50,7 +50,8 @@ def recipe(cfg: Config) -> dict:
     """What a champion must have been trained with to be warm-started from (as JSON stores it)."""
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RUNTIME_ONLY}
     return json.loads(json.dumps({"encoder": cfg.encoder.name, "lm": asdict(cfg.lm), "mapper": asdict(cfg.mapper),
-                                  "retrieval": asdict(cfg.retrieval), "train": train}))
+                                  "retrieval": asdict(cfg.retrieval), "entities": asdict(cfg.entities),
+                                  "train": train}))
 
 
 def find_warm_start(cfg: Config) -> WarmStart:

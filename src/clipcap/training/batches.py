@@ -7,13 +7,14 @@ padded dynamically to their longest caption, and padding is masked out of the lo
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from clipcap.modeling.retrieval import pad_left, pad_right
+from clipcap.modeling.retrieval import pad_left, pad_right, prompt_text
 
 
 def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
@@ -22,26 +23,54 @@ def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> list[l
     return [ids[: max_tokens - 1] + [tokenizer.eos_token_id] for ids in encoded]
 
 
-class CaptionPairs(Dataset):
-    """(embedding, caption tokens[, retrieval prompt tokens]) pairs: one per caption, several per image.
+class EntityPrompts:
+    """Each caption's prompt in training an entity-aware captioner: its image's retrieved captions (already
+    cut) and the caption's own nouns, each left out with probability ``drop``, drawn anew every epoch from
+    (seed, epoch, caption): the model learns to copy the entities it is given, and to caption without them."""
 
-    ``prompts`` (one token list per image) holds each image's retrieval prompt when the model is
-    retrieval-augmented; None for the paper's model.
+    def __init__(self, tokenizer, nouns: list[list[str]], drop: float, seed: int = 0,
+                 retrieved: list[list[str]] | None = None) -> None:
+        self.tokenizer, self.nouns, self.drop, self.seed, self.retrieved = tokenizer, nouns, drop, seed, retrieved
+
+    def entities(self, index: int, epoch: int) -> list[str]:
+        """The nouns of caption ``index`` kept in ``epoch``."""
+        draw = random.Random(f"{self.seed}/{epoch}/{index}")   # str seeds hash the same in every process
+        return [noun for noun in self.nouns[index] if draw.random() >= self.drop]
+
+    def __call__(self, index: int, image: int, epoch: int) -> list[int]:
+        text = prompt_text(self.retrieved[image] if self.retrieved is not None else [], self.entities(index, epoch))
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class CaptionPairs(Dataset):
+    """(embedding, caption tokens[, prompt tokens]) pairs: one per caption, several per image.
+
+    ``prompts`` holds each image's prompt (one token list per image: the retrieval prompt of a
+    retrieval-augmented model), or is an :class:`EntityPrompts` drawing each caption's prompt per
+    epoch (:meth:`set_epoch`); None for the paper's model.
     """
 
     def __init__(self, embeddings: torch.Tensor, image_index: list[int], token_ids: list[list[int]],
-                 prompts: list[list[int]] | None = None) -> None:
+                 prompts: list[list[int]] | EntityPrompts | None = None) -> None:
         if len(image_index) != len(token_ids):
             raise ValueError("one image index per caption expected")
-        if prompts is not None and len(prompts) != len(embeddings):
+        if isinstance(prompts, list) and len(prompts) != len(embeddings):
             raise ValueError("one retrieval prompt per image expected")
+        if isinstance(prompts, EntityPrompts) and len(prompts.nouns) != len(token_ids):
+            raise ValueError("one list of nouns per caption expected")
         self.embeddings, self.image_index, self.token_ids, self.prompts = embeddings, image_index, token_ids, prompts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int] | None]:
         image = self.image_index[index]
+        if isinstance(self.prompts, EntityPrompts):
+            return self.embeddings[image], self.token_ids[index], self.prompts(index, image, self.epoch)
         return self.embeddings[image], self.token_ids[index], None if self.prompts is None else self.prompts[image]
 
     def lengths(self) -> list[int]:

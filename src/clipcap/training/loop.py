@@ -220,6 +220,7 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         epoch_batches, accum = len(self.batches), cfg.grad_accum_steps
         self.batches.set_epoch(progress.epoch, skip=progress.batch_in_epoch)
+        self.loader.dataset.set_epoch(progress.epoch)   # entity-aware prompts draw their entities per epoch
         self.model.train()
         step_loss = 0.0
         for batch in self.loader:

@@ -2,7 +2,7 @@
 way: the most frequent training caption, nearest-neighbour retrieval, and, where the encoder has a
 classifier of its own (EfficientNet-Lite0's ImageNet head), "A <its top-1 label>." Each system also gets
 ``names_object``: the share of test images whose caption names their reference's head noun
-(:mod:`clipcap.pipeline.naming`)."""
+(:mod:`clipcap.naming`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions
 from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
-from clipcap.pipeline.naming import names_object_rate
+from clipcap.naming import names_object_rate
 from clipcap.pipeline.reports import domain_line, write_samples
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data

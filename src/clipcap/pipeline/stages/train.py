@@ -26,14 +26,15 @@ from clipcap.modeling.decode import GREEDY, generate_captions
 from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, per_caption
+from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, cut_captions, per_caption, prompt_token_ids
+from clipcap.pipeline.entity_heads import build_entity_head, nouns_of_captions
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
 from clipcap.pipeline.splits import split_data
 from clipcap.pipeline.tracking import training_run
 from clipcap.pipeline.warm_start import find_warm_start, recipe, replay_rows
-from clipcap.training.batches import CaptionPairs, tokenize_captions
+from clipcap.training.batches import CaptionPairs, EntityPrompts, tokenize_captions
 from clipcap.training.distributed import current_context
 from clipcap.training.loop import train_model
 from clipcap.training.retrieval_metric import fit_key_projection
@@ -67,14 +68,27 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
              f"; on {images['new']} new training images and {images['old']} of the old" if images else "")
     retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed,
                                    projection=start.projection)
+    entity_head = build_entity_head(cfg, train_rows, train_emb)
     max_tokens = cfg.train.max_caption_tokens
 
-    def pairs(rows: pd.DataFrame, embeddings: torch.Tensor) -> CaptionPairs:
-        prompts = None if retriever is None else retriever.prompts(  # leave-one-out: never the image itself
-            lm.tokenizer, embeddings, rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity)
+    def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
+        """Training pairs; with entities, each caption's own nouns (dropped at random per epoch) in its
+        prompt when ``training``, else (validation) the entities the head names, as at inference."""
+        retrieved = None if retriever is None else retriever.captions(  # leave-one-out: never the image itself
+            embeddings, rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity)
+        if entity_head is None:
+            prompts = None if retriever is None else retriever.prompts_of(lm.tokenizer, retrieved)
+        elif training:
+            cut = None if retrieved is None else [cut_captions(lm.tokenizer, found, cfg.retrieval.max_caption_tokens)
+                                                  for found in retrieved]
+            prompts = EntityPrompts(lm.tokenizer, nouns_of_captions(rows["captions"], cfg.entities.max_per_caption),
+                                    cfg.entities.drop, cfg.train.seed, cut)
+        else:
+            prompts = prompt_token_ids(lm.tokenizer, retrieved, cfg.retrieval.max_caption_tokens,
+                                       entity_head.entities(embeddings))
         return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
 
-    val_pairs = pairs(val_rows, val_emb) if len(val_rows) else None
+    val_pairs = pairs(val_rows, val_emb, training=False) if len(val_rows) else None
 
     def val_cider(trained: ClipCap) -> dict:
         """The learning curve's second axis: greedy captions of the val images, scored by CIDEr."""
@@ -94,7 +108,8 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
         return
     save_captioner(layout.model, model.cpu(), encoder=cfg.encoder.name, lm_name=cfg.lm.name,
                    tokenizer_name=cfg.lm.tokenizer, lm_pretrained=lm.pretrained, retrieval=cfg.retrieval,
-                   datastore=retriever.datastore if retriever else None, extra={"recipe": recipe(cfg)})
+                   datastore=retriever.datastore if retriever else None, entities=entity_head,
+                   extra={"recipe": recipe(cfg)})
     write_loss_log(layout.train_log, history.steps)
     write_learning_curve(layout.learning_curve, history.epochs)
     trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -118,7 +133,7 @@ def training_fingerprint(cfg: Config, *splits: pd.DataFrame, start: str | None =
     train_cfg = {k: v for k, v in config_to_dict(cfg.train).items()
                  if k not in ("device", "checkpoint_every", "keep_checkpoints")}
     described = {"lm": config_to_dict(cfg.lm), "mapper": config_to_dict(cfg.mapper), "train": train_cfg,
-                 "retrieval": config_to_dict(cfg.retrieval),
+                 "retrieval": config_to_dict(cfg.retrieval), "entities": config_to_dict(cfg.entities),
                  "encoder": encoder_key(cfg.encoder.name), "images": [rows["image_id"].tolist() for rows in splits],
                  **({"start": start, "retrain": config_to_dict(cfg.retrain)} if start else {})}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
@@ -143,7 +158,7 @@ def training_retriever(cfg: RetrievalConfig, rows: pd.DataFrame, embeddings: tor
 
 
 def caption_pairs(rows: pd.DataFrame, embeddings: torch.Tensor, tokenizer, max_tokens: int,
-                  prompts: list[list[int]] | None = None) -> CaptionPairs:
+                  prompts: list[list[int]] | EntityPrompts | None = None) -> CaptionPairs:
     """One pair per caption (several per image), captions tokenised and EOS-terminated."""
     image_index, captions = per_caption(rows["captions"])
     return CaptionPairs(embeddings, image_index, tokenize_captions(tokenizer, captions, max_tokens), prompts)

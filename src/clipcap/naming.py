@@ -9,6 +9,8 @@ to singulars by English spelling rules and a list of irregular plurals), whole w
 not name a cat).
 
 :func:`names_object` is True when any word of the caption has the lemma of the reference's head noun.
+:func:`caption_nouns` gives the head of every phrase of a caption ("A girl riding a horse." -> girl, horse):
+the entities an entity-aware captioner is trained to name.
 The rules are plain English morphology, no tagger: they are meant for the short, one-phrase captions of
 image datasets (Tux Paint, Open Clip Art, COCO), and are unit-tested on hand-made cases.
 """
@@ -70,6 +72,26 @@ def head_noun(caption: str) -> str | None:
             continue
         return lemma(head) if head else None
     return None
+
+
+def caption_nouns(caption: str, limit: int = 10) -> list[str]:
+    """The lemmas of the heads of ``caption``'s noun phrases, in order, each once, at most ``limit``:
+    every clause is cut at prepositions, conjunctions and verbs, and each piece's last word is its head
+    ("Two cats sleeping on a couch." -> cat, couch; "A bunch of grapes." -> grape). Words shorter than
+    three letters and numbers are left out."""
+    found: list[str] = []
+    for clause in CLAUSE_BREAK.split(caption.lower()):
+        phrase: list[str] = []
+        for token in [*words(clause), ""]:
+            if token and token not in PHRASE_END and not _is_participle(token):
+                phrase.append(token)
+                continue
+            core = [t for t in phrase if t not in DETERMINERS]
+            head = lemma(core[-1]) if core else ""
+            if len(head) >= 3 and not head.isdigit() and head not in QUANTITY and head not in found:
+                found.append(head)
+            phrase = []
+    return found[:limit]
 
 
 def _is_participle(token: str) -> bool:

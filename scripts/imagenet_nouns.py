@@ -1,0 +1,116 @@
+"""Write src/clipcap/modeling/imagenet_nouns.json: for each of the 1,000 ImageNet classes, in class order,
+the everyday noun a caption would use for it (tabby -> cat, espresso -> coffee, sorrel -> horse, junco -> bird,
+Granny Smith -> apple, brown bear -> bear), read from WordNet 3.0's hypernyms and sense counts.
+
+    apt-get install --no-install-recommends wordnet-base   # WordNet 3.0's database files
+    python scripts/imagenet_nouns.py
+
+The table is committed: the entity source ``classifier`` reads it, and nothing at training or inference
+time needs WordNet. The rule, in order, for a class's synset:
+1. the one-word name of the class itself that the corpus uses most in this sense, if it uses one at all
+   (hog, pig -> pig; cock, rooster -> rooster; banana);
+2. else the nearest of its first ``DEPTH`` hypernyms (stopping at abstract categories, ``TOO_GENERAL``: animal,
+   device, food) with a one-word name that WordNet's sense-tagged corpus uses in that sense at least
+   ``BASIC_COUNT`` times, unless it only names a kind (``KINDS``: vegetable, insect, bird): tabby -> cat,
+   beagle -> dog, espresso -> coffee, sorrel -> horse;
+3. else the last word of its own first name (banana, broccoli, ladybug, moped, brown bear -> bear), or of
+   the first name on its hypernym path that is not a proper name (Granny Smith -> eating apple -> apple).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WORDNET = Path("/usr/share/wordnet")
+OUT = Path(__file__).resolve().parents[1] / "src" / "clipcap" / "modeling" / "imagenet_nouns.json"
+DEPTH = 3
+BASIC_COUNT = 4           # a hypernym used this often is the everyday name (tabby -> cat, beagle -> dog)
+KINDS = frozenset("vegetable insect fruit dish beverage bird fish flower tree".split())  # never over a class's own name
+TOO_GENERAL = frozenset(
+    "entity physical_entity object whole artifact organism living_thing being animal device instrumentality "
+    "container structure covering commodity matter substance food nutriment solid thing unit abstraction part "
+    "material equipment implement conveyance vehicle wheeled_vehicle self-propelled_vehicle craft vessel "
+    "invertebrate vertebrate chordate placental mammal carnivore arthropod vascular_plant produce edible_fruit "
+    "instrument protection clothing garment game tool machine piece system creation decoration article".split())
+
+
+def read_synsets() -> dict[str, tuple[list[str], list[str]]]:
+    """offset -> (lemmas, hypernym offsets) of every noun synset."""
+    synsets = {}
+    for line in (WORDNET / "data.noun").read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):
+            continue
+        fields = line.split(" | ")[0].split()
+        words = int(fields[3], 16)
+        lemmas = [fields[4 + 2 * i] for i in range(words)]
+        at = 4 + 2 * words
+        pointers, at = int(fields[at]), at + 1
+        hypernyms = []
+        for _ in range(pointers):
+            symbol, offset, pos = fields[at : at + 3]
+            at += 4
+            if symbol in ("@", "@i") and pos == "n":
+                hypernyms.append(offset)
+        synsets[fields[0]] = (lemmas, hypernyms)
+    return synsets
+
+
+def read_counts() -> dict[tuple[str, str], int]:
+    """(lemma, synset offset) -> how often the sense-tagged corpus uses the lemma in that sense."""
+    sense_number = {}
+    for line in (WORDNET / "index.noun").read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):
+            continue
+        fields = line.split()
+        offsets = fields[-int(fields[2]):]
+        for number, offset in enumerate(offsets, 1):
+            sense_number[(fields[0], number)] = offset
+    counts = {}
+    for line in (WORDNET / "cntlist.rev").read_text().splitlines():
+        key, number, count = line.split()
+        lemma, sense = key.split("%")
+        if sense.startswith("1:") and (lemma, int(number)) in sense_number:
+            counts[(lemma, sense_number[(lemma, int(number))])] = int(count)
+    return counts
+
+
+def everyday_noun(offset: str, synsets, counts) -> str:
+    path = [offset]
+    while synsets[path[-1]][1]:
+        path.append(synsets[path[-1]][1][0])
+
+    def best(at: str, minimum: int) -> str | None:
+        single = [lemma for lemma in synsets[at][0]
+                  if "_" not in lemma and "-" not in lemma and lemma.lower() not in TOO_GENERAL]
+        used = [lemma for lemma in single if counts.get((lemma.lower(), at), 0) >= minimum]
+        return max(used, key=lambda lemma: counts[(lemma.lower(), at)]).lower() if used else None
+
+    ancestors = []
+    for hypernym in path[1 : DEPTH + 1]:
+        if any(lemma.lower() in TOO_GENERAL for lemma in synsets[hypernym][0]):
+            break
+        ancestors.append(hypernym)
+    everyday = (best(at, BASIC_COUNT) for at in ancestors)
+    found = best(path[0], 1) or next((noun for noun in everyday if noun and noun not in KINDS), None)
+    if found:
+        return found
+    common = next(lemma for at in path for lemma in synsets[at][0][:1] if not lemma[:1].isupper())
+    return common.replace("-", "_").split("_")[-1].lower()
+
+
+def main() -> None:
+    import timm
+
+    if not (WORDNET / "data.noun").exists():
+        sys.exit(f"{WORDNET}: no WordNet database; apt-get install --no-install-recommends wordnet-base")
+    wnids = (Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt").read_text().split()
+    synsets, counts = read_synsets(), read_counts()
+    nouns = [everyday_noun(wnid[1:], synsets, counts) for wnid in wnids]
+    OUT.write_text(json.dumps({"source": "WordNet 3.0 via scripts/imagenet_nouns.py", "nouns": nouns}, indent=0) + "\n")
+    print(f"wrote {OUT}: {len(nouns)} classes, {len(set(nouns))} nouns")
+
+
+if __name__ == "__main__":
+    main()

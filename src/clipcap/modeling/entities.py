@@ -1,0 +1,141 @@
+"""Entities: the objects an image shows, named in words, for the captioner's hard prompt (after ViECap,
+Fei et al., ICCV 2023): "Objects: cat, cup." beside the soft image prefix and the retrieved captions.
+
+A captioner trained this way copies an entity it is given, so it can name what its datastore has never
+held. In training the entities are the nouns of the image's own caption, each dropped at random
+(:mod:`clipcap.training.batches`); at inference an :class:`EntityHead` names them from the image
+embedding. Every source is the same thing: a linear layer over the embedding and one everyday noun per
+output class, stored with the captioner (``entities.safetensors`` + the ``entities`` section of its
+``config.json``):
+
+- ``classifier``: the encoder's own classifier (EfficientNet-Lite0's ImageNet head), its 1,000 classes
+  mapped to everyday nouns (``imagenet_nouns.json``: tabby -> cat, espresso -> coffee); the softmax
+  probabilities of the classes of one noun are summed;
+- ``zero_shot``: an open_clip model's text tower over a vocabulary (:func:`zero_shot_head`): the
+  vocabulary's text embeddings, a prompt ensemble per noun, are the layer; softmax at a low temperature;
+- ``tagger``: a multi-label layer fitted in seconds to the training captions' nouns
+  (:mod:`clipcap.training.tagger`): the dataset's own vocabulary; a sigmoid per noun.
+
+A noun is kept when its probability is at least ``threshold``, the ``top_k`` likeliest first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipcap.fileio import atomic_path
+
+ENTITIES_FILE = "entities.safetensors"
+ACTIVATIONS = ("softmax", "sigmoid")
+TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.",
+             "a clip art of a {}.", "a close-up photo of a {}.", "itap of a {}.")  # zero-shot prompt ensemble
+
+
+@dataclass(frozen=True)
+class EntitySettings:
+    """What a head is and how it chooses (the ``entities`` section of a captioner's config.json)."""
+
+    source: str                       # classifier | zero_shot | tagger
+    nouns: list[str]                  # the everyday noun of each output class (several classes may share one)
+    activation: str = "softmax"       # softmax over the classes | sigmoid per class
+    temperature: float = 1.0          # logits are divided by it
+    normalize: bool = False           # unit-normalise the embedding first (after subtracting ``center`` if stored)
+    top_k: int = 3
+    threshold: float = 0.2
+    vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"entities.activation {self.activation!r} is not one of {ACTIVATIONS}")
+        object.__setattr__(self, "vocabulary", list(dict.fromkeys(self.nouns)))
+
+
+class EntityHead:
+    """A linear layer over image embeddings whose classes are everyday nouns: :meth:`entities` names
+    the likeliest nouns of each embedding."""
+
+    def __init__(self, settings: EntitySettings, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 center: torch.Tensor | None = None) -> None:
+        if weight.shape[0] != len(settings.nouns):
+            raise ValueError(f"a head of {weight.shape[0]} classes for {len(settings.nouns)} nouns")
+        self.settings = settings
+        self.weight, self.center = weight.float().contiguous(), None if center is None else center.float()
+        self.bias = torch.zeros(len(weight)) if bias is None else bias.float()
+        index = {noun: i for i, noun in enumerate(settings.vocabulary)}
+        self.groups = torch.tensor([index[noun] for noun in settings.nouns])
+
+    def noun_probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(images, vocabulary): each noun's probability (softmax: the sum over its classes; sigmoid: the
+        highest of its classes)."""
+        x = embeddings.float()
+        if self.center is not None:
+            x = F.normalize(x, dim=-1) - self.center
+        if self.settings.normalize:
+            x = F.normalize(x, dim=-1)
+        logits = (x @ self.weight.T + self.bias) / self.settings.temperature
+        vocabulary = len(self.settings.vocabulary)
+        if self.settings.activation == "softmax":
+            out = torch.zeros(len(x), vocabulary).index_add_(1, self.groups, logits.softmax(dim=-1))
+        else:
+            out = torch.zeros(len(x), vocabulary).scatter_reduce_(
+                1, self.groups.expand(len(x), -1), logits.sigmoid(), "amax", include_self=False)
+        return out
+
+    @torch.inference_mode()
+    def entities(self, embeddings: torch.Tensor) -> list[list[str]]:
+        """The nouns of each embedding whose probability is at least ``threshold``, at most ``top_k``,
+        likeliest first."""
+        probabilities = self.noun_probabilities(embeddings)
+        found = probabilities.topk(min(self.settings.top_k, probabilities.shape[1]), dim=-1)
+        names = self.settings.vocabulary
+        return [[names[i] for p, i in zip(values, indices) if p >= self.settings.threshold]
+                for values, indices in zip(found.values.tolist(), found.indices.tolist())]
+
+    def save(self, directory: str | Path) -> dict:
+        """Write ``entities.safetensors`` into ``directory``; returns the settings for config.json."""
+        tensors = {"weight": self.weight, "bias": self.bias, **({} if self.center is None else {"center": self.center})}
+        with atomic_path(Path(directory) / ENTITIES_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        settings = asdict(self.settings)
+        settings.pop("vocabulary")
+        return settings
+
+    @classmethod
+    def load(cls, directory: str | Path, settings: dict) -> EntityHead:
+        tensors = load_file(str(Path(directory) / ENTITIES_FILE))
+        return cls(EntitySettings(**settings), tensors["weight"], tensors.get("bias"), tensors.get("center"))
+
+
+def imagenet_nouns() -> list[str]:
+    """The everyday noun of each ImageNet class, in class order (scripts/imagenet_nouns.py made the table)."""
+    return json.loads(resources.files("clipcap.modeling").joinpath("imagenet_nouns.json").read_text())["nouns"]
+
+
+def classifier_head(classifier: torch.nn.Linear, top_k: int = 3, threshold: float = 0.2) -> EntityHead:
+    """The encoder's ImageNet classifier as an entity head (its probabilities summed per everyday noun)."""
+    nouns = imagenet_nouns()
+    if classifier.out_features != len(nouns):
+        raise ValueError(f"an ImageNet classifier has {len(nouns)} classes, this one {classifier.out_features}")
+    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold)
+    return EntityHead(settings, classifier.weight.detach(), classifier.bias.detach())
+
+
+@torch.inference_mode()
+def zero_shot_head(encode_text, vocabulary: list[str], top_k: int = 3, threshold: float = 0.2,
+                   temperature: float = 0.01) -> EntityHead:
+    """Zero-shot entities over ``vocabulary``: each noun's text embedding, the mean of its unit-normalised
+    embeddings under :data:`TEMPLATES` (``encode_text``: list of texts -> (n, d) tensor, an open_clip
+    model's text tower), compared with the unit-normalised image embedding at ``temperature`` (ViECap: 0.01)."""
+    rows = []
+    for noun in vocabulary:
+        texts = [template.format(noun) for template in TEMPLATES]
+        rows.append(F.normalize(F.normalize(encode_text(texts).float(), dim=-1).mean(dim=0), dim=0))
+    settings = EntitySettings("zero_shot", list(vocabulary), "softmax", temperature, True, top_k, threshold)
+    return EntityHead(settings, torch.stack(rows))

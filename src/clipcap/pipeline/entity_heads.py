@@ -1,0 +1,67 @@
+"""The entity head a captioner is trained with (``entities.source``), and each training caption's nouns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clipcap.config import Config, ConfigError
+from clipcap.modeling.encoders import OpenClipEncoder, build_encoder
+from clipcap.modeling.entities import EntityHead, classifier_head, imagenet_nouns, zero_shot_head
+from clipcap.modeling.labels import encoder_labels
+from clipcap.naming import caption_nouns
+from clipcap.training.tagger import fit_tagger, noun_vocabulary
+
+
+def nouns_of_captions(captions_per_image, limit: int = 10) -> list[list[str]]:
+    """The nouns of every caption, one list per caption in order (images with several captions give several)."""
+    return [caption_nouns(caption, limit) for captions in captions_per_image for caption in captions]
+
+
+def nouns_of_images(captions_per_image) -> list[set[str]]:
+    return [{noun for caption in captions for noun in caption_nouns(caption)} for captions in captions_per_image]
+
+
+def build_entity_head(cfg: Config, rows: pd.DataFrame, embeddings: torch.Tensor) -> EntityHead | None:
+    """The entity head of ``cfg.entities.source`` for a captioner trained on ``rows`` (None: entities off)."""
+    entities = cfg.entities
+    if entities.source == "none":
+        return None
+    if entities.source == "tagger":
+        head = fit_tagger(embeddings, nouns_of_images(rows["captions"]), min_images=entities.tagger_min_images,
+                          steps=entities.tagger_steps, top_k=entities.top_k, threshold=entities.threshold,
+                          seed=cfg.train.seed)
+        if head is None:
+            raise ConfigError(f"entities.source tagger: no noun is on {entities.tagger_min_images} training images; "
+                              "lower entities.tagger_min_images or use another source")
+        return head
+    encoder = build_encoder(cfg.encoder.name)
+    if entities.source == "classifier":
+        labels = encoder_labels(encoder)
+        if labels is None:
+            raise ConfigError(f"entities.source classifier: the encoder {cfg.encoder.name!r} has no classifier; "
+                              "use zero_shot (an open_clip encoder) or tagger")
+        return classifier_head(labels.head, entities.top_k, entities.threshold)
+    if not isinstance(encoder, OpenClipEncoder):
+        raise ConfigError(f"entities.source zero_shot needs an open_clip encoder (encoder.name open_clip:...), "
+                          f"not {cfg.encoder.name!r}; use classifier or tagger")
+    return zero_shot_head(encoder.encode_text, vocabulary(cfg, rows), entities.top_k, entities.threshold,
+                          entities.temperature)
+
+
+def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:
+    """The zero-shot vocabulary ``entities.vocabulary`` names."""
+    name = cfg.entities.vocabulary
+    if name == "imagenet":
+        return list(dict.fromkeys(imagenet_nouns()))
+    if name == "captions":
+        return noun_vocabulary(nouns_of_images(rows["captions"]), cfg.entities.tagger_min_images)
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"entities.vocabulary: {name!r} is not imagenet, captions or a text file (one noun a line)")
+    found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not found:
+        raise ConfigError(f"entities.vocabulary: {path} holds no noun")
+    return list(dict.fromkeys(found))

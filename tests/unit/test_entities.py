@@ -1,0 +1,268 @@
+"""Entity-aware captions: the heads that name entities, the prompts that carry them, the training draw
+that drops them, and a captioner that uses the ones its head names (saved and loaded with it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from clipcap.config import Config, ConfigError, EntitiesConfig, LMConfig, MapperConfig, RetrievalConfig
+from clipcap.modeling.captioner import Captioner, save_captioner
+from clipcap.modeling.decode import GREEDY, caption_nll, generate_captions
+from clipcap.modeling.encoders import build_encoder, encode_images
+from clipcap.modeling.entities import EntityHead, EntitySettings, classifier_head, imagenet_nouns, zero_shot_head
+from clipcap.modeling.labels import encoder_labels
+from clipcap.modeling.lms import load_lm
+from clipcap.modeling.model import ClipCap
+from clipcap.modeling.retrieval import prompt_text, prompt_token_ids
+from clipcap.naming import caption_nouns
+from clipcap.pipeline.entity_heads import build_entity_head, nouns_of_captions
+from clipcap.training.batches import CaptionPairs, EntityPrompts
+from clipcap.training.tagger import fit_tagger
+
+LM = "tiny-gpt2:n_layer=1,n_embd=32"
+
+
+def _head(nouns, weight, activation="softmax", threshold=0.2, top_k=3, bias=None) -> EntityHead:
+    return EntityHead(EntitySettings("classifier", nouns, activation, 1.0, False, top_k, threshold),
+                      torch.tensor(weight, dtype=torch.float), None if bias is None else torch.tensor(bias))
+
+
+def test_a_softmax_head_sums_the_classes_of_one_noun():
+    """Two cat classes at 0.3 each outrank one dog class at 0.4: the noun's probability is the sum."""
+    logits = torch.log(torch.tensor([[0.3, 0.3, 0.4]]))
+    head = _head(["cat", "cat", "dog"], torch.eye(3).tolist())
+    probabilities = head.noun_probabilities(logits)
+    assert head.settings.vocabulary == ["cat", "dog"]
+    torch.testing.assert_close(probabilities, torch.tensor([[0.6, 0.4]]))
+    assert head.entities(logits) == [["cat", "dog"]]
+
+
+def test_threshold_and_top_k_choose_the_entities():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.3, 0.24, 0.24, 0.22]]))
+    nouns = ["cat", "dog", "cup", "hat"]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.2).entities(logits) == [["cat", "dog"], ["cat", "dog", "cup"]]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.23).entities(logits) == [["cat", "dog"], ["cat", "dog", "cup"]]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.245).entities(logits) == [["cat", "dog"], ["cat"]]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.26).entities(logits) == [["cat"], ["cat"]]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.0, top_k=1).entities(logits) == [["cat"], ["cat"]]
+    assert _head(nouns, torch.eye(4).tolist(), threshold=0.6).entities(logits) == [[], []]
+
+
+def test_a_sigmoid_head_takes_each_nouns_own_probability():
+    head = _head(["cat", "dog"], torch.eye(2).tolist(), activation="sigmoid", threshold=0.5)
+    found = head.entities(torch.tensor([[3.0, 2.0], [-3.0, 0.5], [-1.0, -1.0]]))
+    assert found == [["cat", "dog"], ["dog"], []]
+
+
+def test_a_head_saves_and_loads_with_its_settings(tmp_path):
+    head = _head(["cat", "cat", "dog"], torch.randn(3, 5).tolist(), bias=[0.1, 0.2, 0.3], threshold=0.1)
+    settings = head.save(tmp_path)
+    loaded = EntityHead.load(tmp_path, settings)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(loaded.noun_probabilities(x), head.noun_probabilities(x))
+    assert loaded.entities(x) == head.entities(x) and loaded.settings == head.settings
+
+
+@pytest.mark.parametrize(("imagenet_class", "noun"), [
+    (281, "cat"), (285, "cat"), (967, "coffee"), (339, "horse"), (162, "dog"), (948, "apple"), (954, "banana"),
+    (294, "bear"), (665, "moped")])
+def test_imagenet_classes_map_to_everyday_nouns(imagenet_class, noun):
+    nouns = imagenet_nouns()
+    assert len(nouns) == 1000 and nouns[imagenet_class] == noun
+
+
+def test_the_classifier_names_a_real_cat_and_coffee_by_their_everyday_nouns():
+    """skimage's cat is "Egyptian cat" (0.79) to EfficientNet-Lite0, with tabby and tiger cat after it:
+    their sum names "cat"; the coffee ("espresso") names "coffee"."""
+    encoder = build_encoder("efficientnet-lite0")
+    head = classifier_head(encoder_labels(encoder).head, top_k=3, threshold=0.2)
+    photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
+    embeddings = torch.cat(list(encode_images(encoder, photos, batch_size=2)))
+    cat, coffee = head.entities(embeddings)
+    assert cat[0] == "cat" and coffee[0] == "coffee"
+    assert head.noun_probabilities(embeddings)[0].max() > encoder_labels(encoder).top(embeddings, 1)[0][0].probability
+
+
+def test_zero_shot_entities_come_from_an_open_clip_text_tower():
+    """A tiny random open_clip model: the head is the vocabulary's prompt-ensembled text embeddings, so an
+    image embedding equal to one noun's text embedding names that noun first."""
+    encoder = build_encoder("open_clip:RN50")
+    vocabulary = ["cat", "rocket", "flower"]
+    head = zero_shot_head(encoder.encode_text, vocabulary, top_k=1, threshold=0.0)
+    assert head.weight.shape == (3, encoder.dim) and head.settings.temperature == 0.01
+    torch.testing.assert_close(head.weight.norm(dim=-1), torch.ones(3))
+    assert head.entities(head.weight * 7.0) == [["cat"], ["rocket"], ["flower"]]
+    single = torch.nn.functional.normalize(encoder.encode_text(["a photo of a rocket."]), dim=-1)
+    assert not torch.allclose(head.weight[1], single[0])     # the ensemble, not one template
+
+
+def test_a_tagger_fitted_on_caption_nouns_names_the_nouns_of_new_images():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=generator) * 3
+    labels = [0, 1, 2] * 20
+    embeddings = centers[labels] + torch.randn(60, 16, generator=generator) * 0.3
+    nouns = [[{"cat"}, {"dog", "ball"}, {"cup"}][label] for label in labels]
+    head = fit_tagger(embeddings, nouns, steps=200, threshold=0.5)
+    assert set(head.settings.vocabulary) == {"cat", "dog", "ball", "cup"}
+    fresh = centers + torch.randn(3, 16, generator=generator) * 0.3
+    cat, dog, cup = head.entities(fresh)
+    assert cat == ["cat"] and set(dog) == {"dog", "ball"} and cup == ["cup"]
+    assert fit_tagger(embeddings, [set()] * 60) is None
+
+
+def test_training_nouns_are_the_captions_own():
+    assert caption_nouns("A girl riding a horse.") == ["girl", "horse"]
+    assert caption_nouns("Two cats sleeping on a couch.") == ["cat", "couch"]
+    assert caption_nouns("A bunch of grapes.") == ["grape"]
+    assert caption_nouns("An albino peahen (a female peafowl, or peacock).", limit=2) == ["peahen", "peafowl"]
+    assert caption_nouns("Number 12.") == []
+    assert nouns_of_captions([["A cat.", "Cats on a mat."], ["A dog."]]) == [["cat"], ["cat", "mat"], ["dog"]]
+
+
+def test_prompts_carry_the_entities_after_the_retrieved_captions():
+    assert prompt_text(["A cat."], ["cat", "cup"]) == "Similar images show: A cat. Objects: cat, cup. This image shows:"
+    assert prompt_text([], ["cat"]) == "Objects: cat. This image shows:"
+    assert prompt_text([], []) == "This image shows:"           # an entity-aware prompt is never empty
+    assert prompt_text(["A cat."], []) == "Similar images show: A cat. This image shows:"
+    assert prompt_text([]) == ""                                  # the paper's model: no prompt
+
+
+def test_training_drops_each_entity_independently_and_anew_each_epoch():
+    tokenizer = load_lm(LM, "smollm2-135m").tokenizer
+    nouns = [["cat", "dog", "cup", "hat", "sun"]] * 400
+    prompts = EntityPrompts(tokenizer, nouns, drop=0.4, seed=0)
+    kept = [prompts.entities(i, epoch=0) for i in range(400)]
+    share = sum(map(len, kept)) / (5 * 400)
+    assert 0.55 < share < 0.65                                           # ~1 - 0.4 of them kept
+    assert len({tuple(k) for k in kept}) > 10                            # each caption its own draw
+    assert sum(k == [] for k in kept) > 0 and sum(len(k) == 5 for k in kept) > 0
+    again = [prompts.entities(i, epoch=1) for i in range(400)]
+    assert sum(a != b for a, b in zip(kept, again)) > 200                # drawn anew each epoch
+    assert kept == [prompts.entities(i, epoch=0) for i in range(400)]    # and reproducibly
+    assert all(k == [n for n in nouns[0] if n in k] for k in kept)      # in the caption's order
+    assert EntityPrompts(tokenizer, nouns, drop=0.0).entities(3, 0) == nouns[0]
+
+
+def test_caption_pairs_build_each_captions_prompt_for_the_epoch():
+    tokenizer = load_lm(LM, "smollm2-135m").tokenizer
+    prompts = EntityPrompts(tokenizer, [["cat", "dog", "cup"]] * 4, drop=0.5, seed=3, retrieved=[["A fox."], ["A hen."]])
+    pairs = CaptionPairs(torch.randn(2, 4), [0, 0, 1, 1], [[1, 2]] * 4, prompts)
+    seen = set()
+    for epoch in range(6):
+        pairs.set_epoch(epoch)
+        text = tokenizer.decode(pairs[2][2])
+        assert text == prompt_text(["A hen."], prompts.entities(2, epoch))
+        seen.add(text)
+    assert len(seen) > 1
+
+
+def _captioner(entities: EntityHead | None, retrieval=False) -> Captioner:
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    torch.manual_seed(0)
+    model = ClipCap(MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2), 4, lm.model).eval()
+    config = {"retrieval": {"k": 0}}
+    return Captioner(model, lm.tokenizer, config, None, entities=entities)
+
+
+def test_the_captioner_captions_with_the_entities_its_head_names(tmp_path):
+    """Greedy captions of an entity-aware captioner are the model's captions given the prompts of the
+    entities its head names - not the captions without them, nor with other entities."""
+    head = _head(["cat", "rocket", "flower", "dog"], torch.eye(4).tolist(), threshold=0.3, top_k=1)
+    captioner = _captioner(head)
+    embeddings = torch.eye(4) * 5
+    assert captioner.entities(embeddings) == [["cat"], ["rocket"], ["flower"], ["dog"]]
+    expected = prompt_token_ids(captioner.tokenizer, None, 0, [["cat"], ["rocket"], ["flower"], ["dog"]])
+    assert captioner.prompts(embeddings, None) == expected
+    decoding = dataclasses.replace(GREEDY, max_new_tokens=6)
+    got = captioner.caption_embeddings(embeddings, decoding)
+    assert got == generate_captions(captioner.model, captioner.tokenizer, embeddings, decoding, 4, expected)
+    without = generate_captions(captioner.model, captioner.tokenizer, embeddings, decoding, 4, None)
+    assert got != without                                   # the prompt changes what it says
+    captions = ["A cat."] * 4                               # and so does which entity it names
+    nll = caption_nll(captioner.model, captioner.tokenizer, embeddings, captions, prompts=expected)
+    other = caption_nll(captioner.model, captioner.tokenizer, embeddings, captions, prompts=expected[::-1])
+    assert not torch.allclose(nll, other)
+
+
+def test_an_entity_aware_captioner_saves_and_loads_its_head(tmp_path):
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    model = ClipCap(MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2), 4, lm.model)
+    head = _head(["cat", "dog"], torch.randn(2, 4).tolist(), threshold=0.0)
+    save_captioner(tmp_path / "m", model, encoder="efficientnet-lite0", lm_name=LM, tokenizer_name="smollm2-135m",
+                   lm_pretrained=False, entities=head)
+    loaded = Captioner.load(tmp_path / "m")
+    x = torch.randn(5, 4)
+    assert loaded.entity_head is not None and loaded.entities(x) == head.entities(x)
+    assert "entities.safetensors" in loaded.config["files"]
+    assert Captioner.load(_saved_plain(tmp_path / "plain")).entities(x) is None
+
+
+def _saved_plain(folder):
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    model = ClipCap(MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2), 4, lm.model)
+    return save_captioner(folder, model, encoder="efficientnet-lite0", lm_name=LM, tokenizer_name="smollm2-135m",
+                          lm_pretrained=False)
+
+
+def test_the_entity_source_is_built_from_params(tmp_path):
+    rows = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "captions": [["A cat."], ["A cat."], ["A dog."], ["A dog."]]})
+    embeddings = torch.randn(4, 1280)
+    base = Config(lm=LMConfig(name=LM), retrieval=RetrievalConfig(k=0))
+    assert build_entity_head(base, rows, embeddings) is None
+    tagger = build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="tagger")), rows, embeddings)
+    assert tagger.settings.source == "tagger" and set(tagger.settings.vocabulary) == {"cat", "dog"}
+    classifier = build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="classifier", top_k=2)),
+                                   rows, embeddings)
+    assert classifier.settings.source == "classifier" and classifier.settings.top_k == 2
+    with pytest.raises(ConfigError, match="open_clip"):
+        build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="zero_shot")), rows, embeddings)
+
+
+@pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
+                                              ("temperature", 0.0)])
+def test_bad_entity_params_name_the_key(field, value):
+    with pytest.raises(ConfigError, match=f"entities.{field}"):
+        EntitiesConfig(**{field: value})
+
+
+def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates_on_named_ones(tmp_path, monkeypatch):
+    """Training pairs carry the caption's own nouns through an EntityPrompts at entities.drop; the val
+    pairs carry the entities the head names (as at inference); the saved captioner holds the head."""
+    import clipcap.pipeline.stages.train as stage
+    from clipcap.config import DatasetConfig, TrainConfig
+    from clipcap.pipeline.layout import Layout
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config(dataset=DatasetConfig(name="toy"), lm=LMConfig(name=LM, tokenizer="smollm2-135m"),
+                 mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
+                 retrieval=RetrievalConfig(k=0), train=TrainConfig(epochs=1, batch_size=4),
+                 entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1))
+    animals = ["cat", "dog", "hen", "fox"]
+    rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
+                         "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
+    embeddings = torch.randn(4, 8)[[n % 4 for n in range(16)]] * 3
+    val = rows.iloc[:4].assign(image_id=[f"v{n}" for n in range(4)])
+    monkeypatch.setattr(stage, "split_data", lambda *args: [(rows, embeddings), (val, embeddings[:4])])
+    seen = []
+    real_train_model = stage.train_model
+
+    def train_model(model, pairs, val_pairs, *args, **kwargs):
+        seen.append((pairs, val_pairs))
+        return real_train_model(model, pairs, val_pairs, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "train_model", train_model)
+    stage.run(cfg, tracking=False)
+    [(pairs, val_pairs)] = seen
+    assert isinstance(pairs.prompts, EntityPrompts) and pairs.prompts.drop == 0.3
+    assert pairs.prompts.nouns == [[animals[n % 4], "mat"] for n in range(16)]
+    tokenizer = load_lm(LM, "smollm2-135m").tokenizer
+    head = Captioner.load(Layout.of("toy").model).entity_head
+    assert head is not None and head.settings.source == "tagger"
+    named = head.entities(embeddings[:4])
+    assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
