@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cores/jobs threads")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         help="a params override for the model, e.g. -S entities.source=none (repeatable)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
     parser.add_argument("--name", default=None, help="result file kind: results/<name>-<machine> (default: novel)")
     args = parser.parse_args()
     started = time.time()
@@ -116,7 +117,8 @@ def main() -> None:
             for seed in args.seeds:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,
-                                                  Path(scratch) / f"{dataset}-{category}-{seed}", threads)
+                                                  (args.keep or Path(scratch)) / f"{dataset}-{category}-{seed}",
+                                                  threads)
         for case in args.cases:
             for seed in args.seeds:
                 runs[case].append(pending[case, seed].result())

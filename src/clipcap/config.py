@@ -254,7 +254,7 @@ class EntitiesConfig:
     ("Objects: cat, cup.") beside the image prefix; in training the caption's own nouns, each dropped with
     probability ``drop``; at inference named by ``source`` (clipcap.modeling.entities)."""
 
-    source: Literal["none", "classifier", "zero_shot", "tagger"] = "none"
+    source: Literal["none", "classifier", "zero_shot", "tagger"] = "classifier"
     drop: float = 0.4                   # training: each of the caption's nouns is left out with this probability
     max_per_caption: int = 10           # training: at most this many of the caption's nouns
     top_k: int = 3                      # inference: at most this many entities
@@ -264,12 +264,17 @@ class EntitiesConfig:
     temperature: float = 0.01           # zero_shot: softmax temperature of the image-text similarities
     tagger_min_images: int = 2          # tagger / vocabulary captions: a noun of at least this many training images
     tagger_steps: int = 300             # tagger: full-batch optimiser steps
+    novel_quantile: float = 0.1         # with retrieval: an image farther from its nearest training image than this
+                                        # share of training images are from theirs is novel: its prompt holds its
+                                        # entities without retrieved captions; training leaves them out as often
 
     def __post_init__(self) -> None:
         if not 0 <= self.drop < 1:
             raise ConfigError("entities.drop must be in [0, 1)")
         if not 0 <= self.threshold <= 1:
             raise ConfigError("entities.threshold must be in [0, 1]")
+        if not 0 <= self.novel_quantile < 1:
+            raise ConfigError("entities.novel_quantile must be in [0, 1)")
         for key in ("max_per_caption", "top_k", "tagger_min_images", "tagger_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"entities.{key} must be >= 1")

@@ -266,3 +266,83 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     assert head is not None and head.settings.source == "tagger"
     named = head.entities(embeddings[:4])
     assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
+
+
+def test_nearest_similarity_is_the_encoders_cosine_to_the_nearest_other_image():
+    from clipcap.modeling.retrieval import CaptionDatastore
+
+    generator = torch.Generator().manual_seed(0)
+    stored = torch.randn(50, 8, generator=generator)
+    store = CaptionDatastore.build(stored, [f"c{i}" for i in range(50)], [f"i{i}" for i in range(50)])
+    queries = torch.randn(5, 8, generator=generator)
+    cosine = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).T
+    torch.testing.assert_close(store.nearest_similarity(queries), cosine.max(dim=-1).values)
+    torch.testing.assert_close(store.nearest_similarity(queries, chunk=7), cosine.max(dim=-1).values)
+    own = store.nearest_similarity(stored[:3], ["i0", "i1", "i2"])          # leave-one-out: never itself
+    itself = torch.nn.functional.normalize(stored[:3], dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).T
+    itself[torch.arange(3), torch.arange(3)] = -1
+    torch.testing.assert_close(own, itself.max(dim=-1).values)
+    assert (store.nearest_similarity(stored[:3] * 2, duplicate_similarity=0.999) < 0.999).all()   # nor a copy
+
+
+def test_a_novel_image_is_prompted_with_its_entities_alone():
+    """Beside a datastore, an image less similar to its nearest entry than novel_similarity gets no
+    retrieved captions in its prompt (and no rerank against them); a familiar one keeps them."""
+    from clipcap.modeling.retrieval import CaptionDatastore, Retriever
+
+    stored = torch.eye(4)[:2] * 3                                 # the datastore holds two directions
+    store = CaptionDatastore.build(stored, ["A fox.", "A hen."], ["a", "b"])
+    head = _head(["cat", "rocket", "flower", "dog"], torch.eye(4).tolist(), threshold=0.3, top_k=1)
+    head.settings = dataclasses.replace(head.settings, novel_similarity=0.5)
+    captioner = _captioner(head)
+    captioner.retriever = Retriever(store, 1, 24)
+    queries = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]])   # near "a"; like nothing stored
+    retrieved = captioner.retriever.captions(queries)
+    assert retrieved == [["A fox."], ["A fox."]]
+    from clipcap.modeling.captioner import without_novel
+    kept = without_novel(store, queries, retrieved, 0.5)
+    assert kept == [["A fox."], []]
+    expected = prompt_token_ids(captioner.tokenizer, kept, 24, [["cat"], ["flower"]])
+    decoding = dataclasses.replace(GREEDY, max_new_tokens=5)
+    assert captioner.caption_embeddings(queries, decoding) == generate_captions(
+        captioner.model, captioner.tokenizer, queries, decoding, 2, expected)
+    assert captioner.tokenizer.decode(expected[1]) == "Objects: flower. This image shows:"
+    assert without_novel(store, queries, retrieved, None) == retrieved   # no threshold stored: never novel
+
+
+def test_training_shows_a_share_of_prompts_without_their_retrieved_captions():
+    tokenizer = load_lm(LM, "smollm2-135m").tokenizer
+    prompts = EntityPrompts(tokenizer, [["cat"]] * 1000, drop=0.0, retrieved=[["A fox."]], novel=0.1)
+    shown = [prompts.shows_retrieved(i, 0) for i in range(1000)]
+    assert 50 < shown.count(False) < 150
+    index = shown.index(False)
+    assert tokenizer.decode(prompts(index, 0, 0)) == "Objects: cat. This image shows:"
+    assert tokenizer.decode(prompts(shown.index(True), 0, 0)) == "Similar images show: A fox. Objects: cat. This image shows:"
+    assert all(EntityPrompts(tokenizer, [["cat"]] * 50, 0.0, retrieved=[["A fox."]]).shows_retrieved(i, 0) for i in range(50))
+
+
+def test_the_likeliest_beam_that_names_an_entity_is_kept():
+    from clipcap.modeling.entities import likeliest_naming, names_any
+
+    beams = ["A wheelbarrow.", "Two cats on a mat.", "A cat.", "A catapult."]
+    assert likeliest_naming(beams, ["cat"]) == "Two cats on a mat."       # lemmas: cats names cat
+    assert likeliest_naming(beams, ["dog"]) == "A wheelbarrow."            # none does: the best beam
+    assert likeliest_naming(beams, ["mat", "cat"]) == "Two cats on a mat."
+    assert not names_any("A catapult.", ["cat"]) and names_any("A fire truck.", ["fire truck"])
+    assert not names_any("A truck.", ["fire truck"])
+
+
+def test_an_image_prompted_with_entities_alone_keeps_its_likeliest_naming_beam():
+    """Beam search with rerank: an entity-only prompt's caption is the likeliest of all beams that names
+    an entity (the best beam when none does) - the same beams generate_captions gives for that prompt."""
+    from clipcap.modeling.entities import likeliest_naming
+
+    head = _head(["cat", "rocket", "flower", "dog"], torch.eye(4).tolist(), threshold=0.3, top_k=1)
+    captioner = _captioner(head)
+    embeddings = torch.eye(4) * 5
+    decoding = dataclasses.replace(GREEDY, strategy="beam", num_beams=4, max_new_tokens=4, rerank=True)
+    prompts = captioner.prompts(embeddings, None)
+    beams = generate_captions(captioner.model, captioner.tokenizer, embeddings,
+                              dataclasses.replace(decoding, num_captions=4, rerank=False), 4, prompts)
+    expected = [[likeliest_naming(found, nouns)] for found, nouns in zip(beams, captioner.entities(embeddings))]
+    assert captioner.caption_embeddings(embeddings, decoding) == expected

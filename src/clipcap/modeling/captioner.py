@@ -31,7 +31,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.entities import ENTITIES_FILE, EntityHead
+from clipcap.modeling.entities import ENTITIES_FILE, EntityHead, likeliest_naming
 from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever, prompt_token_ids
 
 FORMAT = "clipcap-captioner/1"
@@ -149,6 +149,15 @@ def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
     return Retriever(CaptionDatastore.load(directory), retrieval.k, retrieval.max_caption_tokens)
 
 
+def without_novel(datastore: CaptionDatastore, embeddings: torch.Tensor, retrieved: list[list[str]],
+                  novel_similarity: float | None) -> list[list[str]]:
+    """The retrieved captions, none for a novel image (its nearest entry less similar than ``novel_similarity``)."""
+    if novel_similarity is None:
+        return retrieved
+    near = datastore.nearest_similarity(embeddings).tolist()
+    return [[] if similarity < novel_similarity else found for found, similarity in zip(retrieved, near)]
+
+
 def load_entities(directory: str | Path, config: dict) -> EntityHead | None:
     """The entity head of an entity-aware captioner (None: it takes no entities)."""
     settings = config.get("entities")
@@ -188,45 +197,63 @@ class Captioner:
 
     def caption_embeddings(self, embeddings: torch.Tensor, decoding: DecodingConfig = DecodingConfig(),
                            batch_size: int = 16, max_time: float | None = None) -> list[list[str]]:
-        """``decoding.num_captions`` captions for each image embedding (with its retrieval prompt);
-        ``max_time``: seconds of generation per batch, after which captions end where they are."""
+        """``decoding.num_captions`` captions for each image embedding (with its prompt: retrieved captions,
+        entities); ``max_time``: seconds of generation per batch, after which captions end where they are."""
         retrieved = None if self.retriever is None else self.retriever.captions(embeddings)
-        prompts = self.prompts(embeddings, retrieved)
-        if not (decoding.rerank and self.retriever is not None and decoding.strategy == "beam"
+        entities = self.entities(embeddings)
+        if retrieved is not None and entities is not None:   # a novel image: its entities alone
+            retrieved = without_novel(self.retriever.datastore, embeddings, retrieved,
+                                      self.entity_head.settings.novel_similarity)
+        prompts = self.prompts_of(retrieved, entities)
+        if not (decoding.rerank and (retrieved is not None or entities is not None) and decoding.strategy == "beam"
                 and decoding.num_captions == 1):
             return generate_captions(self.model, self.tokenizer, embeddings, decoding, batch_size, prompts, max_time)
-        # rerank: the best beam and every retrieved caption, scored by the model given the image. Beam search
-        # already ranked its beams by this likelihood (its mean token log-probability, EOS included, at
-        # length_penalty 1), so the other beams are not scored again; the best one is, as its text may have
-        # been cut at a line break (first_line). The likeliest retrieved caption is kept unless the beam is
-        # likelier by more than decoding.rerank_margin: the LM's rewrites of a right neighbour cost more
-        # than its fixes of a wrong one gain (README, "rerank_margin")
-        best_beams = generate_captions(self.model, self.tokenizer, embeddings,
-                                       dataclasses.replace(decoding, rerank=False), batch_size, prompts, max_time)
-        candidates = [list(dict.fromkeys(c for c in [*r, *b] if c)) for b, r in zip(best_beams, retrieved)]
+        # rerank. Beam search ranks its beams by the model's likelihood given the image (mean token
+        # log-probability, EOS included, at length_penalty 1). An image with retrieved captions: the best beam
+        # and every retrieved caption are scored by the model (the best beam again, as its text may have been
+        # cut at a line break: first_line), and the likeliest retrieved caption is kept unless the beam is
+        # likelier by more than decoding.rerank_margin: the LM's rewrites of a right neighbour cost more than
+        # its fixes of a wrong one gain (README, "rerank_margin"). An image prompted with entities alone: the
+        # likeliest beam that names one of them (a lighter constrained beam search), else the best beam
+        beams = generate_captions(self.model, self.tokenizer, embeddings,
+                                  dataclasses.replace(decoding, rerank=False, num_captions=decoding.num_beams),
+                                  batch_size, prompts, max_time)
+        near = retrieved if retrieved is not None else [[] for _ in beams]
+        named = entities if entities is not None else [[] for _ in beams]
+        best = [[likeliest_naming(found, nouns) if nouns and not close else found[0]]
+                for found, nouns, close in zip(beams, named, near)]
+        candidates = [list(dict.fromkeys(c for c in [*r, *b] if c)) if r else [] for b, r in zip(best, near)]
         owner = [i for i, found in enumerate(candidates) for _ in found]
+        if not owner:
+            return best
         nll = caption_nll(self.model, self.tokenizer, embeddings, [c for found in candidates for c in found],
                           owner=owner, prompts=prompts, batch_size=batch_size).tolist()
-        best, start = [], 0
-        for found, (beam,), near in zip(candidates, best_beams, retrieved):
+        start = 0
+        for index, (found, (beam,), close) in enumerate(zip(candidates, best, near)):
+            if not found:
+                continue
             scores = dict(zip(found, nll[start : start + len(found)]))
             start += len(found)
-            kept = min((c for c in near if c), key=scores.get, default=beam)
+            kept = min((c for c in close if c), key=scores.get, default=beam)
             rewrite = beam and beam != kept and scores[beam] < scores[kept] - decoding.rerank_margin
-            best.append([beam if rewrite else kept])
+            best[index] = [beam if rewrite else kept]
         return best
 
     def entities(self, embeddings: torch.Tensor) -> list[list[str]] | None:
         """The entities the captioner's head names in each image (None: it takes no entities)."""
         return None if self.entity_head is None else self.entity_head.entities(embeddings.cpu())
 
-    def prompts(self, embeddings: torch.Tensor, retrieved: list[list[str]] | None) -> list[list[int]] | None:
+    def prompts_of(self, retrieved: list[list[str]] | None, entities: list[list[str]] | None
+                   ) -> list[list[int]] | None:
         """Each image's prompt: its retrieved captions and its entities (None for the paper's model)."""
-        entities = self.entities(embeddings)
         if retrieved is None and entities is None:
             return None
         max_tokens = self.retriever.max_caption_tokens if self.retriever is not None else 0
         return prompt_token_ids(self.tokenizer, retrieved, max_tokens, entities)
+
+    def prompts(self, embeddings: torch.Tensor, retrieved: list[list[str]] | None) -> list[list[int]] | None:
+        """Each image's prompt: ``retrieved`` and the entities the head names in it."""
+        return self.prompts_of(retrieved, self.entities(embeddings))
 
     def iter_captions(self, images: list[str | Path | Image.Image], decoding: DecodingConfig = DecodingConfig(),
                       batch_size: int = 16, num_workers: int = 0, progress: bool = False,

@@ -17,6 +17,12 @@ output class, stored with the captioner (``entities.safetensors`` + the ``entiti
   (:mod:`clipcap.training.tagger`): the dataset's own vocabulary; a sigmoid per noun.
 
 A noun is kept when its probability is at least ``threshold``, the ``top_k`` likeliest first.
+
+Beside a datastore, the retrieved captions name what is like the image; for an image like nothing the
+datastore holds they name something else, and the captioner copies them rather than the entities. So an
+image whose nearest entry is less similar (the encoder's cosine) than ``novel_similarity`` - the
+``entities.novel_quantile`` of the training images' own nearest-neighbour similarities - is novel: its
+prompt holds its entities alone, as a share ``novel_quantile`` of the training prompts did.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clipcap.fileio import atomic_path
+from clipcap.naming import lemma, words
 
 ENTITIES_FILE = "entities.safetensors"
 ACTIVATIONS = ("softmax", "sigmoid")
@@ -49,6 +56,7 @@ class EntitySettings:
     normalize: bool = False           # unit-normalise the embedding first (after subtracting ``center`` if stored)
     top_k: int = 3
     threshold: float = 0.2
+    novel_similarity: float | None = None  # with a datastore: an image whose nearest entry is less similar is novel
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
 
     def __post_init__(self) -> None:
@@ -111,6 +119,17 @@ class EntityHead:
     def load(cls, directory: str | Path, settings: dict) -> EntityHead:
         tensors = load_file(str(Path(directory) / ENTITIES_FILE))
         return cls(EntitySettings(**settings), tensors["weight"], tensors.get("bias"), tensors.get("center"))
+
+
+def names_any(caption: str, entities: list[str]) -> bool:
+    """Whether ``caption`` names one of ``entities`` (every word of it, as lemmas: "Two cats." names cat)."""
+    said = {lemma(word) for word in words(caption)}
+    return any(all(lemma(word) in said for word in words(entity)) for entity in entities)
+
+
+def likeliest_naming(beams: list[str], entities: list[str]) -> str:
+    """The first (likeliest) of ``beams`` that names one of ``entities``; the first beam when none does."""
+    return next((beam for beam in beams if names_any(beam, entities)), beams[0])
 
 
 def imagenet_nouns() -> list[str]:

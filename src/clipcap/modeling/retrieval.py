@@ -339,6 +339,25 @@ class CaptionDatastore:
             pending = again
         return out
 
+    def nearest_similarity(self, queries: torch.Tensor, query_ids: list[str] | None = None,
+                           duplicate_similarity: float | None = None, chunk: int = 65_536) -> torch.Tensor:
+        """Each query's cosine similarity, in the encoder's own space, to its nearest entry: how far an image
+        is from everything the datastore holds (an entity-aware captioner's novelty signal). Leave-one-out
+        like :meth:`nearest`: the query's own image's entries and copies of it are left out. Exact, over
+        the stored embeddings in chunks of ``chunk`` entries."""
+        queries = F.normalize(queries.detach().float().cpu(), dim=-1)
+        best = torch.full((len(queries),), -1.0)
+        for start in range(0, len(self), chunk):
+            similarity = queries @ F.normalize(self.embeddings[start : start + chunk], dim=-1).T
+            if duplicate_similarity is not None:
+                similarity[similarity >= duplicate_similarity] = -1.0
+            if query_ids is not None:
+                for q, image in enumerate(query_ids):
+                    own = [row - start for row in self._rows(image) if start <= row < start + chunk]
+                    similarity[q, own] = -1.0
+            best = torch.maximum(best, similarity.max(dim=-1).values)
+        return best
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         with atomic_path(directory / EMBEDDINGS_FILE) as tmp:

@@ -51,6 +51,17 @@ def build_entity_head(cfg: Config, rows: pd.DataFrame, embeddings: torch.Tensor)
                           entities.temperature)
 
 
+def novel_similarity(datastore, embeddings: torch.Tensor, image_ids: list[str], quantile: float,
+                     duplicate_similarity: float, seed: int = 0, sample: int = 4000) -> float:
+    """The ``quantile`` of the training images' similarities to their nearest other training image (the
+    encoder's cosine, leave-one-out; estimated on ``sample`` of them): an image less similar to its nearest
+    entry than this is novel (:mod:`clipcap.modeling.entities`)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(embeddings), generator=generator)[:sample].tolist()
+    found = datastore.nearest_similarity(embeddings[chosen], [image_ids[i] for i in chosen], duplicate_similarity)
+    return float(torch.quantile(found, quantile))
+
+
 def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:
     """The zero-shot vocabulary ``entities.vocabulary`` names."""
     name = cfg.entities.vocabulary

@@ -59,8 +59,8 @@ SERVING_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "
 
 # What a served model needs of the package: the inference API (clipcap.modeling) and the shared
 # top-level modules it imports; not the pipeline, the data sources or their dependencies.
-INFERENCE_CODE = ("__init__.py", "config.py", "environment.py", "errors.py", "fileio.py", "images.py", "offline.env",
-                  "modeling")
+INFERENCE_CODE = ("__init__.py", "config.py", "environment.py", "errors.py", "fileio.py", "images.py", "naming.py",
+                  "offline.env", "modeling")
 
 
 def inference_code(staging: Path) -> Path:

@@ -29,16 +29,22 @@ class EntityPrompts:
     (seed, epoch, caption): the model learns to copy the entities it is given, and to caption without them."""
 
     def __init__(self, tokenizer, nouns: list[list[str]], drop: float, seed: int = 0,
-                 retrieved: list[list[str]] | None = None) -> None:
+                 retrieved: list[list[str]] | None = None, novel: float = 0.0) -> None:
         self.tokenizer, self.nouns, self.drop, self.seed, self.retrieved = tokenizer, nouns, drop, seed, retrieved
+        self.novel = novel   # the share of prompts shown without retrieved captions, as a novel image's are
 
     def entities(self, index: int, epoch: int) -> list[str]:
         """The nouns of caption ``index`` kept in ``epoch``."""
         draw = random.Random(f"{self.seed}/{epoch}/{index}")   # str seeds hash the same in every process
         return [noun for noun in self.nouns[index] if draw.random() >= self.drop]
 
+    def shows_retrieved(self, index: int, epoch: int) -> bool:
+        """Whether caption ``index``'s prompt holds its image's retrieved captions in ``epoch``."""
+        return self.retrieved is not None and random.Random(f"{self.seed}/{epoch}/{index}/novel").random() >= self.novel
+
     def __call__(self, index: int, image: int, epoch: int) -> list[int]:
-        text = prompt_text(self.retrieved[image] if self.retrieved is not None else [], self.entities(index, epoch))
+        retrieved = self.retrieved[image] if self.shows_retrieved(index, epoch) else []
+        text = prompt_text(retrieved, self.entities(index, epoch))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -27,7 +27,8 @@ from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, cut_captions, per_caption, prompt_token_ids
-from clipcap.pipeline.entity_heads import build_entity_head, nouns_of_captions
+from clipcap.modeling.captioner import without_novel
+from clipcap.pipeline.entity_heads import build_entity_head, nouns_of_captions, novel_similarity
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
@@ -69,6 +70,13 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed,
                                    projection=start.projection)
     entity_head = build_entity_head(cfg, train_rows, train_emb)
+    novel = cfg.entities.novel_quantile if entity_head is not None and retriever is not None else 0.0
+    if novel:
+        threshold = novel_similarity(retriever.datastore, train_emb, train_rows["image_id"].tolist(), novel,
+                                     cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
+        entity_head.settings = dataclasses.replace(entity_head.settings, novel_similarity=threshold)
+        log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
+                 "training images are)", threshold, novel)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
@@ -82,8 +90,10 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
             cut = None if retrieved is None else [cut_captions(lm.tokenizer, found, cfg.retrieval.max_caption_tokens)
                                                   for found in retrieved]
             prompts = EntityPrompts(lm.tokenizer, nouns_of_captions(rows["captions"], cfg.entities.max_per_caption),
-                                    cfg.entities.drop, cfg.train.seed, cut)
+                                    cfg.entities.drop, cfg.train.seed, cut, novel)
         else:
+            if novel:
+                retrieved = without_novel(retriever.datastore, embeddings, retrieved, entity_head.settings.novel_similarity)
             prompts = prompt_token_ids(lm.tokenizer, retrieved, cfg.retrieval.max_caption_tokens,
                                        entity_head.entities(embeddings))
         return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
