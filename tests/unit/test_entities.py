@@ -213,7 +213,7 @@ def _saved_plain(folder):
 def test_the_entity_source_is_built_from_params(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "captions": [["A cat."], ["A cat."], ["A dog."], ["A dog."]]})
     embeddings = torch.randn(4, 1280)
-    base = Config(lm=LMConfig(name=LM), retrieval=RetrievalConfig(k=0))
+    base = Config(lm=LMConfig(name=LM), retrieval=RetrievalConfig(k=0), entities=EntitiesConfig(source="none"))
     assert build_entity_head(base, rows, embeddings) is None
     tagger = build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="tagger")), rows, embeddings)
     assert tagger.settings.source == "tagger" and set(tagger.settings.vocabulary) == {"cat", "dog"}
@@ -222,6 +222,9 @@ def test_the_entity_source_is_built_from_params(tmp_path):
     assert classifier.settings.source == "classifier" and classifier.settings.top_k == 2
     with pytest.raises(ConfigError, match="open_clip"):
         build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="zero_shot")), rows, embeddings)
+    with pytest.raises(ConfigError, match="width 16"):       # embeddings of another encoder than its classifier's
+        build_entity_head(dataclasses.replace(base, entities=EntitiesConfig(source="classifier")), rows,
+                          torch.randn(4, 16))
 
 
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),

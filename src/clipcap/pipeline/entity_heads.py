@@ -43,6 +43,10 @@ def build_entity_head(cfg: Config, rows: pd.DataFrame, embeddings: torch.Tensor)
         if labels is None:
             raise ConfigError(f"entities.source classifier: the encoder {cfg.encoder.name!r} has no classifier; "
                               "use zero_shot (an open_clip encoder) or tagger")
+        if labels.head.in_features != embeddings.shape[1]:
+            raise ConfigError(f"entities.source classifier: the classifier of {cfg.encoder.name!r} reads "
+                              f"{labels.head.in_features}-d embeddings, the stored ones have width {embeddings.shape[1]}; "
+                              "re-embed with this encoder (dvc repro embed) or set entities.source")
         return classifier_head(labels.head, entities.top_k, entities.threshold)
     if not isinstance(encoder, OpenClipEncoder):
         raise ConfigError(f"entities.source zero_shot needs an open_clip encoder (encoder.name open_clip:...), "
