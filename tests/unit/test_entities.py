@@ -234,9 +234,12 @@ def test_bad_entity_params_name_the_key(field, value):
         EntitiesConfig(**{field: value})
 
 
-def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates_on_named_ones(tmp_path, monkeypatch):
+@pytest.mark.parametrize("k", [0, 1])
+def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates_on_named_ones(tmp_path, monkeypatch, k):
     """Training pairs carry the caption's own nouns through an EntityPrompts at entities.drop; the val
-    pairs carry the entities the head names (as at inference); the saved captioner holds the head."""
+    pairs carry the entities the head names (as at inference); the saved captioner holds the head. With
+    retrieval, a share novel_quantile of training prompts go without retrieved captions and the head
+    stores the similarity below which an image is novel."""
     import clipcap.pipeline.stages.train as stage
     from clipcap.config import DatasetConfig, TrainConfig
     from clipcap.pipeline.layout import Layout
@@ -244,8 +247,8 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     monkeypatch.chdir(tmp_path)
     cfg = Config(dataset=DatasetConfig(name="toy"), lm=LMConfig(name=LM, tokenizer="smollm2-135m"),
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
-                 retrieval=RetrievalConfig(k=0), train=TrainConfig(epochs=1, batch_size=4),
-                 entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1))
+                 retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
+                 entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25))
     animals = ["cat", "dog", "hen", "fox"]
     rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
                          "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
@@ -268,7 +271,13 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     head = Captioner.load(Layout.of("toy").model).entity_head
     assert head is not None and head.settings.source == "tagger"
     named = head.entities(embeddings[:4])
-    assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
+    if k == 0:
+        assert pairs.prompts.novel == 0.0 and head.settings.novel_similarity is None
+        assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
+        return
+    assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
+    assert -1.0 <= head.settings.novel_similarity <= 1.0
+    assert all(tokenizer.decode(p).startswith(("Similar images show:", "Objects:")) for p in val_pairs.prompts)
 
 
 def test_nearest_similarity_is_the_encoders_cosine_to_the_nearest_other_image():
