@@ -104,7 +104,13 @@ def main() -> None:
                         help="a params override for the model, e.g. -S entities.source=none (repeatable)")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
     parser.add_argument("--name", default=None, help="result file kind: results/<name>-<machine> (default: novel)")
+    parser.add_argument("--render", type=Path, default=None, help="only print (and rewrite) the .md of this JSON")
     args = parser.parse_args()
+    if args.render:
+        text = render(json.loads(args.render.read_text()))
+        args.render.with_suffix(".md").write_text(text)
+        print(text)
+        return
     started = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     runs: dict[str, list[dict]] = {case: [] for case in args.cases}
@@ -145,17 +151,29 @@ def write_report(runs: dict[str, list[dict]], args, started: float) -> None:
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "seeds": args.seeds, "params": args.params,
               "overrides": args.overrides, **results}
-    lines = [f"# Leave-category-out captions ({report['date'][:10]}, {cpu_model()})", "",
-             "Each category held out of training and the datastore, tested on all its images; seeds "
-             f"{args.seeds}; mean [95% interval]{'; overrides ' + ' '.join(args.overrides) if args.overrides else ''}.",
-             "", "| held out | images | system | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
-    for case, found in results.items():
+    text = render(report)
+    save_report(args.name or "novel", report, text)
+    print(text, flush=True)
+
+
+def render(report: dict) -> str:
+    """The Markdown table of a report (``python benchmarks/novel.py --render results/novel-<cpu>.json``)."""
+    overrides = report.get("overrides") or []
+    lines = [f"# Leave-category-out captions ({report['date'][:10]}, {report['machine']})", "",
+             "Each category held out of training and the datastore, tested on all its images; the model's mean "
+             "[95% interval] over its seeds (t), the baselines' bootstrap over the images"
+             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}.", "",
+             "| held out | images | system | seeds | " + " | ".join(METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
+    for case, found in report.items():
+        if "/" not in case:
+            continue
         for system in SYSTEMS:
-            lines.append(f"| {case} | {found['test_images']} | {system} | " + " | ".join(
+            seeds = len(found[system]["CIDEr"]["seeds"]) if system == "model" else "-"
+            lines.append(f"| {case} | {found['test_images']} | {system} | {seeds} | " + " | ".join(
                 f"{found[system][m]['mean']:.3f} [{found[system][m]['ci95'][0]:.3f}, {found[system][m]['ci95'][1]:.3f}]"
                 for m in METRICS) + " |")
-    save_report(args.name or "novel", report, "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
