@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from clipcap.config import Config, DatasetConfig, LMConfig, MapperConfig, RegisterConfig, RetrainConfig, RetrievalConfig
+from clipcap.config import (Config, DatasetConfig, EntitiesConfig, LMConfig, MapperConfig, RegisterConfig, RetrainConfig,
+                            RetrievalConfig)
 from clipcap.modeling.captioner import save_captioner
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
@@ -23,7 +24,7 @@ def cfg(tmp_path, monkeypatch) -> Config:
     return Config(dataset=DatasetConfig(name="toy"), encoder=dataclasses.replace(Config().encoder, name="efficientnet-lite0"),
                   lm=LMConfig(name=LM, tokenizer="smollm2-135m"),
                   mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
-                  retrieval=RetrievalConfig(k=0),
+                  retrieval=RetrievalConfig(k=0), entities=EntitiesConfig(source="none"),
                   register=RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
 
