@@ -90,10 +90,9 @@ class Retriever:
                 duplicate_similarity: float | None = None) -> list[list[int]]:
         return self.prompts_of(tokenizer, self.captions(embeddings, query_ids, duplicate_similarity))
 
-    def prompts_of(self, tokenizer, retrieved: list[list[str]], entities: list[list[str]] | None = None
-                   ) -> list[list[int]]:
-        """The prompts (token ids) of captions :meth:`captions` already found (and of ``entities``)."""
-        return prompt_token_ids(tokenizer, retrieved, self.max_caption_tokens, entities)
+    def prompts_of(self, tokenizer, retrieved: list[list[str]]) -> list[list[int]]:
+        """The prompts (token ids) of captions :meth:`captions` already found."""
+        return prompt_token_ids(tokenizer, retrieved, self.max_caption_tokens)
 
 
 def nlist_for(entries: int) -> int:
