@@ -15,6 +15,7 @@ of the reference, lemmatised: ``clipcap.naming``).
 
     dvc repro embed@tuxpaint embed@openclipart          # manifests and embeddings it reads
     python benchmarks/novel.py [--cases tuxpaint/animals ...] [--seeds 0 1 2] [--jobs 2] [-S entities.source=none]
+    python benchmarks/novel.py --keep runs/ ...; python benchmarks/novel.py --rescore runs/   # caption again, no training
 
 Writes ``benchmarks/results/novel-<machine>.json`` and ``.md``: "<dataset>/<category>" -> model /
 retrieval / label -> metric -> ``{"seeds", "mean", "ci95"}`` (the t-interval of the mean over the seeds;
@@ -48,6 +49,7 @@ from clipcap.config import config_from_dict, read_params  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
 from clipcap.pipeline.stages import evaluate, train  # noqa: E402
 
+TIMING_FILE = "novel-run.json"   # a kept run's training seconds
 CASES = ("tuxpaint/animals", "tuxpaint/food", "openclipart/animals")
 METRICS = ("CIDEr", "names_object", "BLEU-4", "METEOR")
 SYSTEMS = {"model": "model", "retrieval": "baseline_retrieval", "label": "baseline_label"}
@@ -90,8 +92,26 @@ def run_one(cfg, source: Path, category: str, workdir: Path, threads: int | None
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))
     started = time.perf_counter()
     train.run(cfg, layout, tracking=False)
-    metrics = evaluate.run(cfg, layout)
-    return metrics | {"train_seconds": time.perf_counter() - started}
+    seconds = {"train_seconds": time.perf_counter() - started}
+    (workdir / TIMING_FILE).write_text(json.dumps(seconds))
+    return evaluate.run(cfg, layout) | seconds
+
+
+def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
+    """Caption a kept run's held-out images again with the current inference code, its captioner's entity
+    head set to ``cfg.entities``' inference settings (top_k, threshold, novel_confidence); no training."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    layout = Layout(workdir)
+    config = json.loads((layout.model / "config.json").read_text())
+    if "entities" in config:
+        config["entities"].update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
+                                  novel_confidence=cfg.entities.novel_confidence)
+        (layout.model / "config.json").write_text(json.dumps(config, indent=2))
+    timing = workdir / TIMING_FILE
+    return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})
 
 
 def main() -> None:
@@ -103,6 +123,8 @@ def main() -> None:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         help="a params override for the model, e.g. -S entities.source=none (repeatable)")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="caption the runs kept in this folder (--keep) again with the current code, no training")
     parser.add_argument("--name", default=None, help="result file kind: results/<name>-<machine> (default: novel)")
     parser.add_argument("--render", type=Path, default=None, help="only print (and rewrite) the .md of this JSON")
     args = parser.parse_args()
@@ -122,6 +144,12 @@ def main() -> None:
             cfg = load_with_overrides(args.params, dataset, args.overrides)
             for seed in args.seeds:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+                if args.rescore:
+                    kept = args.rescore / f"{dataset}-{category}-{seed}"
+                    if not (kept / "model").is_dir():
+                        raise SystemExit(f"{kept}: no kept run of {case}, seed {seed} (train it with --keep)")
+                    pending[case, seed] = pool.submit(rescore_one, seeded, kept, threads)
+                    continue
                 pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,
                                                   (args.keep or Path(scratch)) / f"{dataset}-{category}-{seed}",
                                                   threads)
@@ -142,15 +170,16 @@ def write_report(runs: dict[str, list[dict]], args, started: float) -> None:
             continue
         first = found[0]
         results[case] = {"model": {m: summarise([r["model"][m] for r in found]) for m in METRICS},
-                         "test_images": first["test_images"],
-                         "train_seconds": summarise([r["train_seconds"] for r in found])}
+                         "test_images": first["test_images"]}
+        if all("train_seconds" in r for r in found):
+            results[case]["train_seconds"] = summarise([r["train_seconds"] for r in found])
         for name, key in SYSTEMS.items():
             if name != "model":
                 results[case][name] = {m: {"seeds": [first[key][m]], "mean": first[key][m],
                                            "ci95": first["ci95"][key].get(m, [first[key][m]] * 2)} for m in METRICS}
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "seeds": args.seeds, "params": args.params,
-              "overrides": args.overrides, **results}
+              "overrides": args.overrides, **({"rescored": str(args.rescore)} if args.rescore else {}), **results}
     text = render(report)
     save_report(args.name or "novel", report, text)
     print(text, flush=True)
@@ -162,7 +191,8 @@ def render(report: dict) -> str:
     lines = [f"# Leave-category-out captions ({report['date'][:10]}, {report['machine']})", "",
              "Each category held out of training and the datastore, tested on all its images; the model's mean "
              "[95% interval] over its seeds (t), the baselines' bootstrap over the images"
-             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}.", "",
+             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}"
+             f"{'; the kept runs captioned again with this date' + chr(39) + 's inference code (--rescore)' if report.get('rescored') else ''}.", "",
              "| held out | images | system | seeds | " + " | ".join(METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(METRICS)]
     for case, found in report.items():

@@ -228,7 +228,8 @@ def test_the_entity_source_is_built_from_params(tmp_path):
 
 
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
-                                              ("temperature", 0.0)])
+                                              ("temperature", 0.0), ("novel_confidence", 0.0),
+                                              ("novel_confidence", 1.5)])
 def test_bad_entity_params_name_the_key(field, value):
     with pytest.raises(ConfigError, match=f"entities.{field}"):
         EntitiesConfig(**{field: value})
@@ -248,7 +249,8 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     cfg = Config(dataset=DatasetConfig(name="toy"), lm=LMConfig(name=LM, tokenizer="smollm2-135m"),
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
                  retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
-                 entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25))
+                 entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25,
+                                         novel_confidence=0.7))
     animals = ["cat", "dog", "hen", "fox"]
     rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
                          "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
@@ -276,7 +278,7 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
         assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
         return
     assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
-    assert -1.0 <= head.settings.novel_similarity <= 1.0
+    assert -1.0 <= head.settings.novel_similarity <= 1.0 and head.settings.novel_confidence == 0.7
     assert all(tokenizer.decode(p).startswith(("Similar images show:", "Objects:")) for p in val_pairs.prompts)
 
 
@@ -300,6 +302,7 @@ def test_nearest_similarity_is_the_encoders_cosine_to_the_nearest_other_image():
 def test_a_novel_image_is_prompted_with_its_entities_alone():
     """Beside a datastore, an image less similar to its nearest entry than novel_similarity gets no
     retrieved captions in its prompt (and no rerank against them); a familiar one keeps them."""
+    from clipcap.modeling.captioner import novel_prompts
     from clipcap.modeling.retrieval import CaptionDatastore, Retriever
 
     stored = torch.eye(4)[:2] * 3                                 # the datastore holds two directions
@@ -311,15 +314,51 @@ def test_a_novel_image_is_prompted_with_its_entities_alone():
     queries = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]])   # near "a"; like nothing stored
     retrieved = captioner.retriever.captions(queries)
     assert retrieved == [["A fox."], ["A fox."]]
-    from clipcap.modeling.captioner import without_novel
-    kept = without_novel(store, queries, retrieved, 0.5)
-    assert kept == [["A fox."], []]
-    expected = prompt_token_ids(captioner.tokenizer, kept, 24, [["cat"], ["flower"]])
+    kept, entities = novel_prompts(store, queries, retrieved, head.name(queries), head.settings)
+    assert kept == [["A fox."], []] and entities == [["cat"], ["flower"]]
+    expected = prompt_token_ids(captioner.tokenizer, kept, 24, entities)
     decoding = dataclasses.replace(GREEDY, max_new_tokens=5)
     assert captioner.caption_embeddings(queries, decoding) == generate_captions(
         captioner.model, captioner.tokenizer, queries, decoding, 2, expected)
     assert captioner.tokenizer.decode(expected[1]) == "Objects: flower. This image shows:"
-    assert without_novel(store, queries, retrieved, None) == retrieved   # no threshold stored: never novel
+    never = dataclasses.replace(head.settings, novel_similarity=None, novel_confidence=0.01)
+    assert novel_prompts(store, queries, retrieved, head.name(queries), never) == (retrieved, entities)  # no threshold stored
+
+
+def test_a_confident_noun_no_retrieved_caption_names_makes_an_image_novel():
+    """A new kind of thing close to stored ones (a food stamp among toy stamps): novel when the head is at
+    least novel_confidence sure of a noun none of its retrieved captions names; not when one names it (as
+    a lemma), nor when the head is less sure."""
+    from clipcap.modeling.entities import Named, novel_images
+
+    settings = dataclasses.replace(_head(["cat"], [[1.0]]).settings, novel_similarity=0.5, novel_confidence=0.6)
+    named = [Named(["pear"], "pear", 0.9), Named(["pear"], "pear", 0.9), Named(["pear"], "pear", 0.59),
+             Named(["pear"], "pear", 0.6), Named([], "pear", 0.1)]
+    retrieved = [["A duck."], ["A duck.", "Two pears."], ["A duck."], ["A duck."], ["Two pears."]]
+    near = [0.9, 0.9, 0.9, 0.9, 0.49]
+    assert novel_images(named, retrieved, near, settings) == [True, False, False, True, True]
+    off = dataclasses.replace(settings, novel_confidence=None)
+    assert novel_images(named, retrieved, near, off) == [False, False, False, False, True]
+
+
+def test_a_novel_image_without_a_likely_noun_is_prompted_with_its_likeliest():
+    """Nothing close in the datastore and no noun at the threshold: its likeliest noun, not a free text."""
+    from clipcap.modeling.captioner import novel_prompts
+    from clipcap.modeling.retrieval import CaptionDatastore, Retriever
+
+    store = CaptionDatastore.build(torch.eye(4)[:1] * 3, ["A fox."], ["a"])
+    head = _head(["cat", "rocket", "flower", "dog"], torch.eye(4).tolist(), threshold=0.8, top_k=2)
+    head.settings = dataclasses.replace(head.settings, novel_similarity=0.5)
+    queries = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.5, 0.0]])   # familiar; novel and unsure
+    named = head.name(queries)
+    assert named[1].entities == [] and named[1].likeliest == "rocket" and 0.3 < named[1].probability < 0.8
+    retrieved, entities = novel_prompts(store, queries, [["A fox."], ["A fox."]], named, head.settings)
+    assert retrieved == [["A fox."], []] and entities == [["cat"], ["rocket"]]
+    captioner = _captioner(head)
+    captioner.retriever = Retriever(store, 1, 24)
+    decoding = dataclasses.replace(GREEDY, max_new_tokens=5)
+    assert captioner.caption_embeddings(queries, decoding) == generate_captions(
+        captioner.model, captioner.tokenizer, queries, decoding, 2, prompt_token_ids(captioner.tokenizer, retrieved, 24, entities))
 
 
 def test_training_shows_a_share_of_prompts_without_their_retrieved_captions():

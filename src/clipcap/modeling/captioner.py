@@ -31,7 +31,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import atomic_path, file_sha256, read_json, write_json
 from clipcap.modeling.lms import load_lm, weights_digest
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.entities import ENTITIES_FILE, EntityHead, likeliest_naming
+from clipcap.modeling.entities import ENTITIES_FILE, EntityHead, EntitySettings, Named, likeliest_naming, novel_images
 from clipcap.modeling.retrieval import CAPTIONS_FILE, EMBEDDINGS_FILE, CaptionDatastore, Retriever, prompt_token_ids
 
 FORMAT = "clipcap-captioner/1"
@@ -149,13 +149,16 @@ def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
     return Retriever(CaptionDatastore.load(directory), retrieval.k, retrieval.max_caption_tokens)
 
 
-def without_novel(datastore: CaptionDatastore, embeddings: torch.Tensor, retrieved: list[list[str]],
-                  novel_similarity: float | None) -> list[list[str]]:
-    """The retrieved captions, none for a novel image (its nearest entry less similar than ``novel_similarity``)."""
-    if novel_similarity is None:
-        return retrieved
-    near = datastore.nearest_similarity(embeddings).tolist()
-    return [[] if similarity < novel_similarity else found for found, similarity in zip(retrieved, near)]
+def novel_prompts(datastore: CaptionDatastore, embeddings: torch.Tensor, retrieved: list[list[str]],
+                  named: list[Named], settings: EntitySettings) -> tuple[list[list[str]], list[list[str]]]:
+    """Each image's retrieved captions and entities for its prompt: a novel image
+    (:func:`clipcap.modeling.entities.novel_images`) gets no retrieved captions and at least its likeliest noun."""
+    entities = [found.entities for found in named]
+    if settings.novel_similarity is None:
+        return retrieved, entities
+    novel = novel_images(named, retrieved, datastore.nearest_similarity(embeddings).tolist(), settings)
+    return ([[] if new else found for found, new in zip(retrieved, novel)],
+            [(nouns or [found.likeliest]) if new else nouns for nouns, found, new in zip(entities, named, novel)])
 
 
 def load_entities(directory: str | Path, config: dict) -> EntityHead | None:
@@ -200,10 +203,11 @@ class Captioner:
         """``decoding.num_captions`` captions for each image embedding (with its prompt: retrieved captions,
         entities); ``max_time``: seconds of generation per batch, after which captions end where they are."""
         retrieved = None if self.retriever is None else self.retriever.captions(embeddings)
-        entities = self.entities(embeddings)
-        if retrieved is not None and entities is not None:   # a novel image: its entities alone
-            retrieved = without_novel(self.retriever.datastore, embeddings, retrieved,
-                                      self.entity_head.settings.novel_similarity)
+        named = None if self.entity_head is None else self.entity_head.name(embeddings.cpu())
+        entities = None if named is None else [found.entities for found in named]
+        if retrieved is not None and named is not None:   # a novel image: its entities alone
+            retrieved, entities = novel_prompts(self.retriever.datastore, embeddings, retrieved, named,
+                                                self.entity_head.settings)
         prompts = self.prompts_of(retrieved, entities)
         if not (decoding.rerank and (retrieved is not None or entities is not None) and decoding.strategy == "beam"
                 and decoding.num_captions == 1):

@@ -20,9 +20,12 @@ A noun is kept when its probability is at least ``threshold``, the ``top_k`` lik
 
 Beside a datastore, the retrieved captions name what is like the image; for an image like nothing the
 datastore holds they name something else, and the captioner copies them rather than the entities. So an
-image whose nearest entry is less similar (the encoder's cosine) than ``novel_similarity`` - the
-``entities.novel_quantile`` of the training images' own nearest-neighbour similarities - is novel: its
-prompt holds its entities alone, as a share ``novel_quantile`` of the training prompts did.
+image is novel (:func:`novel_images`) when its nearest entry is less similar (the encoder's cosine) than
+``novel_similarity`` - the ``entities.novel_quantile`` of the training images' own nearest-neighbour
+similarities - or when the head is at least ``novel_confidence`` sure of a noun that none of its retrieved
+captions names (a new kind of thing that looks like a stored one: a stamp of a food among stamps of toys).
+A novel image's prompt holds its entities alone - at least the likeliest noun - as a share
+``novel_quantile`` of the training prompts did.
 """
 
 from __future__ import annotations
@@ -57,12 +60,23 @@ class EntitySettings:
     top_k: int = 3
     threshold: float = 0.2
     novel_similarity: float | None = None  # with a datastore: an image whose nearest entry is less similar is novel
+    novel_confidence: float | None = None  # with a datastore: so is one whose likeliest noun is at least this
+                                           # probable and named by none of its retrieved captions
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"entities.activation {self.activation!r} is not one of {ACTIVATIONS}")
         object.__setattr__(self, "vocabulary", list(dict.fromkeys(self.nouns)))
+
+
+@dataclass(frozen=True)
+class Named:
+    """What an entity head names in one image."""
+
+    entities: list[str]   # the nouns at least ``threshold`` probable, likeliest first (at most ``top_k``)
+    likeliest: str        # the likeliest noun, however probable
+    probability: float    # its probability
 
 
 class EntityHead:
@@ -97,14 +111,20 @@ class EntityHead:
         return out
 
     @torch.inference_mode()
-    def entities(self, embeddings: torch.Tensor) -> list[list[str]]:
-        """The nouns of each embedding whose probability is at least ``threshold``, at most ``top_k``,
-        likeliest first."""
+    def name(self, embeddings: torch.Tensor) -> list[Named]:
+        """What the head names in each embedding: the nouns at least ``threshold`` probable (at most ``top_k``,
+        likeliest first) and the likeliest noun with its probability."""
         probabilities = self.noun_probabilities(embeddings)
         found = probabilities.topk(min(self.settings.top_k, probabilities.shape[1]), dim=-1)
         names = self.settings.vocabulary
-        return [[names[i] for p, i in zip(values, indices) if p >= self.settings.threshold]
+        return [Named([names[i] for p, i in zip(values, indices) if p >= self.settings.threshold],
+                      names[indices[0]], values[0])
                 for values, indices in zip(found.values.tolist(), found.indices.tolist())]
+
+    def entities(self, embeddings: torch.Tensor) -> list[list[str]]:
+        """The nouns of each embedding whose probability is at least ``threshold``, at most ``top_k``,
+        likeliest first."""
+        return [named.entities for named in self.name(embeddings)]
 
     def save(self, directory: str | Path) -> dict:
         """Write ``entities.safetensors`` into ``directory``; returns the settings for config.json."""
@@ -128,8 +148,24 @@ def names_any(caption: str, entities: list[str]) -> bool:
 
 
 def likeliest_naming(beams: list[str], entities: list[str]) -> str:
-    """The first (likeliest) of ``beams`` that names one of ``entities``; the first beam when none does."""
+    """The first (likeliest) of ``beams`` that names one of ``entities``; the first beam when none does.
+    (Preferring the head's likeliest noun instead - the first beam naming it, else the next noun - named
+    fewer held-out animals: 50 of 146 against 52, and 2 more of 67 foods.)"""
     return next((beam for beam in beams if names_any(beam, entities)), beams[0])
+
+
+def novel_images(named: list[Named], retrieved: list[list[str]], nearest: list[float],
+                 settings: EntitySettings) -> list[bool]:
+    """Which images are novel beside a datastore: their nearest entry (cosine ``nearest``) is less similar
+    than ``settings.novel_similarity``, or their likeliest noun is at least ``settings.novel_confidence``
+    probable and none of their ``retrieved`` captions names it. Never, without a stored threshold."""
+    if settings.novel_similarity is None:
+        return [False] * len(named)
+    confident = settings.novel_confidence
+    return [similarity < settings.novel_similarity
+            or (confident is not None and found.probability >= confident
+                and not any(names_any(caption, [found.likeliest]) for caption in captions))
+            for found, captions, similarity in zip(named, retrieved, nearest)]
 
 
 def imagenet_nouns() -> list[str]:

@@ -27,7 +27,7 @@ from clipcap.modeling.encoders import encoder_key
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, cut_captions, per_caption, prompt_token_ids
-from clipcap.modeling.captioner import without_novel
+from clipcap.modeling.captioner import novel_prompts
 from clipcap.pipeline.entity_heads import build_entity_head, nouns_of_captions, novel_similarity
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
@@ -74,9 +74,11 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     if novel:
         threshold = novel_similarity(retriever.datastore, train_emb, train_rows["image_id"].tolist(), novel,
                                      cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-        entity_head.settings = dataclasses.replace(entity_head.settings, novel_similarity=threshold)
+        entity_head.settings = dataclasses.replace(entity_head.settings, novel_similarity=threshold,
+                                                   novel_confidence=cfg.entities.novel_confidence)
         log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
-                 "training images are)", threshold, novel)
+                 "training images are), and one whose likeliest noun is at least %s probable and named by none of "
+                 "its retrieved captions", threshold, novel, cfg.entities.novel_confidence)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
@@ -92,10 +94,11 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
             prompts = EntityPrompts(lm.tokenizer, nouns_of_captions(rows["captions"], cfg.entities.max_per_caption),
                                     cfg.entities.drop, cfg.train.seed, cut, novel)
         else:
+            named = entity_head.name(embeddings)
+            entities = [found.entities for found in named]
             if novel:
-                retrieved = without_novel(retriever.datastore, embeddings, retrieved, entity_head.settings.novel_similarity)
-            prompts = prompt_token_ids(lm.tokenizer, retrieved, cfg.retrieval.max_caption_tokens,
-                                       entity_head.entities(embeddings))
+                retrieved, entities = novel_prompts(retriever.datastore, embeddings, retrieved, named, entity_head.settings)
+            prompts = prompt_token_ids(lm.tokenizer, retrieved, cfg.retrieval.max_caption_tokens, entities)
         return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
 
     val_pairs = pairs(val_rows, val_emb, training=False) if len(val_rows) else None
