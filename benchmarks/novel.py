@@ -99,16 +99,26 @@ def run_one(cfg, source: Path, category: str, workdir: Path, threads: int | None
 
 def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
     """Caption a kept run's held-out images again with the current inference code, its captioner's entity
-    head set to ``cfg.entities``' inference settings (top_k, threshold, novel_confidence); no training."""
+    head set to ``cfg.entities``' inference settings (top_k, threshold, novel_confidence, and the novelty
+    thresholds from its datastore, as training computes them); no training."""
     import torch
+
+    from clipcap.modeling.retrieval import CaptionDatastore
+    from clipcap.pipeline.entity_heads import neighbour_similarities
 
     if threads:
         torch.set_num_threads(threads)
     layout = Layout(workdir)
     config = json.loads((layout.model / "config.json").read_text())
-    if "entities" in config:
+    if "entities" in config and config.get("retrieval", {}).get("k"):
+        store = CaptionDatastore.load(layout.model)
+        first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
+        novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
+                                                 [cfg.entities.novel_quantile, cfg.entities.familiar_quantile],
+                                                 cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
         config["entities"].update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
-                                  novel_confidence=cfg.entities.novel_confidence)
+                                  novel_confidence=cfg.entities.novel_confidence, novel_similarity=novel,
+                                  familiar_similarity=familiar)
         (layout.model / "config.json").write_text(json.dumps(config, indent=2))
     timing = workdir / TIMING_FILE
     return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})

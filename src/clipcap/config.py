@@ -267,7 +267,9 @@ class EntitiesConfig:
     novel_quantile: float = 0.1         # with retrieval: an image farther from its nearest training image than this
                                         # share of training images are from theirs is novel: its prompt holds its
                                         # entities without retrieved captions; training leaves them out as often
-    novel_confidence: float | None = 0.5  # with retrieval: so is an image whose likeliest noun is at least this
+    familiar_quantile: float = 0.5      # with retrieval: an image at least as close to its nearest training image as
+                                        # this share of training images keeps its retrieved captions
+    novel_confidence: float | None = 0.5  # a farther one is novel too when its likeliest noun is at least this
                                         # probable and named by none of its retrieved captions (null: off)
 
     def __post_init__(self) -> None:
@@ -277,6 +279,8 @@ class EntitiesConfig:
             raise ConfigError("entities.threshold must be in [0, 1]")
         if not 0 <= self.novel_quantile < 1:
             raise ConfigError("entities.novel_quantile must be in [0, 1)")
+        if not self.novel_quantile <= self.familiar_quantile < 1:
+            raise ConfigError("entities.familiar_quantile must be in [novel_quantile, 1)")
         if self.novel_confidence is not None and not 0 < self.novel_confidence <= 1:
             raise ConfigError("entities.novel_confidence must be in (0, 1], or null (off)")
         for key in ("max_per_caption", "top_k", "tagger_min_images", "tagger_steps"):

@@ -229,7 +229,8 @@ def test_the_entity_source_is_built_from_params(tmp_path):
 
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
                                               ("temperature", 0.0), ("novel_confidence", 0.0),
-                                              ("novel_confidence", 1.5)])
+                                              ("novel_confidence", 1.5), ("familiar_quantile", 0.05),
+                                              ("familiar_quantile", 1.0)])
 def test_bad_entity_params_name_the_key(field, value):
     with pytest.raises(ConfigError, match=f"entities.{field}"):
         EntitiesConfig(**{field: value})
@@ -250,11 +251,11 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
                  retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
                  entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25,
-                                         novel_confidence=0.7))
+                                         familiar_quantile=0.75, novel_confidence=0.7))
     animals = ["cat", "dog", "hen", "fox"]
     rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
                          "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
-    embeddings = torch.randn(4, 8)[[n % 4 for n in range(16)]] * 3
+    embeddings = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))[[n % 4 for n in range(16)]] * 3
     val = rows.iloc[:4].assign(image_id=[f"v{n}" for n in range(4)])
     monkeypatch.setattr(stage, "split_data", lambda *args: [(rows, embeddings), (val, embeddings[:4])])
     seen = []
@@ -278,7 +279,8 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
         assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
         return
     assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
-    assert -1.0 <= head.settings.novel_similarity <= 1.0 and head.settings.novel_confidence == 0.7
+    assert -1.0 <= head.settings.novel_similarity < head.settings.familiar_similarity <= 1.0
+    assert head.settings.novel_confidence == 0.7
     assert all(tokenizer.decode(p).startswith(("Similar images show:", "Objects:")) for p in val_pairs.prompts)
 
 
@@ -325,20 +327,24 @@ def test_a_novel_image_is_prompted_with_its_entities_alone():
     assert novel_prompts(store, queries, retrieved, head.name(queries), never) == (retrieved, entities)  # no threshold stored
 
 
-def test_a_confident_noun_no_retrieved_caption_names_makes_an_image_novel():
-    """A new kind of thing close to stored ones (a food stamp among toy stamps): novel when the head is at
-    least novel_confidence sure of a noun none of its retrieved captions names; not when one names it (as
-    a lemma), nor when the head is less sure."""
+def test_a_confident_noun_no_retrieved_caption_names_makes_a_less_familiar_image_novel():
+    """A new kind of thing among familiar-looking ones (a food stamp among toy stamps): novel when it is less
+    similar than familiar_similarity and the head is at least novel_confidence sure of a noun none of its
+    retrieved captions names; not when one names it (as a lemma), nor when the head is less sure, nor when
+    the image is at least as close as familiar_similarity (its neighbours are trusted)."""
     from clipcap.modeling.entities import Named, novel_images
 
-    settings = dataclasses.replace(_head(["cat"], [[1.0]]).settings, novel_similarity=0.5, novel_confidence=0.6)
+    settings = dataclasses.replace(_head(["cat"], [[1.0]]).settings, novel_similarity=0.5, novel_confidence=0.6,
+                                   familiar_similarity=0.8)
     named = [Named(["pear"], "pear", 0.9), Named(["pear"], "pear", 0.9), Named(["pear"], "pear", 0.59),
-             Named(["pear"], "pear", 0.6), Named([], "pear", 0.1)]
-    retrieved = [["A duck."], ["A duck.", "Two pears."], ["A duck."], ["A duck."], ["Two pears."]]
-    near = [0.9, 0.9, 0.9, 0.9, 0.49]
-    assert novel_images(named, retrieved, near, settings) == [True, False, False, True, True]
-    off = dataclasses.replace(settings, novel_confidence=None)
-    assert novel_images(named, retrieved, near, off) == [False, False, False, False, True]
+             Named(["pear"], "pear", 0.6), Named([], "pear", 0.1), Named(["pear"], "pear", 0.9),
+             Named(["pear"], "pear", 0.9)]
+    retrieved = [["A duck."], ["A duck.", "Two pears."], ["A duck."], ["A duck."], ["Two pears."], ["A duck."],
+                 ["A duck."]]
+    near = [0.7, 0.7, 0.7, 0.7, 0.49, 0.8, 0.79]
+    assert novel_images(named, retrieved, near, settings) == [True, False, False, True, True, False, True]
+    for off in (dataclasses.replace(settings, novel_confidence=None), dataclasses.replace(settings, familiar_similarity=None)):
+        assert novel_images(named, retrieved, near, off) == [False, False, False, False, True, False, False]
 
 
 def test_a_novel_image_without_a_likely_noun_is_prompted_with_its_likeliest():

@@ -22,10 +22,12 @@ Beside a datastore, the retrieved captions name what is like the image; for an i
 datastore holds they name something else, and the captioner copies them rather than the entities. So an
 image is novel (:func:`novel_images`) when its nearest entry is less similar (the encoder's cosine) than
 ``novel_similarity`` - the ``entities.novel_quantile`` of the training images' own nearest-neighbour
-similarities - or when the head is at least ``novel_confidence`` sure of a noun that none of its retrieved
-captions names (a new kind of thing that looks like a stored one: a stamp of a food among stamps of toys).
-A novel image's prompt holds its entities alone - at least the likeliest noun - as a share
-``novel_quantile`` of the training prompts did.
+similarities - or when, less similar than ``familiar_similarity`` (the ``entities.familiar_quantile`` of
+them), the head is at least ``novel_confidence`` sure of a noun that none of its retrieved captions names
+(a new kind of thing among familiar-looking ones: a stamp of a food among stamps of toys). A novel image's
+prompt holds its entities alone - at least the likeliest noun - as a share ``novel_quantile`` of the
+training prompts did. Closer than ``familiar_similarity`` the neighbours are trusted whatever the head
+says: on clip art an ImageNet head is often sure and wrong (a coin: "face powder").
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class EntitySettings:
     top_k: int = 3
     threshold: float = 0.2
     novel_similarity: float | None = None  # with a datastore: an image whose nearest entry is less similar is novel
-    novel_confidence: float | None = None  # with a datastore: so is one whose likeliest noun is at least this
-                                           # probable and named by none of its retrieved captions
+    novel_confidence: float | None = None  # with a datastore: so is one less similar than ``familiar_similarity``
+    familiar_similarity: float | None = None  # whose likeliest noun is at least ``novel_confidence`` probable and
+                                              # named by none of its retrieved captions
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
 
     def __post_init__(self) -> None:
@@ -157,13 +160,15 @@ def likeliest_naming(beams: list[str], entities: list[str]) -> str:
 def novel_images(named: list[Named], retrieved: list[list[str]], nearest: list[float],
                  settings: EntitySettings) -> list[bool]:
     """Which images are novel beside a datastore: their nearest entry (cosine ``nearest``) is less similar
-    than ``settings.novel_similarity``, or their likeliest noun is at least ``settings.novel_confidence``
-    probable and none of their ``retrieved`` captions names it. Never, without a stored threshold."""
+    than ``settings.novel_similarity``; or it is less similar than ``settings.familiar_similarity``, their
+    likeliest noun is at least ``settings.novel_confidence`` probable and none of their ``retrieved``
+    captions names it. Never, without a stored threshold; the second rule needs both of its settings."""
     if settings.novel_similarity is None:
         return [False] * len(named)
-    confident = settings.novel_confidence
+    confident, familiar = settings.novel_confidence, settings.familiar_similarity
+    doubted = confident is not None and familiar is not None
     return [similarity < settings.novel_similarity
-            or (confident is not None and found.probability >= confident
+            or (doubted and similarity < familiar and found.probability >= confident
                 and not any(names_any(caption, [found.likeliest]) for caption in captions))
             for found, captions, similarity in zip(named, retrieved, nearest)]
 

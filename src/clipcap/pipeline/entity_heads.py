@@ -55,15 +55,15 @@ def build_entity_head(cfg: Config, rows: pd.DataFrame, embeddings: torch.Tensor)
                           entities.temperature)
 
 
-def novel_similarity(datastore, embeddings: torch.Tensor, image_ids: list[str], quantile: float,
-                     duplicate_similarity: float, seed: int = 0, sample: int = 4000) -> float:
-    """The ``quantile`` of the training images' similarities to their nearest other training image (the
-    encoder's cosine, leave-one-out; estimated on ``sample`` of them): an image less similar to its nearest
-    entry than this is novel (:mod:`clipcap.modeling.entities`)."""
+def neighbour_similarities(datastore, embeddings: torch.Tensor, image_ids: list[str], quantiles: list[float],
+                           duplicate_similarity: float, seed: int = 0, sample: int = 4000) -> list[float]:
+    """The ``quantiles`` of the training images' similarities to their nearest other training image (the
+    encoder's cosine, leave-one-out; estimated on ``sample`` of them): the entity head's novelty thresholds
+    (``novel_similarity``, ``familiar_similarity``: :mod:`clipcap.modeling.entities`)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(embeddings), generator=generator)[:sample].tolist()
     found = datastore.nearest_similarity(embeddings[chosen], [image_ids[i] for i in chosen], duplicate_similarity)
-    return float(torch.quantile(found, quantile))
+    return [float(torch.quantile(found, quantile)) for quantile in quantiles]
 
 
 def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:
