@@ -24,7 +24,7 @@ apply_offline_env()
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed_parts import embed_in_parts  # noqa: E402  (flows/embed_parts.py)
+from embed_parts import on_cluster  # noqa: E402  (flows/embed_parts.py)
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the offline settings)
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
@@ -73,11 +73,13 @@ def push(dataset: str, project_dir: str) -> str | None:
 
 
 @flow(name="clipcap-retrain", flow_run_name="retrain-{dataset}")
-def retrain(project_dir: str = ".", dataset: str | None = None, embed_workers: int = 1) -> dict:
+def retrain(project_dir: str = ".", dataset: str | None = None, embed_workers: int = 1,
+            dask_address: str | None = None) -> dict:
     """Run fetch, and when it found something new validate -> embed -> train -> evaluate -> register for
     ``dataset``; return the registration, or ``{"skipped": True, ...}`` when nothing was new. With
-    ``embed_workers`` > 1 the new images are encoded by that many processes at once (flows/embed_parts.py)
-    before the embed stage merges them."""
+    ``embed_workers`` > 1 the new images are encoded in that many parts at once (flows/embed_parts.py: this
+    machine's processes, or the workers of the Dask cluster at ``dask_address``) before the embed stage
+    merges them."""
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     dataset = dataset or dataset_names(read_params(project / "params.yaml"))[0]
@@ -95,7 +97,7 @@ def retrain(project_dir: str = ".", dataset: str | None = None, embed_workers: i
     logger.info("%s: out of date: %s", dataset, ", ".join(stale))
     for stage in STAGES[1:]:
         if stage == "embed" and embed_workers > 1:
-            embed_in_parts(str(project), dataset, embed_workers)
+            on_cluster(dask_address)(str(project), dataset, embed_workers)
         run_stage(f"{stage}@{dataset}", str(project))
     registered = read_json(layout.registered) | {"dataset": dataset, "skipped": False}
     registered["dvc_remote"] = push(dataset, str(project))

@@ -1,6 +1,6 @@
 """Serve one retraining deployment per dataset: on its schedule, and at once when new data is announced.
 
-    python flows/serve.py [--project DIR] [--dataset NAME ...] [--interval SECONDS] [--embed-workers N]
+    python flows/serve.py [--project DIR] [--dataset NAME ...] [--interval SECONDS] [--embed-workers N] [--dask ADDRESS]
 
 Each of params.yaml's ``datasets`` gets a deployment ``clipcap-retrain/retrain-<dataset>`` running
 ``flows/retrain.py``'s flow for it:
@@ -35,13 +35,15 @@ from clipcap.config import dataset_names, load_config, read_params  # noqa: E402
 from clipcap.pipeline.batches import EVENT, dataset_resource  # noqa: E402
 
 
-def deployments(project: Path, datasets: list[str], interval: float | None = None, embed_workers: int = 1) -> list:
+def deployments(project: Path, datasets: list[str], interval: float | None = None, embed_workers: int = 1,
+                dask_address: str | None = None) -> list:
     """One deployment of the retraining flow per dataset, with its schedule and its new-data trigger."""
     found = []
     for dataset in datasets:
         cfg = load_config(project / "params.yaml", dataset)
         schedule = Interval(interval) if interval else Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)
-        parameters = {"project_dir": str(project), "dataset": dataset, "embed_workers": embed_workers}
+        parameters = {"project_dir": str(project), "dataset": dataset, "embed_workers": embed_workers,
+                      "dask_address": dask_address}
         found.append(retrain.to_deployment(
             name=f"retrain-{dataset}",
             schedule=schedule,
@@ -63,14 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=None,
                         help="run every SECONDS instead of each dataset's schedule.cron")
     parser.add_argument("--embed-workers", type=int, default=1,
-                        help="processes encoding new images at once (flows/embed_parts.py; default: 1)")
+                        help="parts encoding new images at once (flows/embed_parts.py; default: 1)")
+    parser.add_argument("--dask", default=os.environ.get("CLIPCAP_DASK_ADDRESS"),
+                        help="run the parts on the Dask cluster at this scheduler address (default: "
+                             "$CLIPCAP_DASK_ADDRESS; none: this machine's processes)")
     args = parser.parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
         parser.error("PREFECT_API_URL is not set: schedules and triggers need a Prefect server "
                      "(prefect server start, or scripts/stack.sh)")
     project = Path(args.project).resolve()
     datasets = args.dataset or dataset_names(read_params(project / "params.yaml"))
-    serve(*deployments(project, datasets, args.interval, args.embed_workers))
+    serve(*deployments(project, datasets, args.interval, args.embed_workers, args.dask))
 
 
 if __name__ == "__main__":

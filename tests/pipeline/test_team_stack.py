@@ -1,0 +1,66 @@
+"""The team stack (scripts/stack.sh): a PostgreSQL server of its own under the Prefect server and the MLflow
+tracking server, run as the `postgres` user when the script runs as root (as in CI), and a Dask scheduler
+with two workers; `stop` shuts everything down, a second `start` finds the registry and the deployments
+where they were."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from projects import ROOT, new_project, run
+
+pytestmark = pytest.mark.pipeline
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sql(project: Path, env: dict, database: str, query: str) -> list[str]:
+    """Rows of ``query`` on one of the stack's PostgreSQL databases (``stack.sh psql``: a client over TCP)."""
+    return run(["bash", str(ROOT / "scripts" / "stack.sh"), "psql", "--project", str(project), "--",
+                "-d", database, "-tAc", query], project, env).split()
+
+
+def test_the_stack_keeps_its_registry_and_deployments_in_postgres_across_a_restart(tmp_path):
+    project = new_project(tmp_path / "project", {"tuxpaint": {}})
+    (project / "flows").symlink_to(ROOT / "flows")
+    state = tmp_path / "stack"
+    env = os.environ | {"CLIPCAP_STACK_DIR": str(state), "CLIPCAP_PREFECT_PORT": str(_free_port()),
+                        "CLIPCAP_MLFLOW_PORT": str(_free_port()), "CLIPCAP_PG_PORT": str(_free_port()),
+                        "CLIPCAP_DASK_PORT": str(_free_port()),
+                        "PREFECT_HOME": str(state / "prefect")}
+    stack = ["bash", str(ROOT / "scripts" / "stack.sh")]
+    for line in run([*stack, "env"], project, env).splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value
+    started = run([*stack, "start", "--project", str(project)], project, env)
+    try:
+        assert "stores: postgres" in started and "(2 workers)" in started
+        status = run([*stack, "status", "--project", str(project)], project, env)
+        assert all(f"{name}: running" in status for name in ("postgres", "prefect-server", "mlflow-server",
+                                                               "dask-scheduler", "dask-worker-1", "dask-worker-2",
+                                                               "worker")), status
+        assert httpx.get(env["PREFECT_API_URL"] + "/health", timeout=10).json() is True
+        assert _sql(project, env, "prefect", "select name from deployment") == ["retrain-tuxpaint"]
+        MlflowClient(env["MLFLOW_TRACKING_URI"]).create_registered_model("clipcap-stack-check")
+        assert _sql(project, env, "mlflow", "select name from registered_models") == ["clipcap-stack-check"]
+        stopped = run([*stack, "stop", "--project", str(project)], project, env)
+        assert "postgres: stopped" in stopped and "prefect-server: stopped" in stopped, stopped
+        assert "running" not in run([*stack, "status", "--project", str(project)], project, env)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(env["PREFECT_API_URL"] + "/health", timeout=5)
+        run([*stack, "start", "--project", str(project)], project, env)
+        assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_registered_model("clipcap-stack-check").name
+        assert _sql(project, env, "prefect", "select count(*) from deployment") == ["1"]
+    finally:
+        run([*stack, "destroy", "--project", str(project)], project, env)   # its databases too (maybe in /var/tmp)
+    assert not state.exists()
