@@ -140,7 +140,6 @@ case "$action" in
       mlflow_store=sqlite:///$STACK/mlflow.db
       prefect_store=sqlite+aiosqlite:///$STACK/prefect/prefect.db
     fi
-    echo "$DB" >"$STACK/db"
     PREFECT_API_DATABASE_CONNECTION_URL=$prefect_store \
       launch prefect-server prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
     launch mlflow-server mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
@@ -190,7 +189,7 @@ EOF
       fi
       rm -f "$STACK/$name.pid"
     done
-    if [ -x "$PG_BIN/pg_ctl" ] && [ -d "$PG_DIR/data" ] && pg_running; then   # last: the servers above used it
+    if pg_running; then   # last: the servers above used it
       as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null && echo "postgres: stopped"
     fi
     if [ "$action" = destroy ]; then rm -rf "$PG_DIR" "$STACK" && echo "deleted $STACK${PG_DIR:+ and $PG_DIR}"; fi ;;
