@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The team stack on this machine: a PostgreSQL server of its own, a Prefect server and an MLflow tracking
 # server (runs and registry) on it, an artifact store served over HTTP, a Dask scheduler with its workers
-# (the retraining runs encode new images in parts on them), and a worker serving one retraining deployment
-# per dataset (flows/serve.py), all on 127.0.0.1, each a process of its own as on separate machines.
+# (the retraining runs encode new images in parts on them), one retraining deployment per dataset on a
+# Prefect work pool (flows/serve.py --work-pool) and the pool's workers, each taking one run at a time:
+# all on 127.0.0.1, each a process of its own as on separate machines.
 #
 #   bash scripts/stack.sh start [--project DIR] [--interval SECONDS] [--db postgres|sqlite]
 #   eval "$(bash scripts/stack.sh env)"          # point this shell (clipcap, dvc, prefect) at it
@@ -19,7 +20,8 @@
 # Settings (environment): CLIPCAP_STACK_DIR (state, logs, databases; default <project>/.stack),
 # CLIPCAP_PREFECT_PORT (4200), CLIPCAP_MLFLOW_PORT (5000), CLIPCAP_PG_PORT (5433), CLIPCAP_DASK_PORT
 # (8786), CLIPCAP_DASK_WORKERS (2: Dask workers, one thread each, and the parts each new-data run encodes
-# in). With the stack's variables set, the project uses it: PREFECT_API_URL for schedules and events,
+# in), CLIPCAP_PREFECT_WORKERS (2: Prefect workers, so runs of 2 datasets at once), CLIPCAP_WORK_POOL
+# (clipcap). With the stack's variables set, the project uses it: PREFECT_API_URL for schedules and events,
 # MLFLOW_TRACKING_URI for runs and the registry (params.yaml's register.tracking_uri: null),
 # CLIPCAP_DASK_ADDRESS for embedding in parts. The README says how each piece scales out.
 set -euo pipefail
@@ -45,6 +47,8 @@ MLFLOW_PORT=${CLIPCAP_MLFLOW_PORT:-5000}
 PG_PORT=${CLIPCAP_PG_PORT:-5433}
 DASK_PORT=${CLIPCAP_DASK_PORT:-8786}
 DASK_WORKERS=${CLIPCAP_DASK_WORKERS:-2}
+PREFECT_WORKERS=${CLIPCAP_PREFECT_WORKERS:-2}
+WORK_POOL=${CLIPCAP_WORK_POOL:-clipcap}
 PG_BIN=${CLIPCAP_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 # PostgreSQL's folder (its data/, log and password), owned by the server's user: in the stack's folder, or,
 # when that is private to root (the server runs as `postgres`), in /var/tmp under a name of the stack's path
@@ -62,6 +66,7 @@ stack_env() {
 }
 
 dask_workers() { seq -f "dask-worker-%g" 1 "$DASK_WORKERS"; }
+prefect_workers() { seq -f "prefect-worker-%g" 1 "$PREFECT_WORKERS"; }
 
 running() { [ -f "$STACK/$1.pid" ] && kill -0 "$(cat "$STACK/$1.pid")" 2>/dev/null; }
 
@@ -116,6 +121,15 @@ EOF
   done
 }
 
+wait_for_log() {  # name pattern seconds: until the process's log shows pattern
+  local name=$1 deadline=$(( $(date +%s) + $3 ))
+  until grep -q "$2" "$STACK/$name.log" 2>/dev/null; do
+    if ! running "$name"; then echo "stack.sh: $name exited; see $STACK/$name.log:" >&2; tail -20 "$STACK/$name.log" >&2; exit 1; fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then echo "stack.sh: $name not ready after $3 s; see $STACK/$name.log" >&2; exit 1; fi
+    sleep 1
+  done
+}
+
 launch() {  # name command...: in the background, in its own process group, logging to $STACK/name.log
   local name=$1; shift
   if running "$name"; then echo "$name already running (pid $(cat "$STACK/$name.pid"))"; return; fi
@@ -158,28 +172,28 @@ with Client(sys.argv[1], timeout=120) as client:
     client.wait_for_workers(int(sys.argv[2]), timeout=120)
 EOF
     then echo "stack.sh: the Dask cluster did not come up; see $STACK/dask-*.log" >&2; exit 1; fi
-    (cd "$PROJECT" && launch worker python "$ROOT/flows/serve.py" --project "$PROJECT" "${INTERVAL[@]}" \
-       --embed-workers "$DASK_WORKERS" --dask "$CLIPCAP_DASK_ADDRESS")
-    deadline=$(( $(date +%s) + 180 ))
-    until grep -q "being served" "$STACK/worker.log" 2>/dev/null; do  # its deployments exist on the server
-      if ! running worker; then echo "stack.sh: the worker exited; see $STACK/worker.log:" >&2; tail -20 "$STACK/worker.log" >&2; exit 1; fi
-      if [ "$(date +%s)" -ge "$deadline" ]; then echo "stack.sh: the worker is not serving after 180 s; see $STACK/worker.log" >&2; exit 1; fi
-      sleep 1
+    (cd "$PROJECT" && python "$ROOT/flows/serve.py" --project "$PROJECT" "${INTERVAL[@]}" --work-pool "$WORK_POOL" \
+       --embed-workers "$DASK_WORKERS" --dask "$CLIPCAP_DASK_ADDRESS" >"$STACK/deploy.log" 2>&1) \
+      || { echo "stack.sh: the deployments were not created; see $STACK/deploy.log:" >&2; tail -20 "$STACK/deploy.log" >&2; exit 1; }
+    for name in $(prefect_workers); do   # each takes one run at a time: runs of different datasets overlap
+      (cd "$PROJECT" && launch "$name" prefect worker start --pool "$WORK_POOL" --type process --limit 1 --name "$name")
     done
-    echo "Prefect: http://127.0.0.1:$PREFECT_PORT   MLflow: http://127.0.0.1:$MLFLOW_PORT   Dask: $CLIPCAP_DASK_ADDRESS ($DASK_WORKERS workers)   stores: $DB   logs: $STACK/*.log"
+    for name in $(prefect_workers); do wait_for_log "$name" "started" 180; done
+    echo "Prefect: http://127.0.0.1:$PREFECT_PORT (work pool $WORK_POOL, $PREFECT_WORKERS workers)   MLflow: http://127.0.0.1:$MLFLOW_PORT   Dask: $CLIPCAP_DASK_ADDRESS ($DASK_WORKERS workers)   stores: $DB   logs: $STACK/*.log"
     echo "Point a shell at them:  eval \"\$(bash scripts/stack.sh env)\"" ;;
   status)
     PG_DIR=$(pg_dir)
     if [ -x "$PG_BIN/pg_ctl" ] && [ -d "$PG_DIR/data" ]; then
-      if pg_running; then echo "postgres: running (127.0.0.1:$PG_PORT)"; else echo "postgres: stopped"; fi
+      if pg_running; then echo "postgres: running (pid $(head -1 "$PG_DIR/data/postmaster.pid"), 127.0.0.1:$PG_PORT)"
+      else echo "postgres: stopped"; fi
     fi
-    for name in prefect-server mlflow-server dask-scheduler $(dask_workers) worker; do
+    for name in prefect-server mlflow-server dask-scheduler $(dask_workers) $(prefect_workers); do
       if running "$name"; then echo "$name: running (pid $(cat "$STACK/$name.pid"))"; else echo "$name: stopped"; fi
     done ;;
   stop|destroy)
     PG_DIR=$(pg_dir)
-    # the worker first: it pauses its schedules on the way out
-    for name in worker $(dask_workers) dask-scheduler mlflow-server prefect-server; do
+    # the Prefect workers first: no new run starts while the rest goes down
+    for name in $(prefect_workers) $(dask_workers) dask-scheduler mlflow-server prefect-server; do
       if running "$name"; then
         pid=$(cat "$STACK/$name.pid")
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
@@ -189,8 +203,11 @@ EOF
       fi
       rm -f "$STACK/$name.pid"
     done
-    if pg_running; then   # last: the servers above used it
-      as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null && echo "postgres: stopped"
+    if pg_running; then   # last: the servers above used it; stopped once its server process has exited
+      pid=$(head -1 "$PG_DIR/data/postmaster.pid")
+      as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null
+      for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      echo "postgres: stopped"
     fi
     if [ "$action" = destroy ]; then rm -rf "$PG_DIR" "$STACK" && echo "deleted $STACK${PG_DIR:+ and $PG_DIR}"; fi ;;
   psql)

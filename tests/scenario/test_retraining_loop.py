@@ -1,9 +1,10 @@
 """The retraining loop running by itself on the team stack (scripts/stack.sh: a PostgreSQL server under a
-real Prefect server and a real MLflow tracking server, the deployments served by flows/serve.py), checked
-from the Prefect API and the MLflow registry.
+real Prefect server and a real MLflow tracking server, the deployments on a work pool whose two Prefect
+workers run them), checked from the Prefect API and the MLflow registry.
 
 Two datasets: Tux Paint with the sports stamps held back, and a user's folder dataset. Both deployments
-run on a short interval: each first run trains and promotes, the next finds nothing new and skips.
+run on a short interval: each first run trains and promotes (the two at the same time, on the two
+workers), the next finds nothing new and skips.
 Then `clipcap add-batch` adds the sports stamps to tuxpaint: the event-triggered run embeds only them (in
 parts, on the stack's Dask workers), warm-starts from the champion, re-scores the champion on the grown
 test split and gates; the folder dataset's captioner is untouched. A registered version is restored from the DVC remote in a fresh
@@ -105,7 +106,9 @@ class Stack:
         pytest.fail(f"no matching run of {dataset} within {timeout:.0f} s:\n{self.worker_log()}")
 
     def worker_log(self) -> str:
-        return (self.state / "worker.log").read_text()[-6000:]
+        """The end of each Prefect worker's log (what its flow runs printed)."""
+        return "\n".join(f"--- {path.name}\n" + path.read_text()[-3000:]
+                         for path in sorted(self.state.glob("prefect-worker-*.log")))
 
     def champion(self, dataset: str) -> int:
         return int(self.mlflow.get_model_version_by_alias(f"clipcap-{dataset}", "champion").version)
@@ -137,7 +140,7 @@ def stack(tmp_path_factory):
         yield running
     finally:
         stopped = running.stack("destroy")   # stops everything, then deletes the stack's databases
-        assert "worker: stopped" in stopped and "prefect-server: stopped" in stopped, stopped
+        assert "prefect-worker-1: stopped" in stopped and "prefect-server: stopped" in stopped, stopped
         assert "postgres: stopped" in stopped, stopped
 
 
@@ -159,8 +162,14 @@ def test_each_scheduled_first_run_trains_and_promotes(stack, first_runs):
     assert any((stack.project.parent / "dvc-remote").rglob("*")), "nothing was pushed to the DVC remote"
 
 
+def test_the_two_datasets_first_runs_overlap_in_time(first_runs):
+    """Different datasets retrain at once (each run holds only its dataset's lock; Prefect API timestamps)."""
+    starts = [_time(flow_run["start_time"]) for flow_run, _ in first_runs.values()]
+    ends = [_time(flow_run["end_time"]) for flow_run, _ in first_runs.values()]
+    assert max(starts) < min(ends), f"started {starts}, ended {ends}"
+
+
 def test_a_run_with_nothing_new_skips_in_under_a_minute(stack, first_runs):
-    # once both first runs are over: before that, a run waits for the other dataset's DVC commands (one repo lock)
     both_done = max(_time(trained["end_time"]) for trained, _ in first_runs.values())
     for dataset in first_runs:
         flow_run, report = stack.wait_for_run(dataset, _skipped, 4 * INTERVAL_S + 300, after=both_done)
@@ -200,6 +209,7 @@ def test_a_new_batch_triggers_a_warm_started_gated_retrain_of_its_dataset_only(s
     flow_run, report = stack.wait_for_run("tuxpaint", lambda r: not _skipped(r), TRAINING_RUN_S, after=added_at)
     assert flow_run["auto_scheduled"] is False  # the event's trigger started it
     assert report["description"].startswith("clipcap-tuxpaint version 2")
+    assert f"Started by batch sports: {len(HELD_BACK)} of its images in the data" in report["data"], report["data"]
     artifacts = stack.project / "artifacts" / "tuxpaint"
     embedded = json.loads((artifacts / "embed.json").read_text())   # the stage found every image encoded:
     assert embedded["encoded"] == 0 and embedded["reused"] == embedded["total"]   # the parts on Dask did it

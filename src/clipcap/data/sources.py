@@ -324,6 +324,11 @@ def iter_folder(root: str | Path, source: str | None = None) -> Iterator[SourceR
             yield from _records_from_row(row.fields, origin, root, root.name, source)
 
 
+def batch_source(batch: str) -> str:
+    """The ``source`` of a user batch's rows in the manifest."""
+    return f"batch:{batch}"
+
+
 def iter_batches(batches_dir: str | Path) -> Iterator[SourceRecord]:
     """Every user batch under ``batches_dir``: the folder itself and each sub-folder with a captions file."""
     batches_dir = Path(batches_dir)
@@ -332,4 +337,4 @@ def iter_batches(batches_dir: str | Path) -> Iterator[SourceRecord]:
     folders = [batches_dir, *sorted(p for p in batches_dir.iterdir() if p.is_dir())]
     for folder in folders:
         if any((folder / name).is_file() for name in CAPTION_FILES):
-            yield from iter_folder(folder, source=f"batch:{folder.name}")
+            yield from iter_folder(folder, source=batch_source(folder.name))

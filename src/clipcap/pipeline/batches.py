@@ -34,7 +34,7 @@ from pathlib import Path
 
 from clipcap.config import Config
 from clipcap.data.manifest import build_records
-from clipcap.data.sources import iter_folder
+from clipcap.data.sources import batch_source, iter_folder
 from clipcap.data.validate import validate_records
 from clipcap.errors import ClipcapError
 from clipcap.pipeline import dvc_project
@@ -42,6 +42,15 @@ from clipcap.pipeline import dvc_project
 log = logging.getLogger(__name__)
 EVENT = "clipcap.batch.added"
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def images_of_batch(manifest: Path, batch: str) -> int:
+    """How many of the clean manifest's images came in ``batch``: what a model trained on it saw of the batch."""
+    import pandas as pd
+
+    if not Path(manifest).exists():
+        return 0
+    return int((pd.read_parquet(manifest, columns=["source"])["source"] == batch_source(batch)).sum())
 
 
 def dataset_resource(dataset: str) -> str:

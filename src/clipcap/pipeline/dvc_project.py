@@ -2,9 +2,16 @@
 change the project (``clipcap add-batch``, ``clipcap models restore``) and the retraining flows run
 their ``dvc`` commands here.
 
-DVC takes one lock per repository and fails at once ("is busy") when another command holds it. Every
-command run here first takes :func:`project_lock`, so a scheduled run of one dataset, a run of
-another and a user adding a batch wait for each other instead of failing.
+DVC takes one lock per repository for the whole of a command and fails at once ("is busy") when another
+holds it, so two ``dvc repro`` runs never overlap, whatever datasets they reproduce. Two locks of ours
+replace it for retraining:
+- :func:`project_lock`, taken by every ``dvc`` command run here, and held only as long as the command:
+  a run of one dataset, a run of another and a user adding a batch wait for each other, never fail;
+- :func:`dataset_lock`, held by a retraining run for its whole length: two runs of one dataset never
+  overlap, runs of different datasets do.
+:func:`reproduce` runs one stage the way ``dvc repro --single-item`` does, but with its command (the
+long part: encoding, training, evaluation) outside the project lock: DVC names the command if the
+stage is out of date, the command runs, ``dvc commit`` records its outputs in ``dvc.lock`` and the cache.
 """
 
 from __future__ import annotations
@@ -34,45 +41,84 @@ def is_dvc_project(project: Path) -> bool:
 
 
 @contextmanager
-def project_lock(project: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the project's command lock (``.dvc/tmp/clipcap.lock``), waiting for whoever holds it."""
+def _held(path: Path, what: str, timeout: float) -> Iterator[None]:
+    """Hold the file lock at ``path`` (``what`` it guards, for the log and the error), waiting for its holder."""
     from filelock import FileLock, Timeout
 
-    path = project / ".dvc" / "tmp" / "clipcap.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0.05)
     except Timeout:
-        log.info("waiting for another DVC command in %s (lock %s)", project, path)
+        log.info("waiting for %s (lock %s)", what, path)
         try:
             lock.acquire(timeout=timeout)
         except Timeout as err:
-            raise DvcError(f"{path} has been held for {timeout:.0f} s; if no clipcap flow or dvc command runs in "
-                           f"{project}, delete that file") from err
+            raise DvcError(f"{path} has been held for {timeout:.0f} s by {what}; if none runs, delete that file") from err
     try:
         yield
     finally:
         lock.release()
 
 
+def project_lock(project: Path, timeout: float = LOCK_TIMEOUT_S):
+    """Hold the project's command lock (``.dvc/tmp/clipcap.lock``) for one ``dvc`` command."""
+    return _held(project / ".dvc" / "tmp" / "clipcap.lock", f"another DVC command in {project}", timeout)
+
+
+def dataset_lock(project: Path, dataset: str, timeout: float = LOCK_TIMEOUT_S):
+    """Hold ``dataset``'s lock (``.dvc/tmp/clipcap-<dataset>.lock``) for a whole retraining run."""
+    return _held(project / ".dvc" / "tmp" / f"clipcap-{dataset}.lock", f"another retraining run of {dataset}", timeout)
+
+
+def _stream(args: list[str] | str, project: Path, echo: Callable[[str], None] | None) -> tuple[int, list[str]]:
+    """Run ``args`` (a shell line when a string) in ``project``: its exit status and output lines, each
+    passed to ``echo`` as it comes."""
+    process = subprocess.Popen(args, cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               shell=isinstance(args, str))
+    lines: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        lines.append(line)
+        if echo and line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
+            echo(line)
+    return process.wait(), lines
+
+
 def dvc(args: list[str], project: Path, echo: Callable[[str], None] | None = None) -> str:
     """Run ``dvc <args>`` in ``project`` under the project lock; its output, each line passed to ``echo``
     as it comes. Raises :class:`DvcError` (with the output's tail) when it fails."""
     with project_lock(project):
-        process = subprocess.Popen(["dvc", *args], cwd=project, text=True, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
-        lines: list[str] = []
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            if echo and line and "\r" not in line:  # progress bars redraw with \r: keep the log readable
-                echo(line)
-        if process.wait() != 0:
-            tail = "\n".join(lines[-40:])
-            raise DvcError(f"'dvc {' '.join(args)}' failed in {project} (exit {process.returncode}):\n{tail}")
+        status, lines = _stream(["dvc", *args], project, echo)
+    if status != 0:
+        tail = "\n".join(lines[-40:])
+        raise DvcError(f"'dvc {' '.join(args)}' failed in {project} (exit {status}):\n{tail}")
     return "\n".join(lines)
+
+
+def stage_commands(project: Path, stage: str) -> list[str]:
+    """The command lines DVC would run for ``stage`` (``dvc repro --dry --single-item``), none when it is
+    up to date. Its dependencies must exist: reproduce the stages before it first."""
+    out = dvc(["repro", "--dry", "--single-item", stage], project)
+    return [line[2:] for line in out.splitlines() if line.startswith("> ")]
+
+
+def reproduce(project: Path, stage: str, echo: Callable[[str], None] | None = None) -> bool:
+    """``dvc repro --single-item stage``, with the stage's command run outside the project lock (DVC's
+    commands inside it): the stages of other datasets, and their ``dvc`` commands, run meanwhile. Hold
+    the stage's :func:`dataset_lock` around it. False when the stage was up to date (nothing ran)."""
+    commands = stage_commands(project, stage)
+    for command in commands:
+        if echo:
+            echo(f"> {command}")
+        status, lines = _stream(command, project, echo)
+        if status != 0:
+            tail = "\n".join(lines[-40:])
+            raise DvcError(f"stage {stage} failed in {project}: '{command}' exited {status}:\n{tail}")
+    if commands:
+        dvc(["commit", "--force", "--quiet", stage], project, echo)   # outputs to the cache, dvc.lock updated
+    return bool(commands)
 
 
 BATCHES_README = "README.md"
