@@ -154,7 +154,8 @@ case "$action" in
       mlflow_store=sqlite:///$STACK/mlflow.db
       prefect_store=sqlite+aiosqlite:///$STACK/prefect/prefect.db
     fi
-    PREFECT_API_DATABASE_CONNECTION_URL=$prefect_store \
+    # each request answered 503 (the database busy: the client retries it) is logged
+    PREFECT_API_DATABASE_CONNECTION_URL=$prefect_store PREFECT_API_LOG_RETRYABLE_ERRORS=true \
       launch prefect-server prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
     launch mlflow-server mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
       --backend-store-uri "$mlflow_store" --artifacts-destination "$STACK/mlartifacts"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 import httpx
@@ -15,14 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from projects import ROOT, new_project, run
+from stacks import Stack
 
 pytestmark = pytest.mark.pipeline
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sql(project: Path, env: dict, database: str, query: str) -> list[str]:
@@ -57,14 +51,8 @@ def test_the_stack_keeps_its_registry_and_deployments_in_postgres_across_a_resta
     project = new_project(tmp_path / "project", {"tuxpaint": {}})
     (project / "flows").symlink_to(ROOT / "flows")
     state = tmp_path / "stack"
-    env = os.environ | {"CLIPCAP_STACK_DIR": str(state), "CLIPCAP_PREFECT_PORT": str(_free_port()),
-                        "CLIPCAP_MLFLOW_PORT": str(_free_port()), "CLIPCAP_PG_PORT": str(_free_port()),
-                        "CLIPCAP_DASK_PORT": str(_free_port()),
-                        "PREFECT_HOME": str(state / "prefect")}
+    env = Stack(project, state).env
     stack = ["bash", str(ROOT / "scripts" / "stack.sh")]
-    for line in run([*stack, "env"], project, env).splitlines():
-        key, value = line.removeprefix("export ").split("=", 1)
-        env[key] = value
     started = run([*stack, "start", "--project", str(project)], project, env)
     try:
         assert "stores: postgres" in started and "(2 workers)" in started

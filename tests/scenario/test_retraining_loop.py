@@ -14,21 +14,17 @@ copy of the project with the same test metrics; `clipcap models rollback` moves 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import time
 from datetime import datetime
-from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from clipcap.modeling.encoders import encoder_key
 from clipcap.pipeline.embedding_store import EmbeddingStore, read_shard
 from projects import MINE, MINE_OVERRIDES, ROOT, captioned_folder, new_project, run
+from stacks import Stack, parse_time
 
 pytestmark = pytest.mark.pipeline
 
@@ -37,88 +33,6 @@ HELD_BACK = [f"sports/{name}.png" for name in ("australian_rules_football", "bas
                                                 "trophy_cup")]  # the first lands in the test split
 INTERVAL_S = 60
 TRAINING_RUN_S = 900    # a first run on 2 busy cores, both datasets at once
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Stack:
-    """The processes scripts/stack.sh started, and what the test asks them."""
-
-    def __init__(self, project: Path, state: Path):
-        self.project, self.state = project, state
-        self.env = os.environ | {"CLIPCAP_STACK_DIR": str(state), "CLIPCAP_PREFECT_PORT": str(_free_port()),
-                                 "CLIPCAP_MLFLOW_PORT": str(_free_port()), "CLIPCAP_PG_PORT": str(_free_port()),
-                                 "CLIPCAP_DASK_PORT": str(_free_port())}
-        for line in run(["bash", str(ROOT / "scripts" / "stack.sh"), "env"], project, self.env).splitlines():
-            key, value = line.removeprefix("export ").split("=", 1)
-            self.env[key] = value
-        self.env["PREFECT_HOME"] = str(state / "prefect")
-        self.api = httpx.Client(base_url=self.env["PREFECT_API_URL"], timeout=30)
-        self.mlflow = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
-
-    def stack(self, *args: str) -> str:
-        return run(["bash", str(ROOT / "scripts" / "stack.sh"), *args, "--project", str(self.project)], self.project,
-                   self.env)
-
-    def clipcap(self, *args: str) -> str:
-        return run([str(self.project / "scripts" / "bin" / "clipcap"), *args], self.project, self.env)
-
-    def call(self, method: str, path: str, **options) -> httpx.Response:
-        """One Prefect API request; any error fails the test (no retry: on PostgreSQL the server does not
-        answer 503 under load, as it did on SQLite with two test runs on 2 cores)."""
-        response = self.api.request(method, path, **options)
-        response.raise_for_status()
-        return response
-
-    def deployment(self, dataset: str) -> dict:
-        return self.call("GET", f"/deployments/name/clipcap-retrain/retrain-{dataset}").json()
-
-    def runs(self, dataset: str) -> list[dict]:
-        """The deployment's flow runs that ended or are running, oldest first."""
-        body = {"deployments": {"id": {"any_": [self.deployment(dataset)["id"]]}},
-                "flow_runs": {"state": {"type": {"any_": ["RUNNING", "COMPLETED", "FAILED", "CRASHED"]}}},
-                "sort": "START_TIME_ASC"}
-        return self.call("POST", "/flow_runs/filter", json=body).json()
-
-    def report(self, flow_run: dict) -> dict | None:
-        """The markdown artifact the run published."""
-        found = self.call("POST", "/artifacts/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
-        return found[0] if found else None
-
-    def wait_for_run(self, dataset: str, done, timeout: float, after: datetime | None = None) -> tuple[dict, dict]:
-        """The first completed run (started after ``after``) whose artifact satisfies ``done``; fails on a
-        failed run or at ``timeout``, with the worker's log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for flow_run in self.runs(dataset):
-                if after and flow_run["start_time"] and _time(flow_run["start_time"]) < after:
-                    continue
-                state = flow_run["state_type"]
-                assert state not in ("FAILED", "CRASHED"), f"{flow_run['name']} {state}:\n{self.worker_log()}"
-                report = self.report(flow_run) if state == "COMPLETED" else None
-                if report and done(report):
-                    return flow_run, report
-            time.sleep(5)
-        pytest.fail(f"no matching run of {dataset} within {timeout:.0f} s:\n{self.worker_log()}")
-
-    def worker_log(self) -> str:
-        """The end of each Prefect worker's log (what its flow runs printed)."""
-        return "\n".join(f"--- {path.name}\n" + path.read_text()[-3000:]
-                         for path in sorted(self.state.glob("prefect-worker-*.log")))
-
-    def champion(self, dataset: str) -> int:
-        return int(self.mlflow.get_model_version_by_alias(f"clipcap-{dataset}", "champion").version)
-
-    def versions(self, dataset: str) -> list[int]:
-        return sorted(int(v.version) for v in self.mlflow.search_model_versions(f"name='clipcap-{dataset}'"))
-
-
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _skipped(report: dict) -> bool:
@@ -162,18 +76,18 @@ def test_each_scheduled_first_run_trains_and_promotes(stack, first_runs):
     assert any((stack.project.parent / "dvc-remote").rglob("*")), "nothing was pushed to the DVC remote"
 
 
-def test_the_two_datasets_first_runs_overlap_in_time(first_runs):
+def test_the_two_datasets_first_runs_overlap_inparse_time(first_runs):
     """Different datasets retrain at once (each run holds only its dataset's lock; Prefect API timestamps)."""
-    starts = [_time(flow_run["start_time"]) for flow_run, _ in first_runs.values()]
-    ends = [_time(flow_run["end_time"]) for flow_run, _ in first_runs.values()]
+    starts = [parse_time(flow_run["start_time"]) for flow_run, _ in first_runs.values()]
+    ends = [parse_time(flow_run["end_time"]) for flow_run, _ in first_runs.values()]
     assert max(starts) < min(ends), f"started {starts}, ended {ends}"
 
 
 def test_a_run_with_nothing_new_skips_in_under_a_minute(stack, first_runs):
-    both_done = max(_time(trained["end_time"]) for trained, _ in first_runs.values())
+    both_done = max(parse_time(trained["end_time"]) for trained, _ in first_runs.values())
     for dataset in first_runs:
         flow_run, report = stack.wait_for_run(dataset, _skipped, 4 * INTERVAL_S + 300, after=both_done)
-        took = (_time(flow_run["end_time"]) - _time(flow_run["start_time"])).total_seconds()
+        took = (parse_time(flow_run["end_time"]) - parse_time(flow_run["start_time"])).total_seconds()
         assert took < 60, f"{flow_run['name']} took {took:.0f} s"
         assert "nothing was trained" in report["data"]
     assert stack.versions("tuxpaint") == [1] and stack.versions("mine") == [1]
