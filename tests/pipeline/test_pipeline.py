@@ -109,7 +109,9 @@ def test_metrics_hold_model_and_both_baselines(project, registered):
         assert low <= metrics[system]["CIDEr"] <= high
     gallery = (project / TUXPAINT / "evaluation" / "gallery.html").read_text()
     assert gallery.count("<tr>") == 1 + metrics["test_images"]                    # a header row, then one per image
-    assert gallery.count("data:image/png;base64,") == metrics["test_images"]
+    assert gallery.count("data:image/png;base64,") == metrics["test_images"] + 2     # and the two charts
+    for chart in ("scores.png", "learning_curve.png"):                                  # beside metrics.json
+        assert (project / TUXPAINT / chart).read_bytes().startswith(b"\x89PNG"), chart
     assert "<th>label baseline</th>" in gallery and "label baseline" in samples
     curve = (project / TUXPAINT / "training" / "curve.csv").read_text().splitlines()
     assert curve[0] == "epoch,step,train_loss,val_loss,val_CIDEr" and len(curve) == 1 + TINY_PARAMS["train"]["epochs"]
@@ -134,7 +136,7 @@ def test_mlflow_holds_run_loss_and_champion(project, registered):
     summary = json.loads((project / TUXPAINT / "training" / "summary.json").read_text())
     assert summary["mlflow_run"]["run_id"] == champion.run_id
     artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
-    assert "gallery.html" in artifacts and "curve.csv" in artifacts
+    assert {"gallery.html", "curve.csv", "scores.png", "learning_curve.png"} <= artifacts, artifacts
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     model_hash = next(o["md5"] for o in lock["train@tuxpaint"]["outs"] if o["path"].endswith("/model"))
     assert json.loads(run.data.tags["clipcap.dvc.train"])["artifacts/tuxpaint/model"] == model_hash  # lineage
@@ -191,6 +193,14 @@ def _stages_to_rerun(project: Path) -> list[str]:
     """Stages `dvc status` finds out of date, leaving out fetch's 'always changed'."""
     done = subprocess.run(["dvc", "status", "--json"], cwd=project, capture_output=True, text=True, check=True)
     return sorted(stage for stage, why in json.loads(done.stdout).items() if why != ["always changed"])
+
+
+def test_dvc_plots_show_the_learning_curve_and_the_charts(project, registered):
+    done = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True, check=True)
+    shown = json.loads(done.stdout)
+    for plot in ("training/curve.csv", "training/loss.csv", "scores.png", "learning_curve.png"):
+        assert str(TUXPAINT / plot) in shown, sorted(shown)
+    assert shown[str(TUXPAINT / "scores.png")][0]["type"] == "image"
 
 
 @pytest.mark.parametrize(("module", "stages"), [

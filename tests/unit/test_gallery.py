@@ -1,4 +1,4 @@
-"""The caption gallery, opened in a real headless Chromium: every thumbnail renders, worst first."""
+"""The caption gallery, opened in a real headless Chromium: every thumbnail and chart renders, worst first."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 
 from PIL import Image
 
+from clipcap.pipeline.charts import score_table, write_score_chart
 from clipcap.pipeline.gallery import write_gallery
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,13 +29,17 @@ def test_every_thumbnail_renders_in_chromium_worst_first(tmp_path):
                         "scores": {"model": {"CIDEr": [0.9, 0.1, 2.5, 0.4][index]},
                                    "baseline_retrieval": {"CIDEr": 0.5}}})
     page = tmp_path / "gallery.html"
-    write_gallery(page, records, "clipcap-test: captions")
+    chart = tmp_path / "scores.png"
+    write_score_chart(score_table({"model": {"CIDEr": 1.0}, "baseline_retrieval": {"CIDEr": 0.5}}), chart, "scores")
+    write_gallery(page, records, "clipcap-test: captions", charts=[chart])
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is needed for this test: scripts/test.sh installs Debian's chromium"
     dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    thumbnails = re.findall(r"<img [^>]*>", dom)
+    charts = re.findall(r'<img class="chart"[^>]*>', dom)
+    assert len(charts) == 1 and 'data-shown="800x400"' in charts[0], charts   # decoded at its full size
+    thumbnails = [img for img in re.findall(r"<img [^>]*>", dom) if 'class="chart"' not in img]
     assert len(thumbnails) == 4 and not any("data-broken" in img for img in thumbnails)
     shown = {re.search(r'alt="([^"]+)"', img)[1]: re.search(r'data-shown="([^"]*)"', img)[1] for img in thumbnails}
     # decoded by the browser at thumbnail size: the longer side shrunk to 160 px, small images kept

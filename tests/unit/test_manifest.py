@@ -88,6 +88,15 @@ def test_folder_batch_jsonl_and_csv(make_image, tmp_path):
     assert records[1].origin.endswith("captions.jsonl:2 caption 1")
 
 
+def test_a_batch_still_being_copied_is_not_read(make_image, tmp_path):
+    """``clipcap add-batch`` copies into ``.<name>.partial`` and renames it whole: a run meanwhile sees none of it."""
+    make_image(".late.partial/x.png")
+    (tmp_path / ".late.partial" / "captions.jsonl").write_text(json.dumps({"image": "x.png", "caption": "An x."}))
+    assert list(iter_batches(tmp_path)) == []
+    (tmp_path / ".late.partial").rename(tmp_path / "late")
+    assert [record.source for record in iter_batches(tmp_path)] == ["batch:late"]
+
+
 def test_bad_jsonl_lines_become_problem_records_and_the_rest_is_read(tmp_path):
     (tmp_path / "captions.jsonl").write_bytes(
         b'\xef\xbb\xbf{"image": "a.png", "caption": "ok"}\n{not json\n\n'

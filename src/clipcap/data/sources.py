@@ -330,11 +330,13 @@ def batch_source(batch: str) -> str:
 
 
 def iter_batches(batches_dir: str | Path) -> Iterator[SourceRecord]:
-    """Every user batch under ``batches_dir``: the folder itself and each sub-folder with a captions file."""
+    """Every user batch under ``batches_dir``: the folder itself and each sub-folder with a captions file.
+    Hidden sub-folders are not batches: ``clipcap add-batch`` copies into ``.<name>.partial`` and renames it
+    when the copy is whole, so a run reading the folder meanwhile never sees half a batch."""
     batches_dir = Path(batches_dir)
     if not batches_dir.is_dir():
         return
-    folders = [batches_dir, *sorted(p for p in batches_dir.iterdir() if p.is_dir())]
+    folders = [batches_dir, *sorted(p for p in batches_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]
     for folder in folders:
         if any((folder / name).is_file() for name in CAPTION_FILES):
             yield from iter_folder(folder, source=batch_source(folder.name))

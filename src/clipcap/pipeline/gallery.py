@@ -3,7 +3,8 @@
 Each test image is shown as a thumbnail embedded in the page (a data URI, so the page renders the
 same from disk and in MLflow's artifact view), beside its reference captions, the model's caption,
 the retrieval baseline's, and the model's CIDEr on that image. A thumbnail that fails to decode in
-the browser is flagged on the page.
+the browser is flagged on the page. Above the table, the evaluation's charts (scores, learning curve),
+embedded the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ th, td { border-bottom: 1px solid #ddd; padding: .4rem .6rem; text-align: left; 
 th { background: #f4f4f4; position: sticky; top: 0; }
 td.score { font-variant-numeric: tabular-nums; text-align: right; }
 img { max-width: 160px; max-height: 160px; background: #fff; }
+img.chart { max-width: 48%; max-height: none; margin: 0 1% 1rem 0; }
 img[data-broken] { outline: 3px solid #c00; }
 ul { margin: 0; padding-left: 1.1rem; }
 """
@@ -41,9 +43,16 @@ def thumbnail_uri(path: str | Path, size: int = THUMBNAIL) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def write_gallery(path: str | Path, records: list[dict], title: str) -> None:
+def chart_tag(path: str | Path) -> str:
+    """An ``<img>`` of the PNG at ``path``, embedded as a data URI."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (f'<img class="chart" src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}" '
+            'onload="this.dataset.shown=this.naturalWidth+\'x\'+this.naturalHeight" onerror="this.dataset.broken=1">')
+
+
+def write_gallery(path: str | Path, records: list[dict], title: str, charts: list[str | Path] = ()) -> None:
     """``records``: predictions.jsonl rows (path, references, prediction, retrieval, label where there is
-    one, scores)."""
+    one, scores); ``charts``: PNGs shown above the table."""
     rows = sorted(records, key=lambda r: r["scores"].get("model", {}).get("CIDEr", 0.0))
     with_label = any("label" in r for r in rows)  # the label baseline, where the encoder has a classifier
     cells = []
@@ -68,7 +77,8 @@ def write_gallery(path: str | Path, records: list[dict], title: str) -> None:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
-        f"<p>{len(rows)} test images, the model's worst captions (by CIDEr on the image) first.</p>"
+        + "".join(chart_tag(chart) for chart in charts)
+        + f"<p>{len(rows)} test images, the model's worst captions (by CIDEr on the image) first.</p>"
         "<table><thead><tr><th>image</th><th>references</th><th>model</th><th>CIDEr</th>"
         "<th>retrieval baseline</th><th>CIDEr</th>"
         + ("<th>label baseline</th><th>CIDEr</th>" if with_label else "") + "</tr></thead><tbody>"

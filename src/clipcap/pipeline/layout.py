@@ -38,6 +38,8 @@ class Layout:
     train_summary = property(lambda self: self.training_dir / "summary.json")
     learning_curve = property(lambda self: self.training_dir / "curve.csv")  # per epoch: losses, val CIDEr
     metrics = property(lambda self: self.root / "metrics.json")
+    score_chart = property(lambda self: self.root / "scores.png")  # evaluate: each system's scores, 95 % intervals
+    curve_chart = property(lambda self: self.root / "learning_curve.png")  # evaluate: val loss and CIDEr per epoch
     evaluation_dir = property(lambda self: self.root / "evaluation")
     predictions = property(lambda self: self.evaluation_dir / "predictions.jsonl")
     samples = property(lambda self: self.evaluation_dir / "samples.md")

@@ -2,7 +2,8 @@
 way: the most frequent training caption, nearest-neighbour retrieval, and, where the encoder has a
 classifier of its own (EfficientNet-Lite0's ImageNet head), "A <its top-1 label>." Each system also gets
 ``names_object``: the share of test images whose caption names their reference's head noun
-(:mod:`clipcap.naming`)."""
+(:mod:`clipcap.naming`). Beside ``metrics.json`` it draws the scores and the learning curve
+(:mod:`clipcap.pipeline.charts`), which the gallery shows."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.modeling.labels import encoder_labels, label_caption
+from clipcap.pipeline.charts import read_curve, score_table, write_curve_chart, write_score_chart
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
 from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
@@ -72,7 +74,11 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
     write_json(layout.metrics, metrics)
     per_image = {name: found.per_image for name, found in scores.items()}
     records = write_samples(layout, test_rows, predicted, retrieved, per_image, cfg.evaluate.num_samples, labelled)
-    write_gallery(layout.gallery, records, f"clipcap-{cfg.dataset.name}: captions of the test split")
+    name = f"clipcap-{cfg.dataset.name}"
+    write_score_chart(score_table(metrics), layout.score_chart, f"{name}: {len(ids)} test images")
+    write_curve_chart(read_curve(layout.learning_curve), layout.curve_chart, f"{name}: learning curve")
+    write_gallery(layout.gallery, records, f"{name}: captions of the test split",
+                  charts=[layout.score_chart, layout.curve_chart])
     log.info("CIDEr: model %.3f %s | most frequent %.3f | retrieval %.3f %s%s -> %s",
              metrics["model"]["CIDEr"], metrics["ci95"]["model"].get("CIDEr"),
              metrics["baseline_most_frequent"]["CIDEr"], metrics["baseline_retrieval"]["CIDEr"],

@@ -100,7 +100,7 @@ def run(cfg: Config, layout: Layout | None = None) -> dict:
         cfg.register, cfg.dataset.name, layout.model, run_params(cfg), flat_metrics(metrics),
         learning_curves(layout),
         files=[layout.metrics, layout.samples, layout.predictions, layout.validation_markdown, layout.train_summary,
-               layout.learning_curve, layout.gallery],
+               layout.learning_curve, layout.gallery, layout.score_chart, layout.curve_chart],
         example_image=example,
         test_set=metrics.get("test_set"),
         serve=config_to_dict(cfg.serve),
