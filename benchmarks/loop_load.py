@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def build(root: Path, datasets: list[str], batches: int) -> tuple[Path, dict[str
                                              stamps[BASE_IMAGES + n * BATCH_IMAGES:BASE_IMAGES + (n + 1) * BATCH_IMAGES])
                             for n in range(batches)]
     new_project(project, overrides)
+    shutil.copytree(ROOT / "flows", project / "flows")   # the project's own flows: what the stack deploys and runs
     return project, folders
 
 

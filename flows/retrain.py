@@ -29,7 +29,7 @@ apply_offline_env()
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed_parts import on_cluster  # noqa: E402  (flows/embed_parts.py)
+from parts import STAGES_IN_PARTS, on_cluster  # noqa: E402  (flows/parts.py)
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the offline settings)
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
@@ -79,19 +79,19 @@ def push(dataset: str, project_dir: str) -> str | None:
 
 
 @flow(name="clipcap-retrain", flow_run_name="retrain-{dataset}")
-def retrain(project_dir: str = ".", dataset: str | None = None, embed_workers: int = 1,
+def retrain(project_dir: str = ".", dataset: str | None = None, parts: int = 1,
             dask_address: str | None = None, batch: str | None = None) -> dict:
     """Run fetch, and when it found something new validate -> embed -> train -> evaluate -> register for
-    ``dataset``; return the registration, or ``{"skipped": True, ...}`` when nothing was new. With
-    ``embed_workers`` > 1 the new images are encoded in that many parts at once (flows/embed_parts.py: this
-    machine's processes, or the workers of the Dask cluster at ``dask_address``) before the embed stage
-    merges them. ``batch``: the batch whose arrival started the run (its event's payload); the result and
+    ``dataset``; return the registration, or ``{"skipped": True, ...}`` when nothing was new. With ``parts``
+    > 1 the new images are encoded, and the test images captioned, in that many parts at once (flows/parts.py:
+    this machine's processes, or the workers of the Dask cluster at ``dask_address``) before the embed and
+    evaluate stages take the parts' work in. ``batch``: the batch whose arrival started the run (its event's payload); the result and
     the report say how many of its images are in the data the dataset's model now comes from."""
     project = Path(project_dir).resolve()
     dataset = dataset or dataset_names(read_params(project / "params.yaml"))[0]
     layout = Layout(project / Layout.of(dataset).root)
     with dvc_project.dataset_lock(project, dataset):
-        result = _retrain(project, dataset, layout, embed_workers, dask_address)
+        result = _retrain(project, dataset, layout, parts, dask_address)
         if batch:
             result["batch"] = {"name": batch, "images_in_data": images_of_batch(layout.manifest, batch)}
         create_markdown_artifact(key=_artifact_key(dataset), description=result.pop("summary"),
@@ -106,7 +106,7 @@ def _batch_line(batch: dict | None) -> str:
             "(the manifest this model was trained and tested on).\n")
 
 
-def _retrain(project: Path, dataset: str, layout: Layout, embed_workers: int, dask_address: str | None) -> dict:
+def _retrain(project: Path, dataset: str, layout: Layout, parts: int, dask_address: str | None) -> dict:
     """The run, under the dataset's lock; its result with the report's ``summary`` and ``report`` text."""
     logger = get_run_logger()
     dvc_project.keep_batches_folders(project, [dataset])  # its batches folder, kept in data.dvc (a stage dep)
@@ -119,8 +119,8 @@ def _retrain(project: Path, dataset: str, layout: Layout, embed_workers: int, da
                 "report": f"# {dataset}: skipped\n\n{reason.capitalize()}: no stage was out of date, nothing was trained.\n"}
     logger.info("%s: out of date: %s", dataset, ", ".join(stale))
     for stage in STAGES[1:]:
-        if stage == "embed" and embed_workers > 1:
-            on_cluster(dask_address)(str(project), dataset, embed_workers)
+        if stage in STAGES_IN_PARTS and parts > 1:
+            on_cluster(dask_address)(str(project), dataset, parts, stage)
         run_stage(f"{stage}@{dataset}", str(project))
     registered = read_json(layout.registered) | {"dataset": dataset, "skipped": False}
     registered["dvc_remote"] = push(dataset, str(project))

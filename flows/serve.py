@@ -1,6 +1,6 @@
 """One retraining deployment per dataset: on its schedule, and at once when new data is announced.
 
-    python flows/serve.py [--project DIR] [--dataset NAME ...] [--interval SECONDS] [--embed-workers N] [--dask ADDRESS]
+    python flows/serve.py [--project DIR] [--dataset NAME ...] [--interval SECONDS] [--parts N] [--dask ADDRESS]
     python flows/serve.py --work-pool NAME [same options]      # deploy to a work pool, then exit
 
 Each of params.yaml's ``datasets`` gets a deployment ``clipcap-retrain/retrain-<dataset>`` running
@@ -42,7 +42,7 @@ from clipcap.pipeline.batches import EVENT, dataset_resource  # noqa: E402
 FLOWS = Path(__file__).resolve().parent
 
 
-def deployments(project: Path, datasets: list[str], interval: float | None = None, embed_workers: int = 1,
+def deployments(project: Path, datasets: list[str], interval: float | None = None, parts: int = 1,
                 dask_address: str | None = None, flow=retrain) -> list:
     """One deployment of ``flow`` (the retraining flow, here or loaded from a source) per dataset, with its
     schedule and its new-data trigger; the trigger passes the event's batch to the run."""
@@ -50,7 +50,7 @@ def deployments(project: Path, datasets: list[str], interval: float | None = Non
     for dataset in datasets:
         cfg = load_config(project / "params.yaml", dataset)
         schedule = Interval(interval) if interval else Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)
-        parameters = {"project_dir": str(project), "dataset": dataset, "embed_workers": embed_workers,
+        parameters = {"project_dir": str(project), "dataset": dataset, "parts": parts,
                       "dask_address": dask_address}
         found.append(flow.to_deployment(
             name=f"retrain-{dataset}",
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", action="append", help="serve only these datasets (default: all of them)")
     parser.add_argument("--interval", type=float, default=None,
                         help="run every SECONDS instead of each dataset's schedule.cron")
-    parser.add_argument("--embed-workers", type=int, default=1,
-                        help="parts encoding new images at once (flows/embed_parts.py; default: 1)")
+    parser.add_argument("--parts", type=int, default=1,
+                        help="parts encoding new images, and captioning the test split, at once (flows/parts.py; "
+                             "default: 1)")
     parser.add_argument("--dask", default=os.environ.get("CLIPCAP_DASK_ADDRESS"),
                         help="run the parts on the Dask cluster at this scheduler address (default: "
                              "$CLIPCAP_DASK_ADDRESS; none: this machine's processes)")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                      "(prefect server start, or scripts/stack.sh)")
     project = Path(args.project).resolve()
     datasets = args.dataset or dataset_names(read_params(project / "params.yaml"))
-    options = (project, datasets, args.interval, args.embed_workers, args.dask)
+    options = (project, datasets, args.interval, args.parts, args.dask)
     if not args.work_pool:
         serve(*deployments(*options))
         return

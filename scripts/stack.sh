@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The team stack on this machine: a PostgreSQL server of its own, a Prefect server and an MLflow tracking
 # server (runs and registry) on it, an artifact store served over HTTP, a Dask scheduler with its workers
-# (the retraining runs encode new images in parts on them), one retraining deployment per dataset on a
-# Prefect work pool (flows/serve.py --work-pool) and the pool's workers, each taking one run at a time:
-# all on 127.0.0.1, each a process of its own as on separate machines.
+# (the retraining runs encode new images and caption the test split in parts on them), one retraining
+# deployment per dataset on a Prefect work pool (flows/serve.py --work-pool) and the pool's workers, each
+# taking one run at a time: all on 127.0.0.1, each a process of its own as on separate machines.
 #
 #   bash scripts/stack.sh start [--project DIR] [--interval SECONDS] [--db postgres|sqlite]
 #   eval "$(bash scripts/stack.sh env)"          # point this shell (clipcap, dvc, prefect) at it
@@ -19,11 +19,12 @@
 #
 # Settings (environment): CLIPCAP_STACK_DIR (state, logs, databases; default <project>/.stack),
 # CLIPCAP_PREFECT_PORT (4200), CLIPCAP_MLFLOW_PORT (5000), CLIPCAP_PG_PORT (5433), CLIPCAP_DASK_PORT
-# (8786), CLIPCAP_DASK_WORKERS (2: Dask workers, one thread each, and the parts each new-data run encodes
+# (8786), CLIPCAP_DASK_WORKERS (2: Dask workers, one thread each, and the parts each run encodes and captions
 # in), CLIPCAP_PREFECT_WORKERS (2: Prefect workers, so runs of 2 datasets at once), CLIPCAP_WORK_POOL
 # (clipcap). With the stack's variables set, the project uses it: PREFECT_API_URL for schedules and events,
 # MLFLOW_TRACKING_URI for runs and the registry (params.yaml's register.tracking_uri: null),
-# CLIPCAP_DASK_ADDRESS for embedding in parts. The README says how each piece scales out.
+# CLIPCAP_DASK_ADDRESS for work in parts. The flows run are the project's own flows/ when it has one, else
+# this clone's. The README says how each piece scales out.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 action=${1:-}; shift || true
@@ -42,6 +43,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 STACK=${CLIPCAP_STACK_DIR:-$PROJECT/.stack}
+FLOWS=$ROOT/flows
+if [ -f "$PROJECT/flows/serve.py" ]; then FLOWS=$PROJECT/flows; fi
 PREFECT_PORT=${CLIPCAP_PREFECT_PORT:-4200}
 MLFLOW_PORT=${CLIPCAP_MLFLOW_PORT:-5000}
 PG_PORT=${CLIPCAP_PG_PORT:-5433}
@@ -161,7 +164,7 @@ case "$action" in
       --backend-store-uri "$mlflow_store" --artifacts-destination "$STACK/mlartifacts"
     launch dask-scheduler dask scheduler --host 127.0.0.1 --port "$DASK_PORT" --no-dashboard
     for name in $(dask_workers); do   # the flows folder on the path: Prefect's tasks travel by module name
-      (cd "$PROJECT" && PYTHONPATH="$ROOT/flows:$PYTHONPATH" launch "$name" dask worker "$CLIPCAP_DASK_ADDRESS" \
+      (cd "$PROJECT" && PYTHONPATH="$FLOWS:$PYTHONPATH" launch "$name" dask worker "$CLIPCAP_DASK_ADDRESS" \
          --name "$name" --nthreads 1 --no-dashboard)
     done
     wait_for prefect-server "http://127.0.0.1:$PREFECT_PORT/api/health" 180
@@ -173,8 +176,8 @@ with Client(sys.argv[1], timeout=120) as client:
     client.wait_for_workers(int(sys.argv[2]), timeout=120)
 EOF
     then echo "stack.sh: the Dask cluster did not come up; see $STACK/dask-*.log" >&2; exit 1; fi
-    (cd "$PROJECT" && python "$ROOT/flows/serve.py" --project "$PROJECT" "${INTERVAL[@]}" --work-pool "$WORK_POOL" \
-       --embed-workers "$DASK_WORKERS" --dask "$CLIPCAP_DASK_ADDRESS" >"$STACK/deploy.log" 2>&1) \
+    (cd "$PROJECT" && python "$FLOWS/serve.py" --project "$PROJECT" "${INTERVAL[@]}" --work-pool "$WORK_POOL" \
+       --parts "$DASK_WORKERS" --dask "$CLIPCAP_DASK_ADDRESS" >"$STACK/deploy.log" 2>&1) \
       || { echo "stack.sh: the deployments were not created; see $STACK/deploy.log:" >&2; tail -20 "$STACK/deploy.log" >&2; exit 1; }
     for name in $(prefect_workers); do   # each takes one run at a time: runs of different datasets overlap
       (cd "$PROJECT" && launch "$name" prefect worker start --pool "$WORK_POOL" --type process --limit 1 --name "$name")

@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--part", default=None, metavar="I/N",
                                       help="encode only part I of N of the missing images (run the N parts in "
                                            "parallel, then plain 'clipcap embed' merges them)")
+        if stage == "evaluate":
+            stage_parser.add_argument("--part", default=None, metavar="I/N",
+                                      help="caption only part I of N of the test images (run the N parts in "
+                                           "parallel, then plain 'clipcap evaluate' scores them all)")
     verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
     verbs.add_parser("datasets", help="list the datasets params.yaml defines, one name per line")
     caption = verbs.add_parser("caption", help="caption images (files or folders) with a trained model")
@@ -271,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             stage = importlib.import_module(f"clipcap.pipeline.stages.{args.verb}")
             cfg = load_config(args.params, args.dataset)
             options = {"resume": args.resume} if args.verb == "train" else {}
-            if args.verb == "embed" and args.part:
-                options = {"part": stage.parse_part(args.part)}
+            if getattr(args, "part", None):   # embed, evaluate
+                options = {"part": importlib.import_module("clipcap.pipeline.parts").parse_part(args.part)}
             stage.run(cfg, **options)
     except (ClipcapError, FileNotFoundError) as err:  # a readable message; the traceback with -v
         if args.verbose:

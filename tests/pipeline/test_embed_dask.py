@@ -1,4 +1,4 @@
-"""Embedding fanned out on a Dask cluster (flows/embed_parts.py on prefect-dask's DaskTaskRunner): a
+"""Embedding fanned out on a Dask cluster (flows/parts.py on prefect-dask's DaskTaskRunner): a
 scheduler and two workers as processes of their own on 127.0.0.1, talking TCP as across machines. One
 worker is killed while it encodes its part: the flow still completes, the part runs again on the other
 worker, and the store holds every image with the single-process run's vector (to rounding)."""
@@ -42,7 +42,7 @@ def test_a_worker_killed_mid_part_costs_only_its_part(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     sys.path.insert(0, str(ROOT / "flows"))
-    from embed_parts import on_cluster
+    from parts import on_cluster
 
     project = new_project(tmp_path / "cluster", {"tuxpaint": {}})
     run(["dvc", "repro", "validate@tuxpaint"], project)

@@ -208,7 +208,7 @@ def test_named_writers_share_a_store_without_colliding_and_merge_indexes_them(tm
 
 
 def test_parts_split_the_images_once_and_evenly():
-    from clipcap.pipeline.stages.embed import in_part, parse_part
+    from clipcap.pipeline.parts import in_part, parse_part
 
     ids = [f"{n:064x}" for n in range(1000)]
     parts = [[i for i in ids if in_part(i, (k, 3))] for k in range(3)]

@@ -40,6 +40,7 @@ class Layout:
     metrics = property(lambda self: self.root / "metrics.json")
     score_chart = property(lambda self: self.root / "scores.png")  # evaluate: each system's scores, 95 % intervals
     curve_chart = property(lambda self: self.root / "learning_curve.png")  # evaluate: val loss and CIDEr per epoch
+    caption_parts = property(lambda self: self.root / "caption-parts")  # evaluate --part: test captions made ahead
     evaluation_dir = property(lambda self: self.root / "evaluation")
     predictions = property(lambda self: self.evaluation_dir / "predictions.jsonl")
     samples = property(lambda self: self.evaluation_dir / "samples.md")

@@ -2,7 +2,7 @@
 
 Scaled out, ``clipcap embed --part I/N`` encodes only part I of N of them (split by image id, so every
 process agrees without talking to the others), writing shards under its own name; run the N parts
-anywhere the store is reachable (``flows/embed_parts.py`` runs them as parallel Prefect tasks), then plain
+anywhere the store is reachable (``flows/parts.py`` runs them as parallel Prefect tasks), then plain
 ``clipcap embed`` (the DVC stage) finds nothing left to encode and merges the index.
 
 The stage also writes ``vectors.json``: a digest of the vectors the manifest's images map to, in manifest
@@ -28,6 +28,7 @@ from clipcap.fileio import read_json, write_json
 from clipcap.modeling.encoders import ImageEncoder, build_encoder, encode_images
 from clipcap.pipeline.embedding_store import EmbeddingStore, read_shard
 from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.parts import in_part, part_name
 
 log = logging.getLogger(__name__)
 VECTORS = "vectors.json"  # artifacts/<dataset>/vectors.json: what train, evaluate and register depend on
@@ -44,29 +45,13 @@ class EmbedStats:
     reused: int
 
 
-def parse_part(text: str) -> tuple[int, int]:
-    """``"I/N"`` (1 <= I <= N) -> (I - 1, N)."""
-    try:
-        number, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        number = count = 0
-    if not 1 <= number <= count:
-        raise ClipcapError(f"--part {text!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
-    return number - 1, count
-
-
-def in_part(image_id: str, part: tuple[int, int]) -> bool:
-    """Whether part ``(index, count)`` encodes ``image_id`` (a content hash: the parts come out even)."""
-    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % part[1] == part[0]
-
-
 def run(cfg: Config, layout: Layout | None = None, part: tuple[int, int] | None = None) -> EmbedStats:
     layout = layout or Layout.of(cfg.dataset.name)
     frame = read_manifest(layout.manifest)
     if part is not None:
         frame = frame[[in_part(i, part) for i in frame["image_id"]]]
     encoder = build_encoder(cfg.encoder.name)
-    writer = None if part is None else f"part{part[0] + 1}of{part[1]}"
+    writer = None if part is None else part_name(part)
     store = EmbeddingStore(layout.embeddings, encoder.key, writer=writer)
     stats = embed_missing(frame["image_id"].tolist(), frame["path"].tolist(), encoder, store,
                           batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers)

@@ -3,7 +3,11 @@ way: the most frequent training caption, nearest-neighbour retrieval, and, where
 classifier of its own (EfficientNet-Lite0's ImageNet head), "A <its top-1 label>." Each system also gets
 ``names_object``: the share of test images whose caption names their reference's head noun
 (:mod:`clipcap.naming`). Beside ``metrics.json`` it draws the scores and the learning curve
-(:mod:`clipcap.pipeline.charts`), which the gallery shows."""
+(:mod:`clipcap.pipeline.charts`), which the gallery shows.
+
+Scaled out, ``clipcap evaluate --part I/N`` only captions part I of N of the test images and keeps the
+captions (:mod:`clipcap.pipeline.caption_parts`); run the N parts anywhere the project is reachable
+(``flows/parts.py``), then the stage captions only what no part did, and scores everything."""
 
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from clipcap.fileio import write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.modeling.labels import encoder_labels, label_caption
 from clipcap.pipeline.charts import read_curve, score_table, write_curve_chart, write_score_chart
+from clipcap.pipeline.caption_parts import CaptionParts, captions_key
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
 from clipcap.pipeline.gallery import write_gallery
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
+from clipcap.pipeline.parts import in_part, part_name
 from clipcap.naming import names_object_rate
 from clipcap.pipeline.reports import domain_line, write_samples
 from clipcap.pipeline.scoring import caption_test_split
@@ -36,14 +42,43 @@ def test_set_digest(references: dict[str, list[str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run(cfg: Config, layout: Layout | None = None) -> dict:
+def caption_part(cfg: Config, layout: Layout, part: tuple[int, int]) -> dict:
+    """Caption part ``part`` of the test images and keep the captions for the stage; how many."""
+    (test_rows, test_emb), = split_data(layout, cfg.encoder.name, "test")
+    mine = [in_part(i, part) for i in test_rows["image_id"]]
+    ids = test_rows["image_id"][mine].tolist()
+    captioner = Captioner.load(layout.model, device=resolve_device(cfg.train.device))
+    captions = caption_test_split(captioner, test_emb[mine], cfg.evaluate) if ids else []
+    parts = CaptionParts(layout.caption_parts, captions_key(layout.model, config_to_dict(cfg.evaluate)))
+    path = parts.write(part_name(part), dict(zip(ids, captions)))
+    log.info("evaluate part %d/%d: %d of %d test images captioned -> %s", part[0] + 1, part[1], len(ids),
+             len(test_rows), path)
+    return {"part": f"{part[0] + 1}/{part[1]}", "captioned": len(ids)}
+
+
+def caption_missing(captioner: Captioner, ids: list[str], embeddings, cfg: Config, layout: Layout) -> list[str]:
+    """The test captions: those parts made for this very captioner and settings, the rest made here."""
+    parts = CaptionParts(layout.caption_parts, captions_key(layout.model, config_to_dict(cfg.evaluate)))
+    made = parts.read()
+    missing = [n for n, i in enumerate(ids) if i not in made]
+    if made:
+        log.info("%d test captions made by parts, %d to make here", len(ids) - len(missing), len(missing))
+    fresh = iter(caption_test_split(captioner, embeddings[missing], cfg.evaluate) if missing else [])
+    captions = [made[i] if i in made else next(fresh) for i in ids]
+    parts.consume()
+    return captions
+
+
+def run(cfg: Config, layout: Layout | None = None, part: tuple[int, int] | None = None) -> dict:
     layout = layout or Layout.of(cfg.dataset.name)
+    if part is not None:
+        return caption_part(cfg, layout, part)
     (test_rows, test_emb), (train_rows, train_emb) = split_data(layout, cfg.encoder.name, "test", "train")
     if len(test_rows) == 0:
         raise ClipcapError("the test split is empty: add data or raise split.test_fraction")
     captioner = Captioner.load(layout.model, device=resolve_device(cfg.train.device))
     ids = test_rows["image_id"].tolist()
-    predicted = caption_test_split(captioner, test_emb, cfg.evaluate)
+    predicted = caption_missing(captioner, ids, test_emb, cfg, layout)
     train_captions = train_rows["captions"].tolist()
     frequent = most_frequent_caption(train_captions)
     retrieved = retrieval_captions(train_emb, train_captions, test_emb)
