@@ -76,6 +76,8 @@ def write_curve_chart(curve: dict[str, list[float]], path: Path, title: str) -> 
     """Validation loss (left axis) and validation CIDEr (right axis) per epoch; a note when training logged
     no epoch."""
     plt = _figure()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     epochs = curve.get("epoch") or list(range(1, len(curve.get("val_loss", [])) + 1))
     if curve.get("val_loss"):
@@ -88,6 +90,7 @@ def write_curve_chart(curve: dict[str, list[float]], path: Path, title: str) -> 
         right.plot(epochs[:len(curve["val_CIDEr"])], curve["val_CIDEr"], marker="s", color="tab:orange")
         right.set_ylabel("validation CIDEr", color="tab:orange")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
     ax.set_title(title)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
