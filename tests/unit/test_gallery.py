@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 from PIL import Image
 
+from browser import rendered_dom
 from clipcap.pipeline.charts import score_table, write_score_chart
 from clipcap.pipeline.gallery import write_gallery
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=10000", "--dump-dom"]
 
 
 def test_every_thumbnail_renders_in_chromium_worst_first(tmp_path):
@@ -33,10 +28,7 @@ def test_every_thumbnail_renders_in_chromium_worst_first(tmp_path):
     write_score_chart(score_table({"model": {"CIDEr": 1.0}, "baseline_retrieval": {"CIDEr": 0.5}}), chart, "scores")
     write_gallery(page, records, "clipcap-test: captions", charts=[chart])
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Chromium is needed for this test: scripts/test.sh installs Debian's chromium"
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = rendered_dom(page, tmp_path / "profile")
     charts = re.findall(r'<img class="chart"[^>]*>', dom)
     assert len(charts) == 1 and 'data-shown="800x400"' in charts[0], charts   # decoded at its full size
     thumbnails = [img for img in re.findall(r"<img [^>]*>", dom) if 'class="chart"' not in img]
