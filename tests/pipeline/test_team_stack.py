@@ -30,18 +30,11 @@ def _pids(status: str) -> dict[str, int]:
     return {name: int(pid) for name, pid in re.findall(r"^(\S+): running \(pid (\d+)", status, re.MULTILINE)}
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, group: bool = False) -> bool:
+    """Whether process ``pid`` runs; with ``group``, whether any process is left in the group it leads (each
+    process the stack launches starts its own)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _group_alive(pid: int) -> bool:
-    """Whether any process is left in the process group ``pid`` leads (each stack process starts its own)."""
-    try:
-        os.killpg(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     return True
@@ -71,7 +64,8 @@ def test_the_stack_keeps_its_registry_and_deployments_in_postgres_across_a_resta
         stopped = run([*stack, "stop", "--project", str(project)], project, env)
         assert "postgres: stopped" in stopped and "prefect-server: stopped" in stopped, stopped
         assert "running" not in run([*stack, "status", "--project", str(project)], project, env)
-        left = {name: pid for name, pid in pids.items() if _alive(pid) or (name != "postgres" and _group_alive(pid))}
+        left = {name: pid for name, pid in pids.items()
+                if _alive(pid) or (name != "postgres" and _alive(pid, group=True))}
         assert not left, f"still running after stop: {left}"
         with pytest.raises(httpx.ConnectError):
             httpx.get(env["PREFECT_API_URL"] + "/health", timeout=5)
