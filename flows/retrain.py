@@ -85,8 +85,8 @@ def retrain(project_dir: str = ".", dataset: str | None = None, parts: int = 1,
     ``dataset``; return the registration, or ``{"skipped": True, ...}`` when nothing was new. With ``parts``
     > 1 the new images are encoded, and the test images captioned, in that many parts at once (flows/parts.py:
     this machine's processes, or the workers of the Dask cluster at ``dask_address``) before the embed and
-    evaluate stages take the parts' work in. ``batch``: the batch whose arrival started the run (its event's payload); the result and
-    the report say how many of its images are in the data the dataset's model now comes from."""
+    evaluate stages take the parts' work in. ``batch``: the batch whose arrival started the run (its event's
+    payload); the result and the report say how many of its images are in the data the model now comes from."""
     project = Path(project_dir).resolve()
     dataset = dataset or dataset_names(read_params(project / "params.yaml"))[0]
     layout = Layout(project / Layout.of(dataset).root)
@@ -116,7 +116,8 @@ def _retrain(project: Path, dataset: str, layout: Layout, parts: int, dask_addre
         reason = "nothing new since the last run"
         logger.info("%s: %s; skipped (trained nothing)", dataset, reason)
         return {"dataset": dataset, "skipped": True, "reason": reason, "summary": f"{dataset}: skipped",
-                "report": f"# {dataset}: skipped\n\n{reason.capitalize()}: no stage was out of date, nothing was trained.\n"}
+                "report": f"# {dataset}: skipped\n\n{reason.capitalize()}: no stage was out of date, "
+                          "nothing was trained.\n"}
     logger.info("%s: out of date: %s", dataset, ", ".join(stale))
     for stage in STAGES[1:]:
         if stage in STAGES_IN_PARTS and parts > 1:

@@ -111,24 +111,17 @@ pg_start() {  # initialise (first start only), start, and create the prefect and
   done
 }
 
-wait_for() {  # name url seconds
-  local name=$1 url=$2 deadline=$(( $(date +%s) + $3 ))
-  until python - "$url" <<'EOF' 2>/dev/null
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1], timeout=2)
-EOF
-  do
-    if ! running "$name"; then echo "stack.sh: $name exited; see $STACK/$name.log:" >&2; tail -20 "$STACK/$name.log" >&2; exit 1; fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then echo "stack.sh: $name not healthy at $url after $3 s; see $STACK/$name.log" >&2; exit 1; fi
-    sleep 1
-  done
+http_ok() {  # url: whether it answers
+  python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null
 }
 
-wait_for_log() {  # name pattern seconds: until the process's log shows pattern
-  local name=$1 deadline=$(( $(date +%s) + $3 ))
-  until grep -q "$2" "$STACK/$name.log" 2>/dev/null; do
+wait_until() {  # name seconds command...: until the command succeeds; fails when the process name exits first
+  local name=$1 seconds=$2 deadline=$(( $(date +%s) + $2 )); shift 2
+  until "$@"; do
     if ! running "$name"; then echo "stack.sh: $name exited; see $STACK/$name.log:" >&2; tail -20 "$STACK/$name.log" >&2; exit 1; fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then echo "stack.sh: $name not ready after $3 s; see $STACK/$name.log" >&2; exit 1; fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "stack.sh: $name not ready after $seconds s ($*); see $STACK/$name.log" >&2; exit 1
+    fi
     sleep 1
   done
 }
@@ -167,8 +160,8 @@ case "$action" in
       (cd "$PROJECT" && PYTHONPATH="$FLOWS:$PYTHONPATH" launch "$name" dask worker "$CLIPCAP_DASK_ADDRESS" \
          --name "$name" --nthreads 1 --no-dashboard)
     done
-    wait_for prefect-server "http://127.0.0.1:$PREFECT_PORT/api/health" 180
-    wait_for mlflow-server "http://127.0.0.1:$MLFLOW_PORT/health" 180
+    wait_until prefect-server 180 http_ok "http://127.0.0.1:$PREFECT_PORT/api/health"
+    wait_until mlflow-server 180 http_ok "http://127.0.0.1:$MLFLOW_PORT/health"
     if ! python - "$CLIPCAP_DASK_ADDRESS" "$DASK_WORKERS" <<'EOF'
 import sys
 from distributed import Client
@@ -182,7 +175,7 @@ EOF
     for name in $(prefect_workers); do   # each takes one run at a time: runs of different datasets overlap
       (cd "$PROJECT" && launch "$name" prefect worker start --pool "$WORK_POOL" --type process --limit 1 --name "$name")
     done
-    for name in $(prefect_workers); do wait_for_log "$name" "started" 180; done
+    for name in $(prefect_workers); do wait_until "$name" 180 grep -q started "$STACK/$name.log"; done
     echo "Prefect: http://127.0.0.1:$PREFECT_PORT (work pool $WORK_POOL, $PREFECT_WORKERS workers)   MLflow: http://127.0.0.1:$MLFLOW_PORT   Dask: $CLIPCAP_DASK_ADDRESS ($DASK_WORKERS workers)   stores: $DB   logs: $STACK/*.log"
     echo "Point a shell at them:  eval \"\$(bash scripts/stack.sh env)\"" ;;
   status)

@@ -59,6 +59,14 @@ def _version() -> str:
     return f"clipcap {clipcap.__version__} ({Path(clipcap.__file__).resolve().parent})"
 
 
+PART_HELP = {  # the stages whose per-image work runs in parts (clipcap.pipeline.parts)
+    "embed": "encode only part I of N of the missing images (run the N parts in parallel, then plain "
+             "'clipcap embed' merges them)",
+    "evaluate": "caption only part I of N of the test images (run the N parts in parallel, then plain "
+                "'clipcap evaluate' scores them all)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,14 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         if stage == "train":
             stage_parser.add_argument("--resume", action="store_true",
                                       help="continue from the newest checkpoint of an interrupted run")
-        if stage == "embed":
-            stage_parser.add_argument("--part", default=None, metavar="I/N",
-                                      help="encode only part I of N of the missing images (run the N parts in "
-                                           "parallel, then plain 'clipcap embed' merges them)")
-        if stage == "evaluate":
-            stage_parser.add_argument("--part", default=None, metavar="I/N",
-                                      help="caption only part I of N of the test images (run the N parts in "
-                                           "parallel, then plain 'clipcap evaluate' scores them all)")
+        if stage in PART_HELP:
+            stage_parser.add_argument("--part", default=None, metavar="I/N", help=PART_HELP[stage])
     verbs.add_parser("summary", help="print the metrics, samples and registered model of the last run")
     verbs.add_parser("datasets", help="list the datasets params.yaml defines, one name per line")
     caption = verbs.add_parser("caption", help="caption images (files or folders) with a trained model")

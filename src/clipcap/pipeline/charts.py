@@ -41,57 +41,61 @@ def read_curve(path: Path) -> dict[str, list[float]]:
     return {column: [float(row[column]) for row in rows if row[column] not in ("", None)] for column in columns}
 
 
-def _figure():
+def _chart(path: Path, title: str, draw) -> None:
+    """An 800 x 400 PNG at ``path`` (written whole), titled ``title``: ``draw(axes)`` fills it."""
     import matplotlib
 
     matplotlib.use("Agg")   # files only, no display
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    try:
+        draw(ax)
+        ax.set_title(title)
+        fig.tight_layout()
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_score_chart(table: dict, path: Path, title: str) -> None:
     """Grouped bars, one group per metric, one bar per system, each with its 95 % interval."""
-    plt = _figure()
     metrics = [m for m in METRICS if any(m in scores for scores in table.values())]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     width = 0.8 / max(len(table), 1)
-    for n, (system, scores) in enumerate(table.items()):
-        xs = [i + (n - (len(table) - 1) / 2) * width for i, m in enumerate(metrics) if m in scores]
-        values = [scores[m] for m in metrics if m in scores]
-        heights = [v[0] for v in values]
-        # a bootstrap interval of a corpus-level score need not hold the score itself: no bar below zero
-        errors = [[max(v[0] - v[1], 0.0) for v in values], [max(v[2] - v[0], 0.0) for v in values]]
-        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=system)
-    ax.set_xticks(range(len(metrics)), metrics)
-    ax.set_ylabel("score on the test split (95 % interval)")
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+
+    def draw(ax) -> None:
+        for n, (system, scores) in enumerate(table.items()):
+            xs = [i + (n - (len(table) - 1) / 2) * width for i, m in enumerate(metrics) if m in scores]
+            values = [scores[m] for m in metrics if m in scores]
+            heights = [v[0] for v in values]
+            # a bootstrap interval of a corpus-level score need not hold the score itself: no bar below zero
+            errors = [[max(v[0] - v[1], 0.0) for v in values], [max(v[2] - v[0], 0.0) for v in values]]
+            ax.bar(xs, heights, width, yerr=errors, capsize=3, label=system)
+        ax.set_xticks(range(len(metrics)), metrics)
+        ax.set_ylabel("score on the test split (95 % interval)")
+        ax.legend(frameon=False)
+
+    _chart(path, title, draw)
 
 
 def write_curve_chart(curve: dict[str, list[float]], path: Path, title: str) -> None:
     """Validation loss (left axis) and validation CIDEr (right axis) per epoch; a note when training logged
     no epoch."""
-    plt = _figure()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     epochs = curve.get("epoch") or list(range(1, len(curve.get("val_loss", [])) + 1))
-    if curve.get("val_loss"):
-        ax.plot(epochs[:len(curve["val_loss"])], curve["val_loss"], marker="o", color="tab:blue", label="val loss")
-        ax.set_ylabel("validation loss", color="tab:blue")
-    else:
-        ax.text(0.5, 0.5, "no epoch logged", ha="center", va="center", transform=ax.transAxes)
-    if curve.get("val_CIDEr"):
-        right = ax.twinx()
-        right.plot(epochs[:len(curve["val_CIDEr"])], curve["val_CIDEr"], marker="s", color="tab:orange")
-        right.set_ylabel("validation CIDEr", color="tab:orange")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
-    ax.set_title(title)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+
+    def draw(ax) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        if curve.get("val_loss"):
+            ax.plot(epochs[:len(curve["val_loss"])], curve["val_loss"], marker="o", color="tab:blue")
+            ax.set_ylabel("validation loss", color="tab:blue")
+        else:
+            ax.text(0.5, 0.5, "no epoch logged", ha="center", va="center", transform=ax.transAxes)
+        if curve.get("val_CIDEr"):
+            right = ax.twinx()
+            right.plot(epochs[:len(curve["val_CIDEr"])], curve["val_CIDEr"], marker="s", color="tab:orange")
+            right.set_ylabel("validation CIDEr", color="tab:orange")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
+
+    _chart(path, title, draw)

@@ -42,6 +42,11 @@ def test_set_digest(references: dict[str, list[str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _caption_parts(cfg: Config, layout: Layout) -> CaptionParts:
+    """Where parts keep test captions for this captioner and these ``evaluate`` settings."""
+    return CaptionParts(layout.caption_parts, captions_key(layout.model, config_to_dict(cfg.evaluate)))
+
+
 def caption_part(cfg: Config, layout: Layout, part: tuple[int, int]) -> dict:
     """Caption part ``part`` of the test images and keep the captions for the stage; how many."""
     (test_rows, test_emb), = split_data(layout, cfg.encoder.name, "test")
@@ -49,8 +54,7 @@ def caption_part(cfg: Config, layout: Layout, part: tuple[int, int]) -> dict:
     ids = test_rows["image_id"][mine].tolist()
     captioner = Captioner.load(layout.model, device=resolve_device(cfg.train.device))
     captions = caption_test_split(captioner, test_emb[mine], cfg.evaluate) if ids else []
-    parts = CaptionParts(layout.caption_parts, captions_key(layout.model, config_to_dict(cfg.evaluate)))
-    path = parts.write(part_name(part), dict(zip(ids, captions)))
+    path = _caption_parts(cfg, layout).write(part_name(part), dict(zip(ids, captions)))
     log.info("evaluate part %d/%d: %d of %d test images captioned -> %s", part[0] + 1, part[1], len(ids),
              len(test_rows), path)
     return {"part": f"{part[0] + 1}/{part[1]}", "captioned": len(ids)}
@@ -58,7 +62,7 @@ def caption_part(cfg: Config, layout: Layout, part: tuple[int, int]) -> dict:
 
 def caption_missing(captioner: Captioner, ids: list[str], embeddings, cfg: Config, layout: Layout) -> list[str]:
     """The test captions: those parts made for this very captioner and settings, the rest made here."""
-    parts = CaptionParts(layout.caption_parts, captions_key(layout.model, config_to_dict(cfg.evaluate)))
+    parts = _caption_parts(cfg, layout)
     made = parts.read()
     missing = [n for n, i in enumerate(ids) if i not in made]
     if made:
