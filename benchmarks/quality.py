@@ -102,14 +102,15 @@ def main() -> None:
     parser.add_argument("--k0-epochs", type=int, default=None,
                         help="epochs of the paper configuration (default: the default's); its steps cost about "
                              "half as much (no retrieval prompt), so twice the epochs take the same training time")
-    parser.add_argument("--model-only", action="store_true", help="leave out the paper configuration")
+    parser.add_argument("--configs", nargs="+", choices=("model", "model_k0"), default=["model", "model_k0"],
+                        help="which to train: model (params.yaml as it is), model_k0 (the paper configuration)")
     args = parser.parse_args()
     base = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
     k0 = dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0),
                              entities=dataclasses.replace(base.entities, source="none"),
                              train=dataclasses.replace(base.train, epochs=args.k0_epochs or base.train.epochs))
-    configs = {"model": base} if args.model_only else {"model": base, "model_k0": k0}
+    configs = {name: cfg for name, cfg in {"model": base, "model_k0": k0}.items() if name in args.configs}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     started = time.time()
     machine = f"cpu-{slug(cpu_model())}"
@@ -131,12 +132,12 @@ def main() -> None:
 
 
 def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, args, started: float) -> None:
-    first = runs["model"][0]
-    seeds = args.seeds[: len(runs["model"])]
+    lead = runs[next(iter(runs))]
+    first, seeds = lead[0], args.seeds[: len(lead)]
     results = {name: {m: summarise([r["model"][m] for r in found]) for m in METRICS} for name, found in runs.items()}
     for name, found in runs.items():  # the time budget each configuration took (train stage, wall clock)
         results[name]["train_seconds"] = summarise([r["train_seconds"] for r in found])
-    if all(r.get("retrieval_learned") for r in runs["model"]):   # the model's search alone, per seed
+    if "model" in runs and all(r.get("retrieval_learned") for r in runs["model"]):   # the model's search alone, per seed
         results["retrieval_learned"] = {m: summarise([r["retrieval_learned"][m] for r in runs["model"]])
                                         for m in METRICS}
     for key, system in SYSTEMS.items():
