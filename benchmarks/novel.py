@@ -97,29 +97,42 @@ def run_one(cfg, source: Path, category: str, workdir: Path, threads: int | None
     return evaluate.run(cfg, layout) | seconds
 
 
-def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
-    """Caption a kept run's held-out images again with the current inference code, its captioner's entity
-    head set to ``cfg.entities``' inference settings (top_k, threshold, novel_confidence, and the novelty
-    thresholds from its datastore, as training computes them); no training."""
-    import torch
-
+def refresh_entities(cfg, model: Path) -> None:
+    """Set a kept captioner's entity head to ``cfg.entities``' inference settings: top_k, threshold,
+    novel_confidence, the novelty thresholds from its datastore (as training computes them) and, for the
+    encoder's classifier, the current ImageNet noun table and general nouns (the head's weights are the
+    classifier's, unchanged). Rewrites its config.json."""
+    from clipcap.modeling.entities import imagenet_general, imagenet_nouns
     from clipcap.modeling.retrieval import CaptionDatastore
     from clipcap.pipeline.entity_heads import neighbour_similarities
 
-    if threads:
-        torch.set_num_threads(threads)
-    layout = Layout(workdir)
-    config = json.loads((layout.model / "config.json").read_text())
-    if "entities" in config and config.get("retrieval", {}).get("k"):
-        store = CaptionDatastore.load(layout.model)
+    config = json.loads((model / "config.json").read_text())
+    if "entities" not in config:
+        return
+    entities = config["entities"]
+    entities.update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
+                    novel_confidence=cfg.entities.novel_confidence)
+    if entities["source"] == "classifier":
+        entities.update(nouns=imagenet_nouns(), general=imagenet_general())
+    if config.get("retrieval", {}).get("k"):
+        store = CaptionDatastore.load(model)
         first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
         novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
                                                  [cfg.entities.novel_quantile, cfg.entities.familiar_quantile],
                                                  cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-        config["entities"].update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
-                                  novel_confidence=cfg.entities.novel_confidence, novel_similarity=novel,
-                                  familiar_similarity=familiar)
-        (layout.model / "config.json").write_text(json.dumps(config, indent=2))
+        entities.update(novel_similarity=novel, familiar_similarity=familiar)
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
+    """Caption a kept run's held-out images again with the current inference code and settings
+    (:func:`refresh_entities`); no training."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    layout = Layout(workdir)
+    refresh_entities(cfg, layout.model)
     timing = workdir / TIMING_FILE
     return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})
 

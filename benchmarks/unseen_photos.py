@@ -7,6 +7,7 @@ baselines ``clipcap evaluate`` scores. A caption names the photo's main object w
 (lemmatised) is one of ``MAIN_OBJECT``'s for that photo; the last row counts them per system.
 
     python benchmarks/unseen_photos.py [--dataset tuxpaint] [--model artifacts/<dataset>/model] [--artifacts artifacts/<dataset>]
+                                       [--refresh]
 
 Prints a Markdown table (and writes it to ``--output`` when given).
 """
@@ -68,10 +69,17 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="default: artifacts/<dataset>")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--refresh", action="store_true",
+                        help="first set the model's entity head to params.yaml's inference settings and the current "
+                             "noun table (a model kept from an earlier commit; rewrites its config.json)")
     args = parser.parse_args()
     cfg = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(cfg.dataset.name).root
     args.model = args.model or str(args.artifacts / "model")
+    if args.refresh:
+        from novel import refresh_entities  # benchmarks/novel.py
+
+        refresh_entities(cfg, Path(args.model))
     captioner = Captioner.load(args.model)
     (rows, embeddings), = split_data(Layout(args.artifacts), captioner.config["encoder"], "train")
     training = CaptionDatastore.build(embeddings, [c[0] for c in rows["captions"]], rows["image_id"].tolist())

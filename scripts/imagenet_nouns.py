@@ -15,6 +15,12 @@ time needs WordNet. The rule, in order, for a class's synset:
    beagle -> dog, espresso -> coffee, sorrel -> horse;
 3. else the last word of its own first name (banana, broccoli, ladybug, moped, brown bear -> bear), or of
    the first name on its hypernym path that is not a proper name (Granny Smith -> eating apple -> apple).
+
+Beside each class's own noun, a few general nouns (``GENERAL``) gather the classes under them in WordNet, so
+the head can name what no single class is sure of: ImageNet has no class for a person, but 3 classes of people
+and ~80 of things people wear (military uniform, suit, football helmet: a photo of one mostly shows it worn);
+a building seen from afar spreads over stupa, palace, monastery, boathouse. The classes of each are listed
+under ``general`` (class indices), and the head adds their probabilities.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ TOO_GENERAL = frozenset(
     "material equipment implement conveyance vehicle wheeled_vehicle self-propelled_vehicle craft vessel "
     "invertebrate vertebrate chordate placental mammal carnivore arthropod vascular_plant produce edible_fruit "
     "instrument protection clothing garment game tool machine piece system creation decoration article".split())
+
+GENERAL = {"person": ("person", "clothing"), "building": ("building",), "flower": ("flower",)}  # noun -> the
+# synsets (first noun sense of each lemma) whose hyponyms it gathers
 
 
 def read_synsets() -> dict[str, tuple[list[str], list[str]]]:
@@ -100,6 +109,33 @@ def everyday_noun(offset: str, synsets, counts) -> str:
     return common.replace("-", "_").split("_")[-1].lower()
 
 
+def first_sense(lemma: str) -> str:
+    """The synset offset of ``lemma``'s first noun sense."""
+    for line in (WORDNET / "index.noun").read_text(encoding="latin-1").splitlines():
+        fields = line.split()
+        if fields and fields[0] == lemma:
+            return fields[-int(fields[2])]
+    raise KeyError(lemma)
+
+
+def ancestors(offset: str, synsets) -> set[str]:
+    """Every synset above ``offset`` in WordNet (all hypernym paths), itself included."""
+    seen, todo = set(), [offset]
+    while todo:
+        at = todo.pop()
+        if at not in seen:
+            seen.add(at)
+            todo.extend(synsets[at][1])
+    return seen
+
+
+def general_classes(wnids: list[str], synsets) -> dict[str, list[int]]:
+    """``GENERAL``'s nouns -> the indices of the classes under any of their synsets."""
+    above = [ancestors(wnid[1:], synsets) for wnid in wnids]
+    roots = {noun: {first_sense(lemma) for lemma in lemmas} for noun, lemmas in GENERAL.items()}
+    return {noun: [index for index, found in enumerate(above) if found & offsets] for noun, offsets in roots.items()}
+
+
 def main() -> None:
     import timm
 
@@ -108,8 +144,11 @@ def main() -> None:
     wnids = (Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt").read_text().split()
     synsets, counts = read_synsets(), read_counts()
     nouns = [everyday_noun(wnid[1:], synsets, counts) for wnid in wnids]
-    OUT.write_text(json.dumps({"source": "WordNet 3.0 via scripts/imagenet_nouns.py", "nouns": nouns}, indent=0) + "\n")
-    print(f"wrote {OUT}: {len(nouns)} classes, {len(set(nouns))} nouns")
+    general = general_classes(wnids, synsets)
+    OUT.write_text(json.dumps({"source": "WordNet 3.0 via scripts/imagenet_nouns.py", "nouns": nouns,
+                               "general": general}, indent=0) + "\n")
+    print(f"wrote {OUT}: {len(nouns)} classes, {len(set(nouns))} nouns; general: "
+          + ", ".join(f"{noun} {len(found)} classes" for noun, found in general.items()))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from clipcap.config import Config, ConfigError, EntitiesConfig, LMConfig, Mapper
 from clipcap.modeling.captioner import Captioner, save_captioner
 from clipcap.modeling.decode import GREEDY, caption_nll, generate_captions
 from clipcap.modeling.encoders import build_encoder, encode_images
-from clipcap.modeling.entities import EntityHead, EntitySettings, classifier_head, imagenet_nouns, zero_shot_head
+from clipcap.modeling.entities import (EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns,
+                                       zero_shot_head)
 from clipcap.modeling.labels import encoder_labels
 from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
@@ -41,6 +42,32 @@ def test_a_softmax_head_sums_the_classes_of_one_noun():
     assert head.settings.vocabulary == ["cat", "dog"]
     torch.testing.assert_close(probabilities, torch.tensor([[0.6, 0.4]]))
     assert head.entities(logits) == [["cat", "dog"]]
+
+
+def test_a_general_noun_adds_up_the_classes_it_gathers_beside_their_own_nouns():
+    """No class is a person, but a uniform (0.35), a suit (0.15) and a tie (0.1) are worn: "person" (0.6) comes
+    first, each class still counts for its own noun, and a class outside the general noun adds nothing to it."""
+    logits = torch.log(torch.tensor([[0.35, 0.15, 0.1, 0.4]]))
+    settings = EntitySettings("classifier", ["uniform", "suit", "tie", "bobsled"], "softmax", 1.0, False, 3, 0.2,
+                              general={"person": [0, 1, 2]})
+    head = EntityHead(settings, torch.eye(4))
+    assert settings.vocabulary == ["uniform", "suit", "tie", "bobsled", "person"]
+    torch.testing.assert_close(head.noun_probabilities(logits), torch.tensor([[0.35, 0.15, 0.1, 0.4, 0.6]]))
+    assert head.entities(logits) == [["person", "bobsled", "uniform"]]
+    with pytest.raises(ValueError, match="among the head's 4"):
+        EntitySettings("classifier", ["uniform", "suit", "tie", "bobsled"], general={"person": [0, 4]})
+    with pytest.raises(ValueError, match="softmax"):
+        EntitySettings("tagger", ["cat"], "sigmoid", general={"animal": [0]})
+
+
+def test_imagenet_general_nouns_gather_people_and_what_they_wear_and_buildings():
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    general = {noun: {_IMAGENET_CATEGORIES[i] for i in classes} for noun, classes in imagenet_general().items()}
+    assert {"military uniform", "suit", "football helmet", "scuba diver", "groom"} <= general["person"]
+    assert {"stupa", "palace", "monastery", "church"} <= general["building"]
+    assert "daisy" in general["flower"]
+    assert not general["person"] & {"bobsled", "Egyptian cat", "espresso", "bell cote"}
 
 
 def test_threshold_and_top_k_choose_the_entities():
@@ -77,15 +104,24 @@ def test_imagenet_classes_map_to_everyday_nouns(imagenet_class, noun):
     assert len(nouns) == 1000 and nouns[imagenet_class] == noun
 
 
-def test_the_classifier_names_a_real_cat_and_coffee_by_their_everyday_nouns():
+def grace_hopper() -> Image.Image:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        return Image.open(handle).convert("RGB")
+
+
+def test_the_classifier_names_a_real_cat_coffee_and_person_by_their_everyday_nouns():
     """skimage's cat is "Egyptian cat" (0.79) to EfficientNet-Lite0, with tabby and tiger cat after it:
-    their sum names "cat"; the coffee ("espresso") names "coffee"."""
+    their sum names "cat"; the coffee ("espresso") names "coffee"; Grace Hopper (military uniform 0.39, suit,
+    bulletproof vest, Windsor tie: what she wears) names "person"."""
     encoder = build_encoder("efficientnet-lite0")
     head = classifier_head(encoder_labels(encoder).head, top_k=3, threshold=0.2)
-    photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
-    embeddings = torch.cat(list(encode_images(encoder, photos, batch_size=2)))
-    cat, coffee = head.entities(embeddings)
+    photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee()), grace_hopper()]
+    embeddings = torch.cat(list(encode_images(encoder, photos, batch_size=3)))
+    cat, coffee, officer = head.entities(embeddings)
     assert cat[0] == "cat" and coffee[0] == "coffee"
+    assert officer[0] == "person" and "uniform" in officer   # no class is a person; her uniform, suit, tie are worn
     assert head.noun_probabilities(embeddings)[0].max() > encoder_labels(encoder).top(embeddings, 1)[0][0].probability
 
 

@@ -10,7 +10,9 @@ output class, stored with the captioner (``entities.safetensors`` + the ``entiti
 
 - ``classifier``: the encoder's own classifier (EfficientNet-Lite0's ImageNet head), its 1,000 classes
   mapped to everyday nouns (``imagenet_nouns.json``: tabby -> cat, espresso -> coffee); the softmax
-  probabilities of the classes of one noun are summed;
+  probabilities of the classes of one noun are summed, and so are those of the classes a general noun
+  gathers (``general``: person <- military uniform, suit, scuba diver; building <- stupa, palace), so a
+  photo of a person, a class ImageNet lacks, is named from what the person wears;
 - ``zero_shot``: an open_clip model's text tower over a vocabulary (:func:`zero_shot_head`): the
   vocabulary's text embeddings, a prompt ensemble per noun, are the layer; softmax at a low temperature;
 - ``tagger``: a multi-label layer fitted in seconds to the training captions' nouns
@@ -65,12 +67,19 @@ class EntitySettings:
     novel_confidence: float | None = None  # with a datastore: so is one less similar than ``familiar_similarity``
     familiar_similarity: float | None = None  # whose likeliest noun is at least ``novel_confidence`` probable and
                                               # named by none of its retrieved captions
+    general: dict[str, list[int]] = field(default_factory=dict)  # softmax: a general noun -> the classes it
+                                                                  # gathers (beside each class's own noun)
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"entities.activation {self.activation!r} is not one of {ACTIVATIONS}")
-        object.__setattr__(self, "vocabulary", list(dict.fromkeys(self.nouns)))
+        if self.general and self.activation != "softmax":
+            raise ValueError("entities.general needs a softmax head (its classes' probabilities are added)")
+        for noun, classes in self.general.items():
+            if not classes or not all(0 <= c < len(self.nouns) for c in classes):
+                raise ValueError(f"entities.general {noun!r}: classes must be among the head's {len(self.nouns)}")
+        object.__setattr__(self, "vocabulary", list(dict.fromkeys([*self.nouns, *self.general])))
 
 
 @dataclass(frozen=True)
@@ -95,21 +104,25 @@ class EntityHead:
         self.bias = torch.zeros(len(weight)) if bias is None else bias.float()
         index = {noun: i for i, noun in enumerate(settings.vocabulary)}
         self.groups = torch.tensor([index[noun] for noun in settings.nouns])
+        # softmax: which classes each noun adds up (a class counts for its own noun and each general noun over it)
+        self.members = torch.zeros(len(settings.nouns), len(settings.vocabulary))
+        self.members[torch.arange(len(settings.nouns)), self.groups] = 1.0
+        for noun, classes in settings.general.items():
+            self.members[classes, index[noun]] = 1.0
 
     def noun_probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(images, vocabulary): each noun's probability (softmax: the sum over its classes; sigmoid: the
-        highest of its classes)."""
+        """(images, vocabulary): each noun's probability (softmax: the sum over its classes, a general noun's
+        over the classes it gathers; sigmoid: the highest of its classes)."""
         x = embeddings.float()
         if self.center is not None:
             x = F.normalize(x, dim=-1) - self.center
         if self.settings.normalize:
             x = F.normalize(x, dim=-1)
         logits = (x @ self.weight.T + self.bias) / self.settings.temperature
-        vocabulary = len(self.settings.vocabulary)
         if self.settings.activation == "softmax":
-            out = torch.zeros(len(x), vocabulary).index_add_(1, self.groups, logits.softmax(dim=-1))
-        else:
-            out = torch.zeros(len(x), vocabulary).scatter_reduce_(
+            return logits.softmax(dim=-1) @ self.members
+        vocabulary = len(self.settings.vocabulary)
+        out = torch.zeros(len(x), vocabulary).scatter_reduce_(
                 1, self.groups.expand(len(x), -1), logits.sigmoid(), "amax", include_self=False)
         return out
 
@@ -173,9 +186,18 @@ def novel_images(named: list[Named], retrieved: list[list[str]], nearest: list[f
             for found, captions, similarity in zip(named, retrieved, nearest)]
 
 
+def _imagenet_table() -> dict:
+    return json.loads(resources.files("clipcap.modeling").joinpath("imagenet_nouns.json").read_text())
+
+
 def imagenet_nouns() -> list[str]:
     """The everyday noun of each ImageNet class, in class order (scripts/imagenet_nouns.py made the table)."""
-    return json.loads(resources.files("clipcap.modeling").joinpath("imagenet_nouns.json").read_text())["nouns"]
+    return _imagenet_table()["nouns"]
+
+
+def imagenet_general() -> dict[str, list[int]]:
+    """The general nouns over ImageNet's classes (person, building, flower) -> the classes each gathers."""
+    return _imagenet_table()["general"]
 
 
 def classifier_head(classifier: torch.nn.Linear, top_k: int = 3, threshold: float = 0.2) -> EntityHead:
@@ -183,7 +205,8 @@ def classifier_head(classifier: torch.nn.Linear, top_k: int = 3, threshold: floa
     nouns = imagenet_nouns()
     if classifier.out_features != len(nouns):
         raise ValueError(f"an ImageNet classifier has {len(nouns)} classes, this one {classifier.out_features}")
-    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold)
+    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold,
+                              general=imagenet_general())
     return EntityHead(settings, classifier.weight.detach(), classifier.bias.detach())
 
 

@@ -9,7 +9,7 @@ import torch
 
 from clipcap.config import Config, ConfigError
 from clipcap.modeling.encoders import OpenClipEncoder, build_encoder
-from clipcap.modeling.entities import EntityHead, classifier_head, imagenet_nouns, zero_shot_head
+from clipcap.modeling.entities import EntityHead, classifier_head, imagenet_general, imagenet_nouns, zero_shot_head
 from clipcap.modeling.labels import encoder_labels
 from clipcap.naming import caption_nouns
 from clipcap.training.tagger import fit_tagger, noun_vocabulary
@@ -70,7 +70,7 @@ def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:
     """The zero-shot vocabulary ``entities.vocabulary`` names."""
     name = cfg.entities.vocabulary
     if name == "imagenet":
-        return list(dict.fromkeys(imagenet_nouns()))
+        return list(dict.fromkeys([*imagenet_nouns(), *imagenet_general()]))
     if name == "captions":
         return noun_vocabulary(nouns_of_images(rows["captions"]), cfg.entities.tagger_min_images)
     path = Path(name)
