@@ -7,7 +7,7 @@ import base64
 
 from PIL import Image
 
-from clipcap.pipeline.charts import read_curve, score_table, write_curve_chart, write_score_chart
+from clipcap.pipeline.charts import read_curve, score_table, series, write_curve_chart, write_score_chart
 from clipcap.pipeline.gallery import write_gallery
 
 METRICS = {
@@ -31,9 +31,11 @@ def test_the_score_table_holds_each_system_with_its_interval():
 
 def test_charts_are_pngs_of_the_set_size(tmp_path):
     write_score_chart(score_table(METRICS), tmp_path / "scores.png", "scores")
-    (tmp_path / "curve.csv").write_text("epoch,step,train_loss,val_loss,val_CIDEr\n1,2,3.0,2.5,0.4\n2,4,2.0,2.1,0.9\n")
+    (tmp_path / "curve.csv").write_text("epoch,step,train_loss,val_loss,val_CIDEr\n1,2,3.0,2.5,0.4\n"
+                                        "2,4,2.0,2.1,\n3,6,1.5,2.0,0.9\n")   # epoch 2: no CIDEr computed
     curve = read_curve(tmp_path / "curve.csv")
-    assert curve["val_CIDEr"] == [0.4, 0.9] and curve["epoch"] == [1.0, 2.0]
+    assert series(curve, "val_CIDEr") == [(1.0, 0.4), (3.0, 0.9)]           # each value at its own epoch
+    assert series(curve, "val_loss", x="step") == [(2.0, 2.5), (4.0, 2.1), (6.0, 2.0)]
     write_curve_chart(curve, tmp_path / "curve.png", "curve")
     write_curve_chart(read_curve(tmp_path / "missing.csv"), tmp_path / "empty.png", "no training logged")
     for name in ("scores.png", "curve.png", "empty.png"):

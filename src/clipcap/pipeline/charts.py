@@ -31,14 +31,19 @@ def score_table(metrics: dict) -> dict[str, dict[str, tuple[float, float, float]
     return table
 
 
-def read_curve(path: Path) -> dict[str, list[float]]:
-    """``training/curve.csv``'s columns (epoch, step, val_loss, val_CIDEr, ...) as numbers; empty when absent."""
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """``training/curve.csv``'s rows (epoch, step, val_loss, val_CIDEr, ...) as numbers, a blank cell left
+    out; empty when the file is absent."""
     if not Path(path).exists():
-        return {}
+        return []
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = rows[0].keys() if rows else []
-    return {column: [float(row[column]) for row in rows if row[column] not in ("", None)] for column in columns}
+        return [{column: float(value) for column, value in row.items() if value not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def series(rows: list[dict[str, float]], column: str, x: str = "epoch") -> list[tuple[float, float]]:
+    """(x, column) of each row of :func:`read_curve` that has both."""
+    return [(row[x], row[column]) for row in rows if x in row and column in row]
 
 
 def _chart(path: Path, title: str, draw) -> None:
@@ -78,22 +83,22 @@ def write_score_chart(table: dict, path: Path, title: str) -> None:
     _chart(path, title, draw)
 
 
-def write_curve_chart(curve: dict[str, list[float]], path: Path, title: str) -> None:
-    """Validation loss (left axis) and validation CIDEr (right axis) per epoch; a note when training logged
-    no epoch."""
-    epochs = curve.get("epoch") or list(range(1, len(curve.get("val_loss", [])) + 1))
+def write_curve_chart(curve: list[dict[str, float]], path: Path, title: str) -> None:
+    """Validation loss (left axis) and validation CIDEr (right axis) per epoch (:func:`read_curve`'s rows);
+    a note when training logged no epoch."""
+    loss, cider = series(curve, "val_loss"), series(curve, "val_CIDEr")
 
     def draw(ax) -> None:
         from matplotlib.ticker import MaxNLocator
 
-        if curve.get("val_loss"):
-            ax.plot(epochs[:len(curve["val_loss"])], curve["val_loss"], marker="o", color="tab:blue")
+        if loss:
+            ax.plot(*zip(*loss), marker="o", color="tab:blue")
             ax.set_ylabel("validation loss", color="tab:blue")
         else:
             ax.text(0.5, 0.5, "no epoch logged", ha="center", va="center", transform=ax.transAxes)
-        if curve.get("val_CIDEr"):
+        if cider:
             right = ax.twinx()
-            right.plot(epochs[:len(curve["val_CIDEr"])], curve["val_CIDEr"], marker="s", color="tab:orange")
+            right.plot(*zip(*cider), marker="s", color="tab:orange")
             right.set_ylabel("validation CIDEr", color="tab:orange")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from clipcap.fileio import read_json, write_atomic, write_text
+from clipcap.pipeline.charts import read_curve, series
 from clipcap.pipeline.layout import Layout
 
 LOSS_FIELDS = ("step", "epoch", "loss", "lr")
@@ -45,10 +46,9 @@ def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:
     with layout.train_log.open() as handle:
         curves = {"train_loss": [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]}
     if layout.learning_curve.exists():
-        with layout.learning_curve.open() as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_curve(layout.learning_curve)
         for name in ("val_loss", "val_CIDEr"):
-            curves[name] = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+            curves[name] = [(int(step), value) for step, value in series(rows, name, x="step")]
     return curves
 
 
