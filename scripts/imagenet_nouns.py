@@ -18,7 +18,7 @@ time needs WordNet. The rule, in order, for a class's synset:
 
 Beside each class's own noun, a few general nouns (``GENERAL``) gather the classes under them in WordNet, so
 the head can name what no single class is sure of: ImageNet has no class for a person, but 3 classes of people
-and ~80 of things people wear (military uniform, suit, football helmet: a photo of one mostly shows it worn);
+and 49 of things people wear (military uniform, suit, football helmet: a photo of one mostly shows it worn);
 a building seen from afar spreads over stupa, palace, monastery, boathouse. The classes of each are listed
 under ``general`` (class indices), and the head adds their probabilities.
 """
