@@ -121,10 +121,8 @@ class EntityHead:
         logits = (x @ self.weight.T + self.bias) / self.settings.temperature
         if self.settings.activation == "softmax":
             return logits.softmax(dim=-1) @ self.members
-        vocabulary = len(self.settings.vocabulary)
-        out = torch.zeros(len(x), vocabulary).scatter_reduce_(
-                1, self.groups.expand(len(x), -1), logits.sigmoid(), "amax", include_self=False)
-        return out
+        return torch.zeros(len(x), len(self.settings.vocabulary)).scatter_reduce_(
+            1, self.groups.expand(len(x), -1), logits.sigmoid(), "amax", include_self=False)
 
     @torch.inference_mode()
     def name(self, embeddings: torch.Tensor) -> list[Named]:
