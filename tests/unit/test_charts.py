@@ -7,7 +7,8 @@ import base64
 
 from PIL import Image
 
-from clipcap.pipeline.charts import read_curve, score_table, series, write_curve_chart, write_score_chart
+from clipcap.pipeline.charts import score_table, write_curve_chart, write_score_chart
+from clipcap.pipeline.reports import read_curve, series
 from clipcap.pipeline.gallery import write_gallery
 
 METRICS = {

@@ -4,10 +4,10 @@ register stage logs them to the MLflow run, ``dvc plots show`` lists them."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from clipcap.fileio import write_atomic
+from clipcap.pipeline.reports import series
 
 METRICS = ("CIDEr", "BLEU-4", "METEOR", "names_object")
 SYSTEM_NAMES = {"model": "model", "baseline_retrieval": "retrieval", "baseline_label": "label",
@@ -29,21 +29,6 @@ def score_table(metrics: dict) -> dict[str, dict[str, tuple[float, float, float]
                 low, high = interval.get(metric, (score, score))
                 table[name][metric] = (score, float(low), float(high))
     return table
-
-
-def read_curve(path: Path) -> list[dict[str, float]]:
-    """``training/curve.csv``'s rows (epoch, step, val_loss, val_CIDEr, ...) as numbers, a blank cell left
-    out; empty when the file is absent."""
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{column: float(value) for column, value in row.items() if value not in ("", None)}
-                for row in csv.DictReader(handle)]
-
-
-def series(rows: list[dict[str, float]], column: str, x: str = "epoch") -> list[tuple[float, float]]:
-    """(x, column) of each row of :func:`read_curve` that has both."""
-    return [(row[x], row[column]) for row in rows if x in row and column in row]
 
 
 def _chart(path: Path, title: str, draw) -> None:
@@ -84,7 +69,7 @@ def write_score_chart(table: dict, path: Path, title: str) -> None:
 
 
 def write_curve_chart(curve: list[dict[str, float]], path: Path, title: str) -> None:
-    """Validation loss (left axis) and validation CIDEr (right axis) per epoch (:func:`read_curve`'s rows);
+    """Validation loss (left axis) and validation CIDEr (right axis) per epoch (the rows of :func:`clipcap.pipeline.reports.read_curve`);
     a note when training logged no epoch."""
     loss, cider = series(curve, "val_loss"), series(curve, "val_CIDEr")
 

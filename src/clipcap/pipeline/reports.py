@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 
 from clipcap.fileio import read_json, write_atomic, write_text
-from clipcap.pipeline.charts import read_curve, series
 from clipcap.pipeline.layout import Layout
 
 LOSS_FIELDS = ("step", "epoch", "loss", "lr")
@@ -39,6 +38,21 @@ CURVE_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_CIDEr")
 def write_learning_curve(path: Path, epochs: list[dict]) -> None:
     """One row per epoch: the optimizer step it ended at, train and val loss, val CIDEr (``dvc plots``)."""
     _write_csv(path, CURVE_FIELDS, epochs)
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """``training/curve.csv``'s rows (epoch, step, val_loss, val_CIDEr, ...) as numbers, a blank cell left
+    out; empty when the file is absent."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as handle:
+        return [{column: float(value) for column, value in row.items() if value not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def series(rows: list[dict[str, float]], column: str, x: str = "epoch") -> list[tuple[float, float]]:
+    """(x, column) of each row of :func:`read_curve` that has both."""
+    return [(row[x], row[column]) for row in rows if x in row and column in row]
 
 
 def learning_curves(layout: Layout) -> dict[str, list[tuple[int, float]]]:

@@ -21,7 +21,7 @@ from clipcap.errors import ClipcapError
 from clipcap.fileio import write_json
 from clipcap.modeling.captioner import Captioner
 from clipcap.modeling.labels import encoder_labels, label_caption
-from clipcap.pipeline.charts import read_curve, score_table, write_curve_chart, write_score_chart
+from clipcap.pipeline.charts import score_table, write_curve_chart, write_score_chart
 from clipcap.pipeline.caption_parts import CaptionParts, captions_key
 from clipcap.pipeline.baselines import most_frequent_caption, retrieval_captions, score_by_group, score_systems
 from clipcap.pipeline.gallery import write_gallery
@@ -29,7 +29,7 @@ from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import spice_available
 from clipcap.pipeline.parts import in_part, part_name
 from clipcap.naming import names_object_rate
-from clipcap.pipeline.reports import domain_line, write_samples
+from clipcap.pipeline.reports import domain_line, read_curve, write_samples
 from clipcap.pipeline.scoring import caption_test_split
 from clipcap.pipeline.splits import split_data
 
