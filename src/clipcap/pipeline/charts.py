@@ -69,8 +69,8 @@ def write_score_chart(table: dict, path: Path, title: str) -> None:
 
 
 def write_curve_chart(curve: list[dict[str, float]], path: Path, title: str) -> None:
-    """Validation loss (left axis) and validation CIDEr (right axis) per epoch (the rows of :func:`clipcap.pipeline.reports.read_curve`);
-    a note when training logged no epoch."""
+    """Validation loss (left axis) and validation CIDEr (right axis) per epoch (the rows of
+    :func:`clipcap.pipeline.reports.read_curve`); a note when training logged no epoch."""
     loss, cider = series(curve, "val_loss"), series(curve, "val_CIDEr")
 
     def draw(ax) -> None:
