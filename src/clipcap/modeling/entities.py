@@ -185,6 +185,7 @@ def novel_images(named: list[Named], retrieved: list[list[str]], nearest: list[f
 
 
 def _imagenet_table() -> dict:
+    """imagenet_nouns.json: ``nouns`` (one per class) and ``general`` (general noun -> class indices)."""
     return json.loads(resources.files("clipcap.modeling").joinpath("imagenet_nouns.json").read_text())
 
 
@@ -200,11 +201,11 @@ def imagenet_general() -> dict[str, list[int]]:
 
 def classifier_head(classifier: torch.nn.Linear, top_k: int = 3, threshold: float = 0.2) -> EntityHead:
     """The encoder's ImageNet classifier as an entity head (its probabilities summed per everyday noun)."""
-    nouns = imagenet_nouns()
+    table = _imagenet_table()
+    nouns = table["nouns"]
     if classifier.out_features != len(nouns):
         raise ValueError(f"an ImageNet classifier has {len(nouns)} classes, this one {classifier.out_features}")
-    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold,
-                              general=imagenet_general())
+    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold, general=table["general"])
     return EntityHead(settings, classifier.weight.detach(), classifier.bias.detach())
 
 
