@@ -223,6 +223,7 @@ def test_a_caption_is_its_first_line():
     assert first_line("A cat.") == "A cat." and first_line("\n") == ""
     assert first_line("Plus. This image shows: This image shows:") == "Plus."
     assert first_line("A dog. Similar images show: A cat.") == "A dog."
+    assert first_line("Pen. Objects: clock.") == "Pen." and first_line("Happy! Objects: pick.") == "Happy!"
 
 
 def test_per_caption_losses_are_each_rows_own_loss():

@@ -9,7 +9,7 @@ import torch
 
 from clipcap.config import DecodingConfig
 from clipcap.modeling.model import ClipCap
-from clipcap.modeling.retrieval import PROMPT_HEAD, PROMPT_TAIL, pad_left, pad_right
+from clipcap.modeling.retrieval import ENTITY_HEAD, PROMPT_HEAD, PROMPT_TAIL, pad_left, pad_right
 
 GREEDY = DecodingConfig(strategy="greedy")
 
@@ -73,10 +73,11 @@ def generate_token_ids(model: ClipCap, embeddings: torch.Tensor, *, eos_token_id
 
 
 def first_line(text: str) -> str:
-    """A caption is one line, and never the retrieval prompt's own words: what an LM writes after a
-    line break, or from a repeated "This image shows:" on, is not part of it."""
+    """A caption is one line, and never the prompt's own words: what an LM writes after a line break,
+    or from a repeated "This image shows:", "Similar images show:" or "Objects:" on, is not part of it
+    ("Pen. Objects: clock." is "Pen.")."""
     line = text.strip().split("\n", 1)[0]
-    for marker in (PROMPT_TAIL, PROMPT_HEAD):
+    for marker in (PROMPT_TAIL, PROMPT_HEAD, ENTITY_HEAD):
         line = line.split(marker, 1)[0]
     return line.strip()
 
