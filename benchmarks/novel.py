@@ -40,6 +40,7 @@ from clipcap.environment import apply_offline_env
 apply_offline_env()
 
 import pandas as pd  # noqa: E402
+from kept_runs import rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
 from quality import summarise  # noqa: E402
 
@@ -49,7 +50,6 @@ from clipcap.config import config_from_dict, read_params  # noqa: E402
 from clipcap.pipeline.layout import Layout  # noqa: E402
 from clipcap.pipeline.stages import evaluate, train  # noqa: E402
 
-TIMING_FILE = "novel-run.json"   # a kept run's training seconds
 CASES = ("tuxpaint/animals", "tuxpaint/food", "openclipart/animals")
 METRICS = ("CIDEr", "names_object", "BLEU-4", "METEOR")
 SYSTEMS = {"model": "model", "retrieval": "baseline_retrieval", "label": "baseline_label"}
@@ -92,49 +92,8 @@ def run_one(cfg, source: Path, category: str, workdir: Path, threads: int | None
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))
     started = time.perf_counter()
     train.run(cfg, layout, tracking=False)
-    seconds = {"train_seconds": time.perf_counter() - started}
-    (workdir / TIMING_FILE).write_text(json.dumps(seconds))
+    seconds = save_timing(workdir, time.perf_counter() - started)
     return evaluate.run(cfg, layout) | seconds
-
-
-def refresh_entities(cfg, model: Path) -> None:
-    """Set a kept captioner's entity head to ``cfg.entities``' inference settings: top_k, threshold,
-    novel_confidence, the novelty thresholds from its datastore (as training computes them) and, for the
-    encoder's classifier, the current ImageNet noun table and general nouns (the head's weights are the
-    classifier's, unchanged). Rewrites its config.json."""
-    from clipcap.modeling.entities import imagenet_general, imagenet_nouns
-    from clipcap.modeling.retrieval import CaptionDatastore
-    from clipcap.pipeline.entity_heads import neighbour_similarities
-
-    config = json.loads((model / "config.json").read_text())
-    if "entities" not in config:
-        return
-    entities = config["entities"]
-    entities.update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
-                    novel_confidence=cfg.entities.novel_confidence)
-    if entities["source"] == "classifier":
-        entities.update(nouns=imagenet_nouns(), general=imagenet_general())
-    if config.get("retrieval", {}).get("k"):
-        store = CaptionDatastore.load(model)
-        first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
-        novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
-                                                 [cfg.entities.novel_quantile, cfg.entities.familiar_quantile],
-                                                 cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-        entities.update(novel_similarity=novel, familiar_similarity=familiar)
-    (model / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
-    """Caption a kept run's held-out images again with the current inference code and settings
-    (:func:`refresh_entities`); no training."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    layout = Layout(workdir)
-    refresh_entities(cfg, layout.model)
-    timing = workdir / TIMING_FILE
-    return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})
 
 
 def main() -> None:

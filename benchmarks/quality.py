@@ -9,6 +9,7 @@ training image's caption in the retrieval space it learned (``retrieval.metric``
 
     dvc repro embed                                  # the clean manifest and embeddings it reads
     python benchmarks/quality.py [--dataset tuxpaint] [--seeds 0 1 2] [--artifacts artifacts/<dataset>] [--jobs 2]
+    python benchmarks/quality.py --keep runs/ ...; python benchmarks/quality.py --rescore runs/   # caption again, no training
 
 Writes ``benchmarks/results/quality-<machine>.json`` and ``.md``: dataset -> system -> metric ->
 ``{"seeds": [...], "mean": ..., "ci95": [low, high]}``. For the models ``ci95`` is the t-interval of
@@ -34,6 +35,7 @@ from clipcap.environment import apply_offline_env
 
 apply_offline_env()
 
+from kept_runs import rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
 
 import torch  # noqa: E402
@@ -63,9 +65,14 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     (layout.embeddings).symlink_to((source / "embeddings").resolve(), target_is_directory=True)
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))  # each seed from scratch
     started = time.perf_counter()
-    train.run(cfg, layout, tracking=False)  # a benchmark, not a run to keep
-    seconds = time.perf_counter() - started
-    return evaluate.run(cfg, layout) | {"train_seconds": seconds, "retrieval_learned": learned_retrieval(cfg, layout)}
+    train.run(cfg, layout, tracking=False)  # a benchmark, not a run to track
+    seconds = save_timing(workdir, time.perf_counter() - started)
+    return evaluate.run(cfg, layout) | seconds | {"retrieval_learned": learned_retrieval(cfg, layout)}
+
+
+def rescore_run(cfg, workdir: Path, threads: int | None = None) -> dict:
+    """A kept run's test images captioned again with the current code and settings (no training)."""
+    return rescore_one(cfg, workdir, threads) | {"retrieval_learned": learned_retrieval(cfg, Layout(workdir))}
 
 
 def learned_retrieval(cfg, layout: Layout) -> dict | None:
@@ -104,6 +111,10 @@ def main() -> None:
                              "half as much (no retrieval prompt), so twice the epochs take the same training time")
     parser.add_argument("--configs", nargs="+", choices=("model", "model_k0"), default=["model", "model_k0"],
                         help="which to train: model (params.yaml as it is), model_k0 (the paper configuration)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="caption the runs kept in this folder (--keep) again with the current code and "
+                             "params.yaml's inference settings, no training")
     args = parser.parse_args()
     base = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
@@ -122,7 +133,14 @@ def main() -> None:
         for seed in args.seeds:
             for name, cfg in configs.items():
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-                pending[name, seed] = pool.submit(run_one, cfg, args.artifacts, Path(scratch) / f"{name}-{seed}", threads)
+                if args.rescore:
+                    kept = args.rescore / f"{name}-{seed}"
+                    if not (kept / "model").is_dir():
+                        raise SystemExit(f"{kept}: no kept run of {name}, seed {seed} (train it with --keep)")
+                    pending[name, seed] = pool.submit(rescore_run, cfg, kept, threads)
+                    continue
+                pending[name, seed] = pool.submit(run_one, cfg, args.artifacts,
+                                                  (args.keep or Path(scratch)) / f"{name}-{seed}", threads)
         for seed in args.seeds:
             for name in configs:
                 runs[name].append(pending[name, seed].result())

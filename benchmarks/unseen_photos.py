@@ -77,7 +77,7 @@ def main() -> None:
     args.artifacts = args.artifacts or Layout.of(cfg.dataset.name).root
     args.model = args.model or str(args.artifacts / "model")
     if args.refresh:
-        from novel import refresh_entities  # benchmarks/novel.py
+        from kept_runs import refresh_entities  # benchmarks/kept_runs.py
 
         refresh_entities(cfg, Path(args.model))
     captioner = Captioner.load(args.model)

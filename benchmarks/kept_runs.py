@@ -1,0 +1,62 @@
+"""Runs the quality and leave-category-out benchmarks keep (``--keep``), captioned again with the current
+inference code and params.yaml's inference settings (``--rescore``): no training.
+
+A kept run is a project folder (``clipcap.pipeline.layout.Layout``: manifest, embeddings, ``model/``) with
+the seconds its training took in ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipcap.pipeline.layout import Layout
+from clipcap.pipeline.stages import evaluate
+
+TIMING_FILE = "run.json"   # a kept run's training seconds
+
+
+def save_timing(workdir: Path, seconds: float) -> dict:
+    timing = {"train_seconds": seconds}
+    (workdir / TIMING_FILE).write_text(json.dumps(timing))
+    return timing
+
+
+def refresh_entities(cfg, model: Path) -> None:
+    """Set a kept captioner's entity head to ``cfg.entities``' inference settings: top_k, threshold,
+    novel_confidence, the novelty thresholds from its datastore (as training computes them) and, for the
+    encoder's classifier, the current ImageNet noun table and general nouns (the head's weights are the
+    classifier's, unchanged). Rewrites its config.json."""
+    from clipcap.modeling.entities import imagenet_general, imagenet_nouns
+    from clipcap.modeling.retrieval import CaptionDatastore
+    from clipcap.pipeline.entity_heads import neighbour_similarities
+
+    config = json.loads((model / "config.json").read_text())
+    if "entities" not in config:
+        return
+    entities = config["entities"]
+    entities.update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
+                    novel_confidence=cfg.entities.novel_confidence)
+    if entities["source"] == "classifier":
+        entities.update(nouns=imagenet_nouns(), general=imagenet_general())
+    if config.get("retrieval", {}).get("k"):
+        store = CaptionDatastore.load(model)
+        first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
+        novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
+                                                 [cfg.entities.novel_quantile, cfg.entities.familiar_quantile],
+                                                 cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
+        entities.update(novel_similarity=novel, familiar_similarity=familiar)
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
+    """Caption a kept run's test images again with the current inference code and settings
+    (:func:`refresh_entities`); no training."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    layout = Layout(workdir)
+    refresh_entities(cfg, layout.model)
+    timing = workdir / TIMING_FILE
+    return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})
