@@ -39,7 +39,9 @@ def refresh_entities(cfg, model: Path) -> None:
                     novel_confidence=cfg.entities.novel_confidence)
     if entities["source"] == "classifier":
         entities.update(nouns=imagenet_nouns(), general=imagenet_general())
-    if config.get("retrieval", {}).get("k"):
+    if not cfg.entities.novel_quantile:   # as training: no novelty thresholds, no image is novel
+        entities.update(novel_similarity=None, familiar_similarity=None)
+    elif config.get("retrieval", {}).get("k"):
         store = CaptionDatastore.load(model)
         first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
         novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
