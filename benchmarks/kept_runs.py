@@ -36,7 +36,7 @@ def refresh_entities(cfg, model: Path) -> None:
         return
     entities = config["entities"]
     entities.update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
-                    novel_confidence=cfg.entities.novel_confidence)
+                    novel_confidence=cfg.entities.novel_confidence, in_prompt=cfg.entities.in_prompt)
     if entities["source"] == "classifier":
         entities.update(nouns=imagenet_nouns(), general=imagenet_general())
     if not cfg.entities.novel_quantile:   # as training: no novelty thresholds, no image is novel

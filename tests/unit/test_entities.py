@@ -266,7 +266,7 @@ def test_the_entity_source_is_built_from_params(tmp_path):
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
                                               ("temperature", 0.0), ("novel_confidence", 0.0),
                                               ("novel_confidence", 1.5), ("familiar_quantile", 0.05),
-                                              ("familiar_quantile", 1.0)])
+                                              ("familiar_quantile", 1.0), ("in_prompt", "some")])
 def test_bad_entity_params_name_the_key(field, value):
     with pytest.raises(ConfigError, match=f"entities.{field}"):
         EntitiesConfig(**{field: value})
@@ -287,7 +287,7 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
                  retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
                  entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25,
-                                         familiar_quantile=0.75, novel_confidence=0.7))
+                                         familiar_quantile=0.75, novel_confidence=0.7, in_prompt="novel"))
     animals = ["cat", "dog", "hen", "fox"]
     rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
                          "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
@@ -316,8 +316,10 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
         return
     assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
     assert -1.0 <= head.settings.novel_similarity < head.settings.familiar_similarity <= 1.0
-    assert head.settings.novel_confidence == 0.7
-    assert all(tokenizer.decode(p).startswith(("Similar images show:", "Objects:")) for p in val_pairs.prompts)
+    assert head.settings.novel_confidence == 0.7 and head.settings.in_prompt == "novel"
+    # the val images are the training images' own directions: familiar, so (in_prompt: novel) no entities
+    assert all(tokenizer.decode(p).startswith("Similar images show:") and "Objects:" not in tokenizer.decode(p)
+               for p in val_pairs.prompts)
 
 
 def test_nearest_similarity_is_the_encoders_cosine_to_the_nearest_other_image():
@@ -361,6 +363,12 @@ def test_a_novel_image_is_prompted_with_its_entities_alone():
     assert captioner.tokenizer.decode(expected[1]) == "Objects: flower. This image shows:"
     never = dataclasses.replace(head.settings, novel_similarity=None, novel_confidence=0.01)
     assert novel_prompts(store, queries, retrieved, head.name(queries), never) == (retrieved, entities)  # no threshold stored
+    only_novel = dataclasses.replace(head.settings, in_prompt="novel")   # a familiar image: its neighbours alone
+    assert novel_prompts(store, queries, retrieved, head.name(queries), only_novel) == (kept, [[], ["flower"]])
+    captioner.entity_head.settings = only_novel
+    assert captioner.caption_embeddings(queries, decoding) == generate_captions(
+        captioner.model, captioner.tokenizer, queries, decoding, 2,
+        prompt_token_ids(captioner.tokenizer, kept, 24, [[], ["flower"]]))
 
 
 def test_a_confident_noun_no_retrieved_caption_names_makes_a_less_familiar_image_novel():

@@ -152,13 +152,14 @@ def load_retriever(directory: str | Path, config: dict) -> Retriever | None:
 def novel_prompts(datastore: CaptionDatastore, embeddings: torch.Tensor, retrieved: list[list[str]],
                   named: list[Named], settings: EntitySettings) -> tuple[list[list[str]], list[list[str]]]:
     """Each image's retrieved captions and entities for its prompt: a novel image
-    (:func:`clipcap.modeling.entities.novel_images`) gets no retrieved captions and at least its likeliest noun."""
-    entities = [found.entities for found in named]
-    if settings.novel_similarity is None:
-        return retrieved, entities
-    novel = novel_images(named, retrieved, datastore.nearest_similarity(embeddings).tolist(), settings)
+    (:func:`clipcap.modeling.entities.novel_images`) gets no retrieved captions and at least its likeliest noun;
+    a familiar one its retrieved captions, and its entities unless ``settings.in_prompt`` is "novel"."""
+    novel = ([False] * len(named) if settings.novel_similarity is None
+             else novel_images(named, retrieved, datastore.nearest_similarity(embeddings).tolist(), settings))
+    familiar_entities = settings.in_prompt == "all"
     return ([[] if new else found for found, new in zip(retrieved, novel)],
-            [(nouns or [found.likeliest]) if new else nouns for nouns, found, new in zip(entities, named, novel)])
+            [(found.entities or [found.likeliest]) if new else found.entities if familiar_entities else []
+             for found, new in zip(named, novel)])
 
 
 def load_entities(directory: str | Path, config: dict) -> EntityHead | None:

@@ -67,6 +67,7 @@ class EntitySettings:
     novel_confidence: float | None = None  # with a datastore: so is one less similar than ``familiar_similarity``
     familiar_similarity: float | None = None  # whose likeliest noun is at least ``novel_confidence`` probable and
                                               # named by none of its retrieved captions
+    in_prompt: str = "all"            # with a datastore: which images' prompts name their entities: all | novel
     general: dict[str, list[int]] = field(default_factory=dict)  # softmax: a general noun -> the classes it
                                                                   # gathers (beside each class's own noun)
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)

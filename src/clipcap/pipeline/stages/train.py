@@ -71,6 +71,8 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
                                    projection=start.projection)
     entity_head = build_entity_head(cfg, train_rows, train_emb)
     novel = cfg.entities.novel_quantile if entity_head is not None and retriever is not None else 0.0
+    if entity_head is not None and retriever is not None:
+        entity_head.settings = dataclasses.replace(entity_head.settings, in_prompt=cfg.entities.in_prompt)
     if novel:
         threshold, familiar = neighbour_similarities(
             retriever.datastore, train_emb, train_rows["image_id"].tolist(), [novel, cfg.entities.familiar_quantile],
@@ -98,7 +100,7 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
         else:
             named = entity_head.name(embeddings)
             entities = [found.entities for found in named]
-            if novel:
+            if retriever is not None:
                 retrieved, entities = novel_prompts(retriever.datastore, embeddings, retrieved, named, entity_head.settings)
             prompts = prompt_token_ids(lm.tokenizer, retrieved, cfg.retrieval.max_caption_tokens, entities)
         return caption_pairs(rows, embeddings, lm.tokenizer, max_tokens, prompts)
