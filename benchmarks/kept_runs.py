@@ -16,6 +16,14 @@ from clipcap.pipeline.stages import evaluate
 TIMING_FILE = "run.json"   # a kept run's training seconds
 
 
+def kept_run(folder: Path, name: str) -> Path:
+    """``folder/name``: a run kept by ``--keep`` (exits, naming it, when there is none)."""
+    kept = folder / name
+    if not (kept / "model").is_dir():
+        raise SystemExit(f"{kept}: no kept run there (train it with --keep)")
+    return kept
+
+
 def save_timing(workdir: Path, seconds: float) -> dict:
     timing = {"train_seconds": seconds}
     (workdir / TIMING_FILE).write_text(json.dumps(timing))

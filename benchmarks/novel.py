@@ -40,7 +40,7 @@ from clipcap.environment import apply_offline_env
 apply_offline_env()
 
 import pandas as pd  # noqa: E402
-from kept_runs import rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
+from kept_runs import kept_run, rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
 from quality import summarise  # noqa: E402
 
@@ -127,9 +127,7 @@ def main() -> None:
             for seed in args.seeds:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
-                    kept = args.rescore / f"{dataset}-{category}-{seed}"
-                    if not (kept / "model").is_dir():
-                        raise SystemExit(f"{kept}: no kept run of {case}, seed {seed} (train it with --keep)")
+                    kept = kept_run(args.rescore, f"{dataset}-{category}-{seed}")
                     pending[case, seed] = pool.submit(rescore_one, seeded, kept, threads)
                     continue
                 pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,

@@ -35,7 +35,7 @@ from clipcap.environment import apply_offline_env
 
 apply_offline_env()
 
-from kept_runs import rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
+from kept_runs import kept_run, rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
 
 import torch  # noqa: E402
@@ -134,10 +134,8 @@ def main() -> None:
             for name, cfg in configs.items():
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
-                    kept = args.rescore / f"{name}-{seed}"
-                    if not (kept / "model").is_dir():
-                        raise SystemExit(f"{kept}: no kept run of {name}, seed {seed} (train it with --keep)")
-                    pending[name, seed] = pool.submit(rescore_run, cfg, kept, threads)
+                    pending[name, seed] = pool.submit(rescore_run, cfg, kept_run(args.rescore, f"{name}-{seed}"),
+                                                      threads)
                     continue
                 pending[name, seed] = pool.submit(run_one, cfg, args.artifacts,
                                                   (args.keep or Path(scratch)) / f"{name}-{seed}", threads)
