@@ -156,10 +156,14 @@ def novel_prompts(datastore: CaptionDatastore, embeddings: torch.Tensor, retriev
     a familiar one its retrieved captions, and its entities unless ``settings.in_prompt`` is "novel"."""
     novel = ([False] * len(named) if settings.novel_similarity is None
              else novel_images(named, retrieved, datastore.nearest_similarity(embeddings).tolist(), settings))
-    familiar_entities = settings.in_prompt == "all"
+
+    def entities(found: Named, new: bool) -> list[str]:
+        if new:
+            return found.entities or [found.likeliest]
+        return found.entities if settings.in_prompt == "all" else []
+
     return ([[] if new else found for found, new in zip(retrieved, novel)],
-            [(found.entities or [found.likeliest]) if new else found.entities if familiar_entities else []
-             for found, new in zip(named, novel)])
+            [entities(found, new) for found, new in zip(named, novel)])
 
 
 def load_entities(directory: str | Path, config: dict) -> EntityHead | None:
