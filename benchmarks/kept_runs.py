@@ -7,6 +7,7 @@ the seconds its training took in ``run.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,31 +32,25 @@ def save_timing(workdir: Path, seconds: float) -> dict:
 
 
 def refresh_entities(cfg, model: Path) -> None:
-    """Set a kept captioner's entity head to ``cfg.entities``' inference settings: top_k, threshold,
-    novel_confidence, the novelty thresholds from its datastore (as training computes them) and, for the
-    encoder's classifier, the current ImageNet noun table and general nouns (the head's weights are the
+    """Set a kept captioner's entity head to ``cfg.entities``' inference settings, as training sets a new
+    one's (``inference_settings``: the novelty thresholds from its datastore) and, for the encoder's
+    classifier, to the current ImageNet noun table and general nouns (the head's weights are the
     classifier's, unchanged). Rewrites its config.json."""
-    from clipcap.modeling.entities import imagenet_general, imagenet_nouns
+    from clipcap.modeling.entities import EntitySettings, imagenet_general, imagenet_nouns
     from clipcap.modeling.retrieval import CaptionDatastore
-    from clipcap.pipeline.entity_heads import neighbour_similarities
+    from clipcap.pipeline.entity_heads import inference_settings
 
     config = json.loads((model / "config.json").read_text())
     if "entities" not in config:
         return
-    entities = config["entities"]
-    entities.update(top_k=cfg.entities.top_k, threshold=cfg.entities.threshold,
-                    novel_confidence=cfg.entities.novel_confidence, in_prompt=cfg.entities.in_prompt)
-    if entities["source"] == "classifier":
-        entities.update(nouns=imagenet_nouns(), general=imagenet_general())
-    if not cfg.entities.novel_quantile:   # as training: no novelty thresholds, no image is novel
-        entities.update(novel_similarity=None, familiar_similarity=None)
-    elif config.get("retrieval", {}).get("k"):
-        store = CaptionDatastore.load(model)
-        first = {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
-        novel, familiar = neighbour_similarities(store, store.embeddings[list(first.values())], list(first),
-                                                 [cfg.entities.novel_quantile, cfg.entities.familiar_quantile],
-                                                 cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-        entities.update(novel_similarity=novel, familiar_similarity=familiar)
+    settings = EntitySettings(**config["entities"])
+    if settings.source == "classifier":
+        settings = dataclasses.replace(settings, nouns=imagenet_nouns(), general=imagenet_general())
+    store = CaptionDatastore.load(model) if config.get("retrieval", {}).get("k") else None
+    first = {} if store is None else {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
+    settings = inference_settings(settings, cfg.entities, store, None if store is None else store.embeddings[list(first.values())],
+                                  list(first), cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
+    config["entities"] = settings.as_config()
     (model / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -447,3 +447,33 @@ def test_an_image_prompted_with_entities_alone_keeps_its_likeliest_naming_beam()
                               dataclasses.replace(decoding, num_captions=4, rerank=False), 4, prompts)
     expected = [[likeliest_naming(found, nouns)] for found, nouns in zip(beams, captioner.entities(embeddings))]
     assert captioner.caption_embeddings(embeddings, decoding) == expected
+
+
+def test_inference_settings_sets_the_novelty_rule_only_beside_a_datastore():
+    """One function sets a head's inference settings for training and for a kept captioner: top_k and
+    threshold always; in_prompt and the novelty thresholds (the quantiles of the training images'
+    nearest-neighbour similarities) only with a datastore; none with novel_quantile 0."""
+    from clipcap.modeling.entities import EntitySettings
+    from clipcap.modeling.retrieval import CaptionDatastore
+    from clipcap.pipeline.entity_heads import inference_settings, neighbour_similarities
+
+    embeddings = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    ids = [f"i{n}" for n in range(40)]
+    store = CaptionDatastore.build(embeddings, [f"c{n}" for n in range(40)], ids)
+    stored = EntitySettings(source="tagger", nouns=["cat", "dog"], top_k=1, threshold=0.9, novel_similarity=0.5,
+                            familiar_similarity=0.6)
+    wanted = EntitiesConfig(source="tagger", top_k=2, threshold=0.3, novel_quantile=0.2, familiar_quantile=0.6,
+                            novel_confidence=0.7, in_prompt="novel")
+
+    alone = inference_settings(stored, wanted, None, embeddings, ids, 0.99)
+    assert (alone.top_k, alone.threshold, alone.in_prompt) == (2, 0.3, "all")
+    assert alone.novel_similarity is None and alone.familiar_similarity is None
+
+    beside = inference_settings(stored, wanted, store, embeddings, ids, 0.99, seed=3)
+    assert beside.in_prompt == "novel" and beside.novel_confidence == 0.7
+    assert [beside.novel_similarity, beside.familiar_similarity] == neighbour_similarities(
+        store, embeddings, ids, [0.2, 0.6], 0.99, seed=3)
+    assert beside.novel_similarity < beside.familiar_similarity
+
+    never = inference_settings(stored, dataclasses.replace(wanted, novel_quantile=0.0), store, embeddings, ids, 0.99)
+    assert never.in_prompt == "novel" and never.novel_similarity is None and never.familiar_similarity is None

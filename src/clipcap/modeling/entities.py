@@ -82,6 +82,12 @@ class EntitySettings:
                 raise ValueError(f"entities.general {noun!r}: classes must be among the head's {len(self.nouns)}")
         object.__setattr__(self, "vocabulary", list(dict.fromkeys([*self.nouns, *self.general])))
 
+    def as_config(self) -> dict:
+        """The settings as config.json holds them (``vocabulary`` is derived, not stored)."""
+        settings = asdict(self)
+        settings.pop("vocabulary")
+        return settings
+
 
 @dataclass(frozen=True)
 class Named:
@@ -146,9 +152,7 @@ class EntityHead:
         tensors = {"weight": self.weight, "bias": self.bias, **({} if self.center is None else {"center": self.center})}
         with atomic_path(Path(directory) / ENTITIES_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        settings = asdict(self.settings)
-        settings.pop("vocabulary")
-        return settings
+        return self.settings.as_config()
 
     @classmethod
     def load(cls, directory: str | Path, settings: dict) -> EntityHead:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from clipcap.config import Config, ConfigError
+from clipcap.config import Config, ConfigError, EntitiesConfig
 from clipcap.modeling.encoders import OpenClipEncoder, build_encoder
-from clipcap.modeling.entities import EntityHead, classifier_head, imagenet_general, imagenet_nouns, zero_shot_head
+from clipcap.modeling.entities import EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns, zero_shot_head
 from clipcap.modeling.labels import encoder_labels
 from clipcap.naming import caption_nouns
 from clipcap.training.tagger import fit_tagger, noun_vocabulary
@@ -64,6 +65,27 @@ def neighbour_similarities(datastore, embeddings: torch.Tensor, image_ids: list[
     chosen = torch.randperm(len(embeddings), generator=generator)[:sample].tolist()
     found = datastore.nearest_similarity(embeddings[chosen], [image_ids[i] for i in chosen], duplicate_similarity)
     return [float(torch.quantile(found, quantile)) for quantile in quantiles]
+
+
+def inference_settings(settings: EntitySettings, entities: EntitiesConfig, datastore, embeddings: torch.Tensor,
+                       image_ids: list[str], duplicate_similarity: float, seed: int = 0) -> EntitySettings:
+    """``settings`` with ``entities``' inference settings for a captioner beside ``datastore`` (the training
+    images' ``embeddings``): top_k, threshold and, with a datastore, ``in_prompt`` and the novelty rule - the
+    thresholds from the training images' nearest-neighbour similarities (:func:`neighbour_similarities`) and
+    ``novel_confidence``. Without a datastore, or with ``novel_quantile`` 0, no image is novel. Training
+    sets a new head's with it and the benchmarks a kept captioner's."""
+    settings = dataclasses.replace(settings, top_k=entities.top_k, threshold=entities.threshold,
+                                   novel_similarity=None, familiar_similarity=None)
+    if datastore is None:
+        return settings
+    settings = dataclasses.replace(settings, in_prompt=entities.in_prompt)
+    if not entities.novel_quantile:
+        return settings
+    novel, familiar = neighbour_similarities(datastore, embeddings, image_ids,
+                                             [entities.novel_quantile, entities.familiar_quantile],
+                                             duplicate_similarity, seed=seed)
+    return dataclasses.replace(settings, novel_similarity=novel, familiar_similarity=familiar,
+                               novel_confidence=entities.novel_confidence)
 
 
 def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:

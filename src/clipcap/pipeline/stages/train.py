@@ -28,7 +28,7 @@ from clipcap.modeling.lms import load_lm
 from clipcap.modeling.model import ClipCap
 from clipcap.modeling.retrieval import CaptionDatastore, KeyProjection, Retriever, cut_captions, per_caption, prompt_token_ids
 from clipcap.modeling.captioner import novel_prompts
-from clipcap.pipeline.entity_heads import build_entity_head, neighbour_similarities, nouns_of_captions
+from clipcap.pipeline.entity_heads import build_entity_head, inference_settings, nouns_of_captions
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.metrics import cider
 from clipcap.pipeline.reports import write_learning_curve, write_loss_log
@@ -71,18 +71,16 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
                                    projection=start.projection)
     entity_head = build_entity_head(cfg, train_rows, train_emb)
     novel = cfg.entities.novel_quantile if entity_head is not None and retriever is not None else 0.0
-    if entity_head is not None and retriever is not None:
-        entity_head.settings = dataclasses.replace(entity_head.settings, in_prompt=cfg.entities.in_prompt)
+    if entity_head is not None:
+        entity_head.settings = inference_settings(entity_head.settings, cfg.entities,
+                                                  retriever.datastore if retriever else None, train_emb,
+                                                  train_rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity,
+                                                  seed=cfg.train.seed)
     if novel:
-        threshold, familiar = neighbour_similarities(
-            retriever.datastore, train_emb, train_rows["image_id"].tolist(), [novel, cfg.entities.familiar_quantile],
-            cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-        entity_head.settings = dataclasses.replace(entity_head.settings, novel_similarity=threshold,
-                                                   familiar_similarity=familiar,
-                                                   novel_confidence=cfg.entities.novel_confidence)
         log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
                  "training images are), and one less similar than %.3f whose likeliest noun is at least %s probable "
-                 "and named by none of its retrieved captions", threshold, novel, familiar, cfg.entities.novel_confidence)
+                 "and named by none of its retrieved captions", entity_head.settings.novel_similarity, novel,
+                 entity_head.settings.familiar_similarity, cfg.entities.novel_confidence)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
