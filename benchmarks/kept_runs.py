@@ -2,14 +2,18 @@
 inference code and params.yaml's inference settings (``--rescore``): no training.
 
 A kept run is a project folder (``clipcap.pipeline.layout.Layout``: manifest, embeddings, ``model/``) with
-the seconds its training took in ``run.json``.
+the seconds its training took in ``run.json``. ``--split val`` captions its validation images instead of
+its test images (:func:`split_view`): inference settings are chosen there, the test split left unseen.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
+
+import pandas as pd
 
 from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.stages import evaluate
@@ -48,20 +52,45 @@ def refresh_entities(cfg, model: Path) -> None:
         settings = dataclasses.replace(settings, nouns=imagenet_nouns(), general=imagenet_general())
     store = CaptionDatastore.load(model) if config.get("retrieval", {}).get("k") else None
     first = {} if store is None else {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
-    settings = inference_settings(settings, cfg.entities, store, None if store is None else store.embeddings[list(first.values())],
-                                  list(first), cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
+    embeddings = None if store is None else store.embeddings[list(first.values())]
+    settings = inference_settings(settings, cfg.entities, store, embeddings, list(first),
+                                  cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
     config["entities"] = settings.as_config()
     (model / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def rescore_one(cfg, workdir: Path, threads: int | None = None) -> dict:
-    """Caption a kept run's test images again with the current inference code and settings
-    (:func:`refresh_entities`); no training."""
+def view_folder(workdir: Path, split: str) -> Path:
+    """Where :func:`split_view` puts a kept run's view of ``split``."""
+    return workdir if split == "test" else workdir / f"as-{split}"
+
+
+def split_view(workdir: Path, split: str) -> Path:
+    """A kept run whose ``split`` rows are its test split: ``workdir`` itself for ``test``, else a folder
+    inside it (made anew) with that manifest and links to the run's model, training record and embeddings."""
+    if split == "test":
+        return workdir
+    run, view = Layout(workdir), Layout(view_folder(workdir, split))
+    manifest = pd.read_parquet(run.manifest)
+    if not (manifest["split"] == split).any():
+        raise SystemExit(f"{workdir}: its manifest has no {split!r} rows (splits: {sorted(set(manifest['split']))})")
+    shutil.rmtree(view.root, ignore_errors=True)
+    view.root.mkdir()
+    manifest["split"] = manifest["split"].map(lambda found: "test" if found == split else
+                                              "unseen" if found == "test" else found)
+    manifest.to_parquet(view.manifest)
+    for linked in ("embeddings", "model", "training_dir"):
+        getattr(view, linked).symlink_to(getattr(run, linked).resolve(), target_is_directory=True)
+    return view.root
+
+
+def rescore_one(cfg, workdir: Path, threads: int | None = None, split: str = "test") -> dict:
+    """Caption a kept run's ``split`` images (test, or val: :func:`split_view`) again with the current inference
+    code and settings (:func:`refresh_entities`); no training."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    layout = Layout(workdir)
-    refresh_entities(cfg, layout.model)
+    refresh_entities(cfg, Layout(workdir).model)
     timing = workdir / TIMING_FILE
-    return evaluate.run(cfg, layout) | (json.loads(timing.read_text()) if timing.exists() else {})
+    return evaluate.run(cfg, Layout(split_view(workdir, split))) | (
+        json.loads(timing.read_text()) if timing.exists() else {})

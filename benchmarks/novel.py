@@ -107,9 +107,13 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
     parser.add_argument("--rescore", type=Path, default=None,
                         help="caption the runs kept in this folder (--keep) again with the current code, no training")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="with --rescore: caption the kept runs' test (held-out) or validation (familiar) images")
     parser.add_argument("--name", default=None, help="result file kind: results/<name>-<machine> (default: novel)")
     parser.add_argument("--render", type=Path, default=None, help="only print (and rewrite) the .md of this JSON")
     args = parser.parse_args()
+    if args.split != "test" and not args.rescore:
+        parser.error("--split val needs --rescore (kept runs)")
     if args.render:
         text = render(json.loads(args.render.read_text()))
         args.render.with_suffix(".md").write_text(text)
@@ -128,7 +132,7 @@ def main() -> None:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
                     kept = kept_run(args.rescore, f"{dataset}-{category}-{seed}")
-                    pending[case, seed] = pool.submit(rescore_one, seeded, kept, threads)
+                    pending[case, seed] = pool.submit(rescore_one, seeded, kept, threads, args.split)
                     continue
                 pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,
                                                   (args.keep or Path(scratch)) / f"{dataset}-{category}-{seed}",
@@ -159,9 +163,10 @@ def write_report(runs: dict[str, list[dict]], args, started: float) -> None:
                                            "ci95": first["ci95"][key].get(m, [first[key][m]] * 2)} for m in METRICS}
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "seeds": args.seeds, "params": args.params,
-              "overrides": args.overrides, **({"rescored": str(args.rescore)} if args.rescore else {}), **results}
+              "overrides": args.overrides,
+              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}), **results}
     text = render(report)
-    save_report(args.name or "novel", report, text)
+    save_report(args.name or ("novel" if args.split == "test" else f"novel-{args.split}"), report, text)
     print(text, flush=True)
 
 

@@ -10,6 +10,7 @@ training image's caption in the retrieval space it learned (``retrieval.metric``
     dvc repro embed                                  # the clean manifest and embeddings it reads
     python benchmarks/quality.py [--dataset tuxpaint] [--seeds 0 1 2] [--artifacts artifacts/<dataset>] [--jobs 2]
     python benchmarks/quality.py --keep runs/ ...; python benchmarks/quality.py --rescore runs/   # caption again, no training
+    python benchmarks/quality.py --rescore runs/ --split val        # the validation images: choose settings there
 
 Writes ``benchmarks/results/quality-<machine>.json`` and ``.md``: dataset -> system -> metric ->
 ``{"seeds": [...], "mean": ..., "ci95": [low, high]}``. For the models ``ci95`` is the t-interval of
@@ -35,7 +36,7 @@ from clipcap.environment import apply_offline_env
 
 apply_offline_env()
 
-from kept_runs import kept_run, rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
+from kept_runs import kept_run, rescore_one, save_timing, view_folder  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
 
 import torch  # noqa: E402
@@ -70,9 +71,10 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     return evaluate.run(cfg, layout) | seconds | {"retrieval_learned": learned_retrieval(cfg, layout)}
 
 
-def rescore_run(cfg, workdir: Path, threads: int | None = None) -> dict:
-    """A kept run's test images captioned again with the current code and settings (no training)."""
-    return rescore_one(cfg, workdir, threads) | {"retrieval_learned": learned_retrieval(cfg, Layout(workdir))}
+def rescore_run(cfg, workdir: Path, threads: int | None = None, split: str = "test") -> dict:
+    """A kept run's ``split`` images captioned again with the current code and settings (no training)."""
+    return rescore_one(cfg, workdir, threads, split) | {
+        "retrieval_learned": learned_retrieval(cfg, Layout(view_folder(workdir, split)))}
 
 
 def learned_retrieval(cfg, layout: Layout) -> dict | None:
@@ -115,7 +117,12 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, default=None,
                         help="caption the runs kept in this folder (--keep) again with the current code and "
                              "params.yaml's inference settings, no training")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="with --rescore: caption the kept runs' test or validation images (val: choose "
+                             "inference settings there, the test split unseen; results quality-val-<machine>)")
     args = parser.parse_args()
+    if args.split != "test" and not args.rescore:
+        parser.error("--split val needs --rescore (kept runs)")
     base = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
     k0 = dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0),
@@ -125,7 +132,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     started = time.time()
     machine = f"cpu-{slug(cpu_model())}"
-    out = args.output or RESULTS / f"quality-{machine}"
+    out = args.output or RESULTS / f"quality-{'' if args.split == 'test' else args.split + '-'}{machine}"
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with tempfile.TemporaryDirectory(prefix="clipcap-quality-") as scratch, ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -135,7 +142,7 @@ def main() -> None:
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
                     pending[name, seed] = pool.submit(rescore_run, cfg, kept_run(args.rescore, f"{name}-{seed}"),
-                                                      threads)
+                                                      threads, args.split)
                     continue
                 pending[name, seed] = pool.submit(run_one, cfg, args.artifacts,
                                                   (args.keep or Path(scratch)) / f"{name}-{seed}", threads)
@@ -163,10 +170,10 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": seeds,
               "params": args.params, "epochs": {name: cfg.train.epochs for name, cfg in configs.items()},
-              base.dataset.name: results}
+              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}), base.dataset.name: results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
-             f"Test split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
+             f"{'Test' if args.split == 'test' else 'Validation'} split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
              "(models: over the seeds; baselines: bootstrap over the images).", "",
              "| system | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for system, found in results.items():
