@@ -170,10 +170,12 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": seeds,
               "params": args.params, "epochs": {name: cfg.train.epochs for name, cfg in configs.items()},
-              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}), base.dataset.name: results}
+              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}),
+              base.dataset.name: results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    split = "Test" if args.split == "test" else "Validation"
     lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
-             f"{'Test' if args.split == 'test' else 'Validation'} split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
+             f"{split} split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
              "(models: over the seeds; baselines: bootstrap over the images).", "",
              "| system | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for system, found in results.items():

@@ -10,7 +10,8 @@ import torch
 
 from clipcap.config import Config, ConfigError, EntitiesConfig
 from clipcap.modeling.encoders import OpenClipEncoder, build_encoder
-from clipcap.modeling.entities import EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns, zero_shot_head
+from clipcap.modeling.entities import (EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns,
+                                       zero_shot_head)
 from clipcap.modeling.labels import encoder_labels
 from clipcap.naming import caption_nouns
 from clipcap.training.tagger import fit_tagger, noun_vocabulary
