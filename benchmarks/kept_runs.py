@@ -8,6 +8,7 @@ its test images (:func:`split_view`): inference settings are chosen there, the t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -19,6 +20,28 @@ from clipcap.pipeline.layout import Layout
 from clipcap.pipeline.stages import evaluate
 
 TIMING_FILE = "run.json"   # a kept run's training seconds
+
+
+def add_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
+    """``--keep``, ``--rescore`` and ``--split``, as the quality and leave-category-out benchmarks take them."""
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="caption the runs kept in this folder (--keep) again with the current code and "
+                             "params.yaml's inference settings, no training")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help=f"with --rescore: {split_help}")
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments; an error, naming the fix, for ``--split val`` without kept runs to caption."""
+    args = parser.parse_args()
+    if args.split != "test" and not args.rescore:
+        parser.error("--split val needs --rescore (kept runs)")
+    return args
+
+
+def report_entry(args: argparse.Namespace) -> dict:
+    """What a report records of a rescore: the folder of kept runs and the split captioned (empty otherwise)."""
+    return {"rescored": str(args.rescore), "split": args.split} if args.rescore else {}
 
 
 def kept_run(folder: Path, name: str) -> Path:

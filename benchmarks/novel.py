@@ -40,7 +40,7 @@ from clipcap.environment import apply_offline_env
 apply_offline_env()
 
 import pandas as pd  # noqa: E402
-from kept_runs import kept_run, rescore_one, save_timing  # noqa: E402  (benchmarks/kept_runs.py)
+import kept_runs  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
 from quality import summarise  # noqa: E402
 
@@ -92,7 +92,7 @@ def run_one(cfg, source: Path, category: str, workdir: Path, threads: int | None
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))
     started = time.perf_counter()
     train.run(cfg, layout, tracking=False)
-    seconds = save_timing(workdir, time.perf_counter() - started)
+    seconds = kept_runs.save_timing(workdir, time.perf_counter() - started)
     return evaluate.run(cfg, layout) | seconds
 
 
@@ -104,16 +104,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cores/jobs threads")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         help="a params override for the model, e.g. -S entities.source=none (repeatable)")
-    parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
-    parser.add_argument("--rescore", type=Path, default=None,
-                        help="caption the runs kept in this folder (--keep) again with the current code, no training")
-    parser.add_argument("--split", choices=("test", "val"), default="test",
-                        help="with --rescore: caption the kept runs' test (held-out) or validation (familiar) images")
+    kept_runs.add_arguments(parser, "caption the kept runs' test (held-out) or validation (familiar) images")
     parser.add_argument("--name", default=None, help="result file kind: results/<name>-<machine> (default: novel)")
     parser.add_argument("--render", type=Path, default=None, help="only print (and rewrite) the .md of this JSON")
-    args = parser.parse_args()
-    if args.split != "test" and not args.rescore:
-        parser.error("--split val needs --rescore (kept runs)")
+    args = kept_runs.parse_arguments(parser)
     if args.render:
         text = render(json.loads(args.render.read_text()))
         args.render.with_suffix(".md").write_text(text)
@@ -131,8 +125,8 @@ def main() -> None:
             for seed in args.seeds:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
-                    kept = kept_run(args.rescore, f"{dataset}-{category}-{seed}")
-                    pending[case, seed] = pool.submit(rescore_one, seeded, kept, threads, args.split)
+                    kept = kept_runs.kept_run(args.rescore, f"{dataset}-{category}-{seed}")
+                    pending[case, seed] = pool.submit(kept_runs.rescore_one, seeded, kept, threads, args.split)
                     continue
                 pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,
                                                   (args.keep or Path(scratch)) / f"{dataset}-{category}-{seed}",
@@ -164,7 +158,7 @@ def write_report(runs: dict[str, list[dict]], args, started: float) -> None:
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "seeds": args.seeds, "params": args.params,
               "overrides": args.overrides,
-              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}), **results}
+              **kept_runs.report_entry(args), **results}
     text = render(report)
     save_report(args.name or ("novel" if args.split == "test" else f"novel-{args.split}"), report, text)
     print(text, flush=True)

@@ -36,7 +36,7 @@ from clipcap.environment import apply_offline_env
 
 apply_offline_env()
 
-from kept_runs import kept_run, rescore_one, save_timing, view_folder  # noqa: E402  (benchmarks/kept_runs.py)
+import kept_runs  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
 
 import torch  # noqa: E402
@@ -67,14 +67,14 @@ def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dic
     cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, warm_start=False))  # each seed from scratch
     started = time.perf_counter()
     train.run(cfg, layout, tracking=False)  # a benchmark, not a run to track
-    seconds = save_timing(workdir, time.perf_counter() - started)
+    seconds = kept_runs.save_timing(workdir, time.perf_counter() - started)
     return evaluate.run(cfg, layout) | seconds | {"retrieval_learned": learned_retrieval(cfg, layout)}
 
 
 def rescore_run(cfg, workdir: Path, threads: int | None = None, split: str = "test") -> dict:
     """A kept run's ``split`` images captioned again with the current code and settings (no training)."""
-    return rescore_one(cfg, workdir, threads, split) | {
-        "retrieval_learned": learned_retrieval(cfg, Layout(view_folder(workdir, split)))}
+    return kept_runs.rescore_one(cfg, workdir, threads, split) | {
+        "retrieval_learned": learned_retrieval(cfg, Layout(kept_runs.view_folder(workdir, split)))}
 
 
 def learned_retrieval(cfg, layout: Layout) -> dict | None:
@@ -113,16 +113,9 @@ def main() -> None:
                              "half as much (no retrieval prompt), so twice the epochs take the same training time")
     parser.add_argument("--configs", nargs="+", choices=("model", "model_k0"), default=["model", "model_k0"],
                         help="which to train: model (params.yaml as it is), model_k0 (the paper configuration)")
-    parser.add_argument("--keep", type=Path, default=None, help="keep each run's trained project in this folder")
-    parser.add_argument("--rescore", type=Path, default=None,
-                        help="caption the runs kept in this folder (--keep) again with the current code and "
-                             "params.yaml's inference settings, no training")
-    parser.add_argument("--split", choices=("test", "val"), default="test",
-                        help="with --rescore: caption the kept runs' test or validation images (val: choose "
-                             "inference settings there, the test split unseen; results quality-val-<machine>)")
-    args = parser.parse_args()
-    if args.split != "test" and not args.rescore:
-        parser.error("--split val needs --rescore (kept runs)")
+    kept_runs.add_arguments(parser, "caption the kept runs' test or validation images (val: choose inference "
+                                    "settings there, the test split unseen; results quality-val-<machine>)")
+    args = kept_runs.parse_arguments(parser)
     base = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
     k0 = dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0),
@@ -141,8 +134,8 @@ def main() -> None:
             for name, cfg in configs.items():
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
-                    pending[name, seed] = pool.submit(rescore_run, cfg, kept_run(args.rescore, f"{name}-{seed}"),
-                                                      threads, args.split)
+                    kept = kept_runs.kept_run(args.rescore, f"{name}-{seed}")
+                    pending[name, seed] = pool.submit(rescore_run, cfg, kept, threads, args.split)
                     continue
                 pending[name, seed] = pool.submit(run_one, cfg, args.artifacts,
                                                   (args.keep or Path(scratch)) / f"{name}-{seed}", threads)
@@ -170,8 +163,7 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
               "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": seeds,
               "params": args.params, "epochs": {name: cfg.train.epochs for name, cfg in configs.items()},
-              **({"rescored": str(args.rescore), "split": args.split} if args.rescore else {}),
-              base.dataset.name: results}
+              **kept_runs.report_entry(args), base.dataset.name: results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     split = "Test" if args.split == "test" else "Validation"
     lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
