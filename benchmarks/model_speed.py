@@ -378,13 +378,18 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def write_result(stem: Path, result: dict, text: str) -> Path:
+    """Write ``result`` to ``<stem>.json`` and its Markdown ``text`` to ``<stem>.md``; the stem. A dot in the
+    stem stays in the names ("runs/novel-c0.6" -> "runs/novel-c0.6.json", not "runs/novel-c0.json")."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(text)
+    return stem
+
+
 def save_report(kind: str, result: dict, text: str) -> Path:
     """Write ``result`` and its Markdown ``text`` to ``results/<kind>-<this CPU>.json`` and ``.md``; the stem."""
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{kind}-{slug(cpu_model())}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    return stem
+    return write_result(RESULTS / f"{kind}-{slug(cpu_model())}", result, text)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -421,13 +426,9 @@ def _detail(value: object) -> str:
 
 def write_results(rows: list[Row], machine: dict, s: Settings) -> Path:
     date = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / result_stem(machine, s.smoke)
     results = [dataclasses.asdict(row) | {"ratio": row.ratio, "passed": row.passed} for row in rows]
     payload = {"date": date, "machine": machine, "settings": dataclasses.asdict(s), "results": results}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, machine, s, date))
-    return stem
+    return write_result(RESULTS / result_stem(machine, s.smoke), payload, markdown(rows, machine, s, date))
 
 
 def print_table(rows: list[Row]) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -37,7 +36,7 @@ from clipcap.environment import apply_offline_env
 apply_offline_env()
 
 import kept_runs  # noqa: E402  (benchmarks/kept_runs.py)
-from model_speed import cpu_model, slug  # noqa: E402  (benchmarks/model_speed.py)
+from model_speed import cpu_model, slug, write_result  # noqa: E402  (benchmarks/model_speed.py)
 
 import torch  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -164,7 +163,6 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
               "seconds": round(time.time() - started), "test_images": first["test_images"], "seeds": seeds,
               "params": args.params, "epochs": {name: cfg.train.epochs for name, cfg in configs.items()},
               **kept_runs.report_entry(args), base.dataset.name: results}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     split = "Test" if args.split == "test" else "Validation"
     lines = [f"# Caption quality on {base.dataset.name} ({report['date'][:10]}, {cpu_model()})", "",
              f"{split} split: {first['test_images']} images; seeds {seeds}; mean and 95% interval "
@@ -179,7 +177,7 @@ def write_report(out: Path, runs: dict[str, list[dict]], configs: dict, base, ar
     lines += ["", "Training time per run (s, mean over seeds): " + "; ".join(
         f"{name} {results[name]['train_seconds']['mean']:.0f} ({configs[name].train.epochs} epochs)"
         for name in configs)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_result(out, report, "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -65,7 +64,7 @@ from clipcap.modeling.retrieval import (  # noqa: E402
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import cpu_model, slug  # noqa: E402
+from model_speed import cpu_model, slug, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MS, TARGET_RECALL = 20.0, 0.95
@@ -361,10 +360,8 @@ def main() -> None:
     date = datetime.now(UTC).isoformat(timespec="seconds")
     settings = {key: v for key, v in vars(args).items() if key not in ("scratch",)}
     stem = RESULTS / (f"retrieval-cpu-{slug(machine['cpu'])}-{machine['cores']}c" + ("-smoke" if args.smoke else ""))
-    RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"date": date, "machine": machine, "settings": settings,
-                                                     "results": results}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results, machine, settings, date))
+    write_result(stem, {"date": date, "machine": machine, "settings": settings, "results": results},
+                 markdown(results, machine, settings, date))
     print(f"\nwrote {stem}.json and {stem}.md")
 
 
