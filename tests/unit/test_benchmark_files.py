@@ -1,0 +1,46 @@
+"""The benchmarks' shared helpers: where their result files go and how the kept-run arguments are checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import kept_runs  # noqa: E402  (benchmarks/kept_runs.py)
+from model_speed import write_result  # noqa: E402  (benchmarks/model_speed.py)
+
+
+def test_write_result_keeps_a_dot_in_the_stem(tmp_path):
+    """Two settings' results ("c0.6", "c0.7") go to two pairs of files, not both to "c0.json"."""
+    for setting in ("0.6", "0.7"):
+        write_result(tmp_path / "runs" / f"novel-c{setting}-amd", {"setting": setting}, f"# {setting}\n")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "novel-c0.6-amd.json", "novel-c0.6-amd.md", "novel-c0.7-amd.json", "novel-c0.7-amd.md"]
+    assert json.loads((tmp_path / "runs" / "novel-c0.6-amd.json").read_text()) == {"setting": "0.6"}
+    assert (tmp_path / "runs" / "novel-c0.7-amd.md").read_text() == "# 0.7\n"
+
+
+def parse(argv: list[str], monkeypatch) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench")
+    kept_runs.add_arguments(parser, "which images")
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    return kept_runs.parse_arguments(parser)
+
+
+def test_split_val_needs_kept_runs(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--split", "val"], monkeypatch)
+    assert "--split val needs --rescore" in capsys.readouterr().err
+    args = parse(["--split", "val", "--rescore", "runs"], monkeypatch)
+    assert (args.split, args.rescore) == ("val", Path("runs"))
+
+
+def test_a_report_records_a_rescore_only(monkeypatch):
+    assert kept_runs.report_entry(parse(["--keep", "runs"], monkeypatch)) == {}
+    assert kept_runs.report_entry(parse(["--rescore", "runs", "--split", "val"], monkeypatch)) == {
+        "rescored": "runs", "split": "val"}
