@@ -83,8 +83,8 @@ def test_threshold_and_top_k_choose_the_entities():
 
 def test_a_sigmoid_head_takes_each_nouns_own_probability():
     head = _head(["cat", "dog"], torch.eye(2).tolist(), activation="sigmoid", threshold=0.5)
-    found = head.entities(torch.tensor([[3.0, 2.0], [-3.0, 0.5], [-1.0, -1.0]]))
-    assert found == [["cat", "dog"], ["dog"], []]
+    found = head.entities(torch.tensor([[3.0, 2.0], [-3.0, 0.5], [-1.0, -1.0], [0.0, -1.0]]))
+    assert found == [["cat", "dog"], ["dog"], [], ["cat"]]       # the last at exactly the threshold (0.5): kept
 
 
 def test_a_head_saves_and_loads_with_its_settings(tmp_path):
@@ -149,6 +149,8 @@ def test_a_tagger_fitted_on_caption_nouns_names_the_nouns_of_new_images():
     fresh = centers + torch.randn(3, 16, generator=generator) * 0.3
     cat, dog, cup = head.entities(fresh)
     assert cat == ["cat"] and set(dog) == {"dog", "ball"} and cup == ["cup"]
+    # fitted on unit embeddings, it reads any length as its direction (the encoder's are not unit length)
+    torch.testing.assert_close(head.noun_probabilities(fresh / 100), head.noun_probabilities(fresh))
     assert fit_tagger(embeddings, [set()] * 60) is None
 
 
@@ -389,6 +391,8 @@ def test_a_confident_noun_no_retrieved_caption_names_makes_a_less_familiar_image
     assert novel_images(named, retrieved, near, settings) == [True, False, False, True, True, False, True]
     for off in (dataclasses.replace(settings, novel_confidence=None), dataclasses.replace(settings, familiar_similarity=None)):
         assert novel_images(named, retrieved, near, off) == [False, False, False, False, True, False, False]
+    # exactly as similar as novel_similarity: not novel by distance (and the head too unsure for the other rule)
+    assert novel_images([Named([], "pear", 0.1)], [["A duck."]], [0.5], settings) == [False]
 
 
 def test_a_novel_image_without_a_likely_noun_is_prompted_with_its_likeliest():
@@ -420,6 +424,8 @@ def test_training_shows_a_share_of_prompts_without_their_retrieved_captions():
     assert tokenizer.decode(prompts(index, 0, 0)) == "Objects: cat. This image shows:"
     assert tokenizer.decode(prompts(shown.index(True), 0, 0)) == "Similar images show: A fox. Objects: cat. This image shows:"
     assert all(EntityPrompts(tokenizer, [["cat"]] * 50, 0.0, retrieved=[["A fox."]]).shows_retrieved(i, 0) for i in range(50))
+    later = [prompts.shows_retrieved(i, 1) for i in range(1000)]      # drawn anew each epoch, at the same share
+    assert 50 < later.count(False) < 150 and later != shown
 
 
 def test_the_likeliest_beam_that_names_an_entity_is_kept():
@@ -429,6 +435,7 @@ def test_the_likeliest_beam_that_names_an_entity_is_kept():
     assert likeliest_naming(beams, ["cat"]) == "Two cats on a mat."       # lemmas: cats names cat
     assert likeliest_naming(beams, ["dog"]) == "A wheelbarrow."            # none does: the best beam
     assert likeliest_naming(beams, ["mat", "cat"]) == "Two cats on a mat."
+    assert likeliest_naming(beams[1:], ["cat"]) == "Two cats on a mat."    # the best beam, when it names one
     assert not names_any("A catapult.", ["cat"]) and names_any("A fire truck.", ["fire truck"])
     assert not names_any("A truck.", ["fire truck"])
 
@@ -447,6 +454,28 @@ def test_an_image_prompted_with_entities_alone_keeps_its_likeliest_naming_beam()
                               dataclasses.replace(decoding, num_captions=4, rerank=False), 4, prompts)
     expected = [[likeliest_naming(found, nouns)] for found, nouns in zip(beams, captioner.entities(embeddings))]
     assert captioner.caption_embeddings(embeddings, decoding) == expected
+
+
+def test_the_rerank_keeps_a_later_beam_that_names_the_entity_over_a_likelier_one_that_does_not(monkeypatch):
+    """The beams a tiny random model writes name no entity, so the test above cannot tell the rule from the
+    best beam: here beam search's beams are given, and the image the head calls a cat keeps "A cat on a mat."
+    (its third beam), the one it calls a dog - named by no beam - its best."""
+    from clipcap.modeling import captioner as captioner_module
+
+    head = _head(["cat", "dog"], torch.eye(2).tolist(), threshold=0.3, top_k=1)
+    captioner = _captioner(head)
+    beams = [["A wheelbarrow.", "A catapult.", "A cat on a mat.", "Two cats."]] * 2
+    asked = []
+
+    def given_beams(model, tokenizer, embeddings, decoding, batch_size, prompts, max_time=None):
+        asked.append((decoding.num_captions, prompts))
+        return beams
+
+    monkeypatch.setattr(captioner_module, "generate_captions", given_beams)
+    decoding = dataclasses.replace(GREEDY, strategy="beam", num_beams=4, max_new_tokens=4, rerank=True)
+    embeddings = torch.eye(2) * 5
+    assert captioner.caption_embeddings(embeddings, decoding) == [["A cat on a mat."], ["A wheelbarrow."]]
+    assert asked == [(4, captioner.prompts(embeddings, None))]     # all beams, of the entities' prompts
 
 
 def test_inference_settings_sets_the_novelty_rule_only_beside_a_datastore():
