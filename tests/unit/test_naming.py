@@ -2,13 +2,14 @@
 
 import pytest
 
-from clipcap.naming import head_noun, lemma, names_object, names_object_rate
+from clipcap.naming import caption_nouns, head_noun, lemma, names_object, names_object_rate
 
 
 @pytest.mark.parametrize("word, expected", [
     ("cats", "cat"), ("berries", "berry"), ("boxes", "box"), ("wolves", "wolf"), ("children", "child"),
     ("people", "person"), ("glass", "glass"), ("bus", "bus"), ("cactus", "cactus"), ("potatoes", "potato"),
     ("toys", "toy"), ("pig", "pig"), ("Mice", "mouse"), ("sheep", "sheep"),
+    ("gas", "gas"), ("ties", "tie"), ("pies", "pie"), ("'root'", "root"), ("cats'", "cat"),
 ])
 def test_lemmas(word, expected):
     assert lemma(word) == expected
@@ -29,6 +30,11 @@ def test_lemmas(word, expected):
     ("Happy!", "happy"),
     ("The letter c.", "c"),
     ("An old building with a clock.", "building"),
+    ("A ginger 'root'.", "root"),
+    ("Under the sea.", "sea"),                 # a phrase may begin with a preposition
+    ("A cup and a saucer.", "cup"),            # a quantity word hands on only before "of"
+    ("A gold ring.", "ring"),                  # a short word in -ing is no verb
+    ("These!", "these"),                       # nothing but a determiner: that word
     ("", None),
 ])
 def test_head_nouns(reference, head):
@@ -53,6 +59,19 @@ def test_names_object(caption, reference, named):
 
 def test_the_rate_is_the_share_of_images_named_by_their_first_reference():
     references = {"a": ["A pig.", "A hog."], "b": ["An igloo."], "c": ["Two cats."], "d": ["A boat."]}
+    references["d"] = ["A boat.", "A hog."]       # named by its second reference only: not named
     captions = {"a": "A pig.", "b": "A volleyball.", "c": "A cat on a mat.", "d": "A hog."}
     assert names_object_rate(captions, references) == 0.5
     assert names_object_rate({}, references) == 0.0
+
+
+@pytest.mark.parametrize("caption, nouns", [
+    ("A girl riding a horse.", ["girl", "horse"]),
+    ("A bunch of grapes.", ["grape"]),                      # not the quantity word
+    ("A sign with 100 on it.", ["sign"]),                  # no numbers, no words under three letters
+    ("A gold ring on a cushion.", ["ring", "cushion"]),
+    ("A cat, a dog, a hen and a fox.", ["cat", "dog", "hen", "fox"]),
+])
+def test_caption_nouns_are_the_heads_of_its_phrases(caption, nouns):
+    assert caption_nouns(caption) == nouns
+    assert caption_nouns(caption, limit=1) == nouns[:1]
