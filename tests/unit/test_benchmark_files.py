@@ -44,3 +44,21 @@ def test_a_report_records_a_rescore_only(monkeypatch):
     assert kept_runs.report_entry(parse(["--keep", "runs"], monkeypatch)) == {}
     assert kept_runs.report_entry(parse(["--rescore", "runs", "--split", "val"], monkeypatch)) == {
         "rescored": "runs", "split": "val"}
+
+
+def test_a_held_out_category_is_all_of_the_test_split_and_none_of_training():
+    """Leave-category-out: every image of the held-out category is tested (its train and val rows too, none
+    was seen) and none is trained on or stored; the other categories keep train and val, not test."""
+    import pandas as pd
+    from novel import held_out_manifest  # benchmarks/novel.py
+
+    manifest = pd.DataFrame({"image_id": [f"i{n}" for n in range(9)],
+                             "category": ["food"] * 3 + ["animals"] * 3 + ["toys"] * 3,
+                             "split": ["train", "val", "test"] * 3})
+    out = held_out_manifest(manifest, "food")
+    assert sorted(out[out["split"] == "test"]["image_id"]) == ["i0", "i1", "i2"]
+    assert set(out[out["split"] != "test"]["category"]) == {"animals", "toys"}
+    assert sorted(out["image_id"]) == ["i0", "i1", "i2", "i3", "i4", "i6", "i7"]    # the others' test rows left out
+    assert out.set_index("image_id").loc[["i3", "i4", "i6", "i7"], "split"].tolist() == ["train", "val"] * 2
+    with pytest.raises(SystemExit, match="no category 'fruit'.*'animals', 'food', 'toys'"):
+        held_out_manifest(manifest, "fruit")
