@@ -67,7 +67,9 @@ def test_the_rate_is_the_share_of_images_named_by_their_first_reference():
 
 @pytest.mark.parametrize("caption, nouns", [
     ("A girl riding a horse.", ["girl", "horse"]),
+    ("Two cats sleeping on a couch.", ["cat", "couch"]),
     ("A bunch of grapes.", ["grape"]),                      # not the quantity word
+    ("Number 12.", []),
     ("A sign with 100 on it.", ["sign"]),                  # no numbers, no words under three letters
     ("A gold ring on a cushion.", ["ring", "cushion"]),
     ("A cat, a dog, a hen and a fox.", ["cat", "dog", "hen", "fox"]),
@@ -75,3 +77,7 @@ def test_the_rate_is_the_share_of_images_named_by_their_first_reference():
 def test_caption_nouns_are_the_heads_of_its_phrases(caption, nouns):
     assert caption_nouns(caption) == nouns
     assert caption_nouns(caption, limit=1) == nouns[:1]
+
+
+def test_caption_nouns_keeps_the_first_limit_of_them():
+    assert caption_nouns("An albino peahen (a female peafowl, or peacock).", limit=2) == ["peahen", "peafowl"]
