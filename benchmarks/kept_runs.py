@@ -58,14 +58,15 @@ def save_timing(workdir: Path, seconds: float) -> dict:
     return timing
 
 
-def refresh_entities(cfg, model: Path) -> None:
+def refresh_entities(cfg, model: Path, artifacts: Path) -> None:
     """Set a kept captioner's entity head to ``cfg.entities``' inference settings, as training sets a new
-    one's (``inference_settings``: the novelty thresholds from its datastore) and, for the encoder's
-    classifier, to the current ImageNet noun table and general nouns (the head's weights are the
-    classifier's, unchanged). Rewrites its config.json."""
-    from clipcap.modeling.entities import EntitySettings, imagenet_general, imagenet_nouns
+    one's (``inference_settings``: the novelty thresholds from the training images of ``artifacts``, its
+    project folder) and, for the encoder's classifier, to the current ImageNet noun table and general nouns
+    (the head's weights are the classifier's, unchanged). Rewrites its config.json."""
+    from clipcap.modeling.entities import EntityHead, EntitySettings, imagenet_general, imagenet_nouns
     from clipcap.modeling.retrieval import CaptionDatastore
     from clipcap.pipeline.entity_heads import inference_settings
+    from clipcap.pipeline.splits import split_data
 
     config = json.loads((model / "config.json").read_text())
     if "entities" not in config:
@@ -74,10 +75,10 @@ def refresh_entities(cfg, model: Path) -> None:
     if settings.source == "classifier":
         settings = dataclasses.replace(settings, nouns=imagenet_nouns(), general=imagenet_general())
     store = CaptionDatastore.load(model) if config.get("retrieval", {}).get("k") else None
-    first = {} if store is None else {image: row for row, image in reversed(list(enumerate(store.image_ids)))}
-    embeddings = None if store is None else store.embeddings[list(first.values())]
-    settings = inference_settings(settings, cfg.entities, store, embeddings, list(first),
-                                  cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
+    (rows, embeddings), = split_data(Layout(artifacts), config["encoder"], "train")
+    settings = inference_settings(EntityHead.load(model, settings.as_config()), cfg.entities, store, embeddings,
+                                  rows["image_id"].tolist(), rows["captions"], cfg.retrieval.duplicate_similarity,
+                                  seed=cfg.train.seed)
     config["entities"] = settings.as_config()
     (model / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -113,7 +114,7 @@ def rescore_one(cfg, workdir: Path, threads: int | None = None, split: str = "te
 
     if threads:
         torch.set_num_threads(threads)
-    refresh_entities(cfg, Layout(workdir).model)
+    refresh_entities(cfg, Layout(workdir).model, workdir)
     timing = workdir / TIMING_FILE
     return evaluate.run(cfg, Layout(split_view(workdir, split))) | (
         json.loads(timing.read_text()) if timing.exists() else {})

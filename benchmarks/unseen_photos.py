@@ -79,7 +79,7 @@ def main() -> None:
     if args.refresh:
         from kept_runs import refresh_entities  # benchmarks/kept_runs.py
 
-        refresh_entities(cfg, Path(args.model))
+        refresh_entities(cfg, Path(args.model), args.artifacts)
     captioner = Captioner.load(args.model)
     (rows, embeddings), = split_data(Layout(args.artifacts), captioner.config["encoder"], "train")
     training = CaptionDatastore.build(embeddings, [c[0] for c in rows["captions"]], rows["image_id"].tolist())

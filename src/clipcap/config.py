@@ -271,6 +271,9 @@ class EntitiesConfig:
                                         # this share of training images keeps its retrieved captions
     novel_confidence: float | None = 0.5  # a farther one is novel too when its likeliest noun is at least this
                                         # probable and named by none of its retrieved captions (null: off)
+    novel_precision: float | None = None  # or set novel_confidence from the training images: the lowest
+                                        # probability at which the head's likeliest noun is in the image's own
+                                        # caption for at least this share of them (none: off); null: as given
     in_prompt: Literal["all", "novel"] = "all"  # with retrieval: which images' prompts name their entities: all,
                                         # or the novel ones only (a familiar one's holds its retrieved captions alone)
 
@@ -285,6 +288,8 @@ class EntitiesConfig:
             raise ConfigError("entities.familiar_quantile must be in [novel_quantile, 1)")
         if self.novel_confidence is not None and not 0 < self.novel_confidence <= 1:
             raise ConfigError("entities.novel_confidence must be in (0, 1], or null (off)")
+        if self.novel_precision is not None and not 0 < self.novel_precision <= 1:
+            raise ConfigError("entities.novel_precision must be in (0, 1], or null (novel_confidence as given)")
         if self.in_prompt not in ("all", "novel"):
             raise ConfigError(f"entities.in_prompt must be all or novel, not {self.in_prompt!r}")
         for key in ("max_per_caption", "top_k", "tagger_min_images", "tagger_steps"):

@@ -261,7 +261,8 @@ def test_the_entity_source_is_built_from_params(tmp_path):
 
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
                                               ("temperature", 0.0), ("novel_confidence", 0.0),
-                                              ("novel_confidence", 1.5), ("familiar_quantile", 0.05),
+                                              ("novel_confidence", 1.5), ("novel_precision", 0.0),
+                                              ("novel_precision", 1.5), ("familiar_quantile", 0.05),
                                               ("familiar_quantile", 1.0), ("in_prompt", "some")])
 def test_bad_entity_params_name_the_key(field, value):
     with pytest.raises(ConfigError, match=f"entities.{field}"):
@@ -276,6 +277,7 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     stores the similarity below which an image is novel."""
     import clipcap.pipeline.stages.train as stage
     from clipcap.config import DatasetConfig, TrainConfig
+    from clipcap.pipeline.entity_heads import calibrated_confidence
     from clipcap.pipeline.layout import Layout
 
     monkeypatch.chdir(tmp_path)
@@ -283,11 +285,12 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
                  retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
                  entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25,
-                                         familiar_quantile=0.75, novel_confidence=0.7, in_prompt="novel"))
+                                         familiar_quantile=0.75, novel_confidence=0.7, novel_precision=0.4,
+                                         in_prompt="novel"))
     animals = ["cat", "dog", "hen", "fox"]
-    rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(16)],
-                         "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(16)]})
-    embeddings = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))[[n % 4 for n in range(16)]] * 3
+    rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(20)],
+                         "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(20)]})
+    embeddings = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))[[n % 4 for n in range(20)]] * 3
     val = rows.iloc[:4].assign(image_id=[f"v{n}" for n in range(4)])
     monkeypatch.setattr(stage, "split_data", lambda *args: [(rows, embeddings), (val, embeddings[:4])])
     seen = []
@@ -301,7 +304,7 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
     stage.run(cfg, tracking=False)
     [(pairs, val_pairs)] = seen
     assert isinstance(pairs.prompts, EntityPrompts) and pairs.prompts.drop == 0.3
-    assert pairs.prompts.nouns == [[animals[n % 4], "mat"] for n in range(16)]
+    assert pairs.prompts.nouns == [[animals[n % 4], "mat"] for n in range(20)]
     tokenizer = load_lm(LM, "smollm2-135m").tokenizer
     head = Captioner.load(Layout.of("toy").model).entity_head
     assert head is not None and head.settings.source == "tagger"
@@ -312,7 +315,9 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
         return
     assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
     assert -1.0 <= head.settings.novel_similarity < head.settings.familiar_similarity <= 1.0
-    assert head.settings.novel_confidence == 0.7 and head.settings.in_prompt == "novel"
+    assert head.settings.in_prompt == "novel"      # and novel_confidence from the head on the training images:
+    assert head.settings.novel_confidence == calibrated_confidence(head, embeddings, rows["captions"], 0.4)
+    assert head.settings.novel_confidence not in (None, 0.7)
     # the val images are the training images' own directions: familiar, so (in_prompt: novel) no entities
     assert all(tokenizer.decode(p).startswith("Similar images show:") and "Objects:" not in tokenizer.decode(p)
                for p in val_pairs.prompts)
@@ -475,28 +480,65 @@ def test_the_rerank_keeps_a_later_beam_that_names_the_entity_over_a_likelier_one
 def test_inference_settings_sets_the_novelty_rule_only_beside_a_datastore():
     """One function sets a head's inference settings for training and for a kept captioner: top_k and
     threshold always; in_prompt and the novelty thresholds (the quantiles of the training images'
-    nearest-neighbour similarities) only with a datastore; none with novel_quantile 0."""
+    nearest-neighbour similarities, and novel_confidence as given or calibrated on the training images)
+    only with a datastore; none with novel_quantile 0."""
     from clipcap.modeling.entities import EntitySettings
     from clipcap.modeling.retrieval import CaptionDatastore
-    from clipcap.pipeline.entity_heads import inference_settings, neighbour_similarities
+    from clipcap.pipeline.entity_heads import calibrated_confidence, inference_settings, neighbour_similarities
 
     embeddings = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
     ids = [f"i{n}" for n in range(40)]
+    captions = [["A cat."]] * 40
     store = CaptionDatastore.build(embeddings, [f"c{n}" for n in range(40)], ids)
     stored = EntitySettings(source="tagger", nouns=["cat", "dog"], top_k=1, threshold=0.9, novel_similarity=0.5,
                             familiar_similarity=0.6)
+    head = EntityHead(stored, torch.randn(2, 8, generator=torch.Generator().manual_seed(2)))
     wanted = EntitiesConfig(source="tagger", top_k=2, threshold=0.3, novel_quantile=0.2, familiar_quantile=0.6,
-                            novel_confidence=0.7, in_prompt="novel")
+                            novel_confidence=0.7, novel_precision=None, in_prompt="novel")
 
-    alone = inference_settings(stored, wanted, None, embeddings, ids, 0.99)
+    alone = inference_settings(head, wanted, None, embeddings, ids, captions, 0.99)
     assert (alone.top_k, alone.threshold, alone.in_prompt) == (2, 0.3, "all")
     assert alone.novel_similarity is None and alone.familiar_similarity is None
 
-    beside = inference_settings(stored, wanted, store, embeddings, ids, 0.99, seed=3)
+    beside = inference_settings(head, wanted, store, embeddings, ids, captions, 0.99, seed=3)
     assert beside.in_prompt == "novel" and beside.novel_confidence == 0.7
     assert [beside.novel_similarity, beside.familiar_similarity] == neighbour_similarities(
         store, embeddings, ids, [0.2, 0.6], 0.99, seed=3)
     assert beside.novel_similarity < beside.familiar_similarity
 
-    never = inference_settings(stored, dataclasses.replace(wanted, novel_quantile=0.0), store, embeddings, ids, 0.99)
+    calibrated = inference_settings(head, dataclasses.replace(wanted, novel_precision=0.5), store, embeddings, ids,
+                                    captions, 0.99, seed=3)
+    assert calibrated.novel_confidence == calibrated_confidence(head, embeddings, captions, 0.5)
+    assert calibrated.novel_confidence not in (None, 0.7)
+
+    never = inference_settings(head, dataclasses.replace(wanted, novel_quantile=0.0), store, embeddings, ids,
+                               captions, 0.99)
     assert never.in_prompt == "novel" and never.novel_similarity is None and never.familiar_similarity is None
+    assert head.settings == stored                       # the head's own settings are left as they were
+
+
+def test_novel_confidence_is_where_the_head_is_right_often_enough_on_the_training_images():
+    """calibrated_confidence: over the training images sorted by the head's confidence in its likeliest
+    noun, the lowest confidence down to which that noun is in the image's own caption for at least
+    ``precision`` of them (counted over at least ``min_images``); None when it never is."""
+    from clipcap.pipeline.entity_heads import calibrated_confidence
+
+    head = _head(["cat", "dog"], [[1.0, 0.0], [0.0, 0.0]])
+    logits = torch.tensor([3.0 - 0.1 * n for n in range(30)])        # the head sure of cat, less and less
+    probabilities = torch.sigmoid(logits).tolist()
+    # the 10 surest are cats, the next 20 are not (their captions name no cat), given in a shuffled order
+    captions = [["A dog.", "A cat on a mat."] if n < 10 else ["A dog."] for n in range(30)]  # any caption
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).tolist()
+    embeddings = torch.stack([torch.tensor([logits[n], 0.0]) for n in order])
+    shuffled = [captions[n] for n in order]
+
+    def confidence(precision, min_images=20):
+        return calibrated_confidence(head, embeddings, shuffled, precision, min_images)
+
+    assert confidence(0.5) == pytest.approx(probabilities[19])   # 10 of the surest 20: exactly a half
+    assert confidence(0.51) is None                              # never that often over 20 or more
+    assert confidence(1.0) is None and confidence(1.0, min_images=5) == pytest.approx(probabilities[9])
+    assert confidence(0.3) == pytest.approx(probabilities[29])   # 10 of 30: down to the least sure
+    assert confidence(0.4) == pytest.approx(probabilities[24])   # 10 of 25
+
+

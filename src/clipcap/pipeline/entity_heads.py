@@ -11,7 +11,7 @@ import torch
 from clipcap.config import Config, ConfigError, EntitiesConfig
 from clipcap.modeling.encoders import OpenClipEncoder, build_encoder
 from clipcap.modeling.entities import (EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns,
-                                       zero_shot_head)
+                                       names_any, zero_shot_head)
 from clipcap.modeling.labels import encoder_labels
 from clipcap.naming import caption_nouns
 from clipcap.training.tagger import fit_tagger, noun_vocabulary
@@ -68,14 +68,34 @@ def neighbour_similarities(datastore, embeddings: torch.Tensor, image_ids: list[
     return [float(torch.quantile(found, quantile)) for quantile in quantiles]
 
 
-def inference_settings(settings: EntitySettings, entities: EntitiesConfig, datastore, embeddings: torch.Tensor,
-                       image_ids: list[str], duplicate_similarity: float, seed: int = 0) -> EntitySettings:
-    """``settings`` with ``entities``' inference settings for a captioner beside ``datastore`` (the training
-    images' ``embeddings``): top_k, threshold and, with a datastore, ``in_prompt`` and the novelty rule - the
-    thresholds from the training images' nearest-neighbour similarities (:func:`neighbour_similarities`) and
-    ``novel_confidence``. Without a datastore, or with ``novel_quantile`` 0, no image is novel. Training
-    sets a new head's with it and the benchmarks a kept captioner's."""
-    settings = dataclasses.replace(settings, top_k=entities.top_k, threshold=entities.threshold,
+def calibrated_confidence(head: EntityHead, embeddings: torch.Tensor, captions_per_image, precision: float,
+                          min_images: int = 20) -> float | None:
+    """The lowest probability at which ``head``'s likeliest noun is named by the image's own captions for at
+    least ``precision`` of the training images (``embeddings``, ``captions_per_image``) it is that sure of,
+    counted over at least ``min_images`` of them; None when no probability reaches it. For 0.4, an ImageNet
+    head's is 0.47 on Tux Paint's stamps and 0.87 on Open Clip Art's drawings: it is overconfident on clip art."""
+    named = head.name(embeddings)
+    found = sorted(((found.probability, any(names_any(caption, [found.likeliest]) for caption in captions))
+                    for found, captions in zip(named, captions_per_image)), key=lambda pair: -pair[0])
+    right, lowest = 0, None
+    for count, (probability, named_right) in enumerate(found, start=1):
+        right += named_right
+        if count >= min_images and right >= precision * count:
+            lowest = probability
+    return lowest
+
+
+def inference_settings(head: EntityHead, entities: EntitiesConfig, datastore, embeddings: torch.Tensor,
+                       image_ids: list[str], captions_per_image, duplicate_similarity: float,
+                       seed: int = 0) -> EntitySettings:
+    """``head``'s settings with ``entities``' inference settings for a captioner beside ``datastore`` (the
+    training images' ``embeddings``, ids and captions): top_k, threshold and, with a datastore, ``in_prompt``
+    and the novelty rule - the thresholds from the training images' nearest-neighbour similarities
+    (:func:`neighbour_similarities`) and ``novel_confidence``, or with ``novel_precision`` the confidence
+    at which the head is that often right on the training images (:func:`calibrated_confidence`; none: the
+    rule is off). Without a datastore, or with ``novel_quantile`` 0, no image is novel. Training sets a new
+    head's with it and the benchmarks a kept captioner's."""
+    settings = dataclasses.replace(head.settings, top_k=entities.top_k, threshold=entities.threshold,
                                    novel_similarity=None, familiar_similarity=None)
     if datastore is None:
         return settings
@@ -85,8 +105,10 @@ def inference_settings(settings: EntitySettings, entities: EntitiesConfig, datas
     novel, familiar = neighbour_similarities(datastore, embeddings, image_ids,
                                              [entities.novel_quantile, entities.familiar_quantile],
                                              duplicate_similarity, seed=seed)
+    confidence = (entities.novel_confidence if entities.novel_precision is None else
+                  calibrated_confidence(head, embeddings, captions_per_image, entities.novel_precision))
     return dataclasses.replace(settings, novel_similarity=novel, familiar_similarity=familiar,
-                               novel_confidence=entities.novel_confidence)
+                               novel_confidence=confidence)
 
 
 def vocabulary(cfg: Config, rows: pd.DataFrame) -> list[str]:

@@ -72,15 +72,16 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     entity_head = build_entity_head(cfg, train_rows, train_emb)
     novel = cfg.entities.novel_quantile if entity_head is not None and retriever is not None else 0.0
     if entity_head is not None:
-        entity_head.settings = inference_settings(entity_head.settings, cfg.entities,
-                                                  retriever.datastore if retriever else None, train_emb,
-                                                  train_rows["image_id"].tolist(), cfg.retrieval.duplicate_similarity,
-                                                  seed=cfg.train.seed)
+        entity_head.settings = inference_settings(entity_head, cfg.entities, retriever.datastore if retriever else None,
+                                                  train_emb, train_rows["image_id"].tolist(), train_rows["captions"],
+                                                  cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
     if novel:
+        settings = entity_head.settings
         log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
-                 "training images are), and one less similar than %.3f whose likeliest noun is at least %s probable "
-                 "and named by none of its retrieved captions", entity_head.settings.novel_similarity, novel,
-                 entity_head.settings.familiar_similarity, cfg.entities.novel_confidence)
+                 "training images are)%s", settings.novel_similarity, novel,
+                 "" if settings.novel_confidence is None else
+                 f", and one less similar than {settings.familiar_similarity:.3f} whose likeliest noun is at least "
+                 f"{settings.novel_confidence:.2f} probable and named by none of its retrieved captions")
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
