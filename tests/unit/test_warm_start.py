@@ -67,6 +67,22 @@ def test_another_recipe_means_from_scratch_and_says_what_differs(cfg, tmp_path, 
     assert found.source is None and found.weights is None and named in found.reason
 
 
+def test_a_champion_from_before_an_option_existed_is_the_start_while_the_option_is_null(cfg, tmp_path):
+    """A champion registered before ``entities.novel_precision`` existed records no such key: with the
+    option at its default (null) the recipes agree and the retrain warm-starts; set, they differ."""
+    older = recipe(cfg)
+    del older["entities"]["novel_precision"]
+    lm = load_lm(LM, "smollm2-135m", seed=1)
+    save_captioner(tmp_path / "champion", ClipCap(cfg.mapper, 1280, lm.model), encoder=cfg.encoder.name, lm_name=LM,
+                   tokenizer_name="smollm2-135m", lm_pretrained=False, extra={"recipe": older})
+    log_and_register(cfg.register, "toy", tmp_path / "champion", {}, {"model_CIDEr": 0.5}, {}, [],
+                     example_image="x.png", test_set="t")
+    assert cfg.entities.novel_precision is None and find_warm_start(cfg).source == "models:/clipcap-toy/1"
+    calibrated = dataclasses.replace(cfg, entities=dataclasses.replace(cfg.entities, novel_precision=0.4))
+    found = find_warm_start(calibrated)
+    assert found.source is None and "entities.novel_precision" in found.reason
+
+
 def test_where_and_how_fast_it_runs_do_not_matter(cfg, tmp_path):
     _champion(cfg, tmp_path / "champion")
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu", compile=True, keep_checkpoints=5))
