@@ -28,12 +28,13 @@ def cfg(tmp_path, monkeypatch) -> Config:
                   register=RegisterConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
 
-def _champion(cfg: Config, folder, with_recipe=True) -> ClipCap:
+def _champion(cfg: Config, folder, with_recipe=True, recorded: dict | None = None) -> ClipCap:
+    """A registered champion recording ``recorded`` as its recipe (default: ``cfg``'s)."""
     lm = load_lm(LM, "smollm2-135m", seed=1)
     torch.manual_seed(0)
     model = ClipCap(cfg.mapper, 1280, lm.model)
     save_captioner(folder, model, encoder=cfg.encoder.name, lm_name=LM, tokenizer_name="smollm2-135m",
-                   lm_pretrained=False, extra={"recipe": recipe(cfg)} if with_recipe else None)
+                   lm_pretrained=False, extra={"recipe": recorded or recipe(cfg)} if with_recipe else None)
     log_and_register(cfg.register, "toy", folder, {}, {"model_CIDEr": 0.5}, {}, [], example_image="x.png",
                      test_set="t")
     return model
@@ -72,11 +73,7 @@ def test_a_champion_from_before_an_option_existed_is_the_start_while_the_option_
     option at its default (null) the recipes agree and the retrain warm-starts; set, they differ."""
     older = recipe(cfg)
     del older["entities"]["novel_precision"]
-    lm = load_lm(LM, "smollm2-135m", seed=1)
-    save_captioner(tmp_path / "champion", ClipCap(cfg.mapper, 1280, lm.model), encoder=cfg.encoder.name, lm_name=LM,
-                   tokenizer_name="smollm2-135m", lm_pretrained=False, extra={"recipe": older})
-    log_and_register(cfg.register, "toy", tmp_path / "champion", {}, {"model_CIDEr": 0.5}, {}, [],
-                     example_image="x.png", test_set="t")
+    _champion(cfg, tmp_path / "champion", recorded=older)
     assert cfg.entities.novel_precision is None and find_warm_start(cfg).source == "models:/clipcap-toy/1"
     calibrated = dataclasses.replace(cfg, entities=dataclasses.replace(cfg.entities, novel_precision=0.4))
     found = find_warm_start(calibrated)
