@@ -14,7 +14,9 @@ time needs WordNet. The rule, in order, for a class's synset:
    ``BASIC_COUNT`` times, unless it only names a kind (``KINDS``: vegetable, insect, bird): tabby -> cat,
    beagle -> dog, espresso -> coffee, sorrel -> horse;
 3. else the last word of its own first name (banana, broccoli, ladybug, moped, brown bear -> bear), or of
-   the first name on its hypernym path that is not a proper name (Granny Smith -> eating apple -> apple).
+   the first name on its hypernym path that is not a proper name (Granny Smith -> eating apple -> apple);
+   but the whole name where the corpus uses that last word only for other kinds of thing (sea lion, not
+   lion; guinea pig, walking stick, ice cream, remote control: ``misleading``).
 
 Beside each class's own noun, a few general nouns (``GENERAL``) gather the classes under them in WordNet, so
 the head can name what no single class is sure of: ImageNet has no class for a person, but 3 classes of people
@@ -25,6 +27,7 @@ under ``general`` (class indices), and the head adds their probabilities.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -106,16 +109,41 @@ def everyday_noun(offset: str, synsets, counts) -> str:
     if found:
         return found
     common = next(lemma for at in path for lemma in synsets[at][0][:1] if not lemma[:1].isupper())
-    return common.replace("-", "_").split("_")[-1].lower()
+    last = common.replace("-", "_").split("_")[-1].lower()
+    if common.lower() != last and misleading(last, offset, synsets, counts):
+        return common.replace("_", " ").lower()   # sea lion, not lion; walking stick, not stick
+    return last
+
+
+@functools.cache
+def noun_senses() -> dict[str, list[str]]:
+    """lemma -> the synset offsets of its noun senses, most frequent first."""
+    senses = {}
+    for line in (WORDNET / "index.noun").read_text(encoding="latin-1").splitlines():
+        fields = line.split()
+        if fields and not line.startswith("  "):
+            senses[fields[0]] = fields[-int(fields[2]):]
+    return senses
+
+
+def misleading(word: str, offset: str, synsets, counts) -> bool:
+    """Whether the corpus uses ``word`` only for other kinds of thing than the class ``offset``: none of the
+    senses it uses ``word`` in (all of them if it uses none) lies under the class's own kinds (the class and
+    its hypernyms up to ``TOO_GENERAL``): "lion" for a sea lion (an eared seal), "widow" for a black widow;
+    not "car" for a sports car."""
+    kinds = {offset}
+    at = offset
+    while synsets[at][1] and synsets[synsets[at][1][0]][0][0].lower() not in TOO_GENERAL:   # car (machine) is a kind
+        at = synsets[at][1][0]
+        kinds.add(at)
+    senses = noun_senses().get(word, [])
+    used = [sense for sense in senses if counts.get((word, sense), 0) >= 1] or senses
+    return bool(used) and not any(ancestors(sense, synsets) & kinds for sense in used)
 
 
 def first_sense(lemma: str) -> str:
     """The synset offset of ``lemma``'s first noun sense."""
-    for line in (WORDNET / "index.noun").read_text(encoding="latin-1").splitlines():
-        fields = line.split()
-        if fields and fields[0] == lemma:
-            return fields[-int(fields[2])]
-    raise KeyError(lemma)
+    return noun_senses()[lemma][0]
 
 
 def ancestors(offset: str, synsets) -> set[str]:

@@ -97,7 +97,9 @@ def test_a_head_saves_and_loads_with_its_settings(tmp_path):
 
 @pytest.mark.parametrize(("imagenet_class", "noun"), [
     (281, "cat"), (285, "cat"), (967, "coffee"), (339, "horse"), (162, "dog"), (948, "apple"), (954, "banana"),
-    (294, "bear"), (665, "moped")])
+    (294, "bear"), (665, "moped"), (289, "leopard"), (125, "crab"), (968, "cup"), (817, "car"), (436, "wagon"),
+    # the whole name where its last word names another kind of thing
+    (150, "sea lion"), (338, "guinea pig"), (313, "walking stick"), (928, "ice cream"), (761, "remote control")])
 def test_imagenet_classes_map_to_everyday_nouns(imagenet_class, noun):
     nouns = imagenet_nouns()
     assert len(nouns) == 1000 and nouns[imagenet_class] == noun
