@@ -110,7 +110,7 @@ def everyday_noun(offset: str, synsets, counts) -> str:
         return found
     common = next(lemma for at in path for lemma in synsets[at][0][:1] if not lemma[:1].isupper())
     last = common.replace("-", "_").split("_")[-1].lower()
-    if common.lower() != last and misleading(last, offset, synsets, counts):
+    if common.lower() != last and misleading(last, path, synsets, counts):
         return common.replace("_", " ").lower()   # sea lion, not lion; walking stick, not stick
     return last
 
@@ -126,16 +126,13 @@ def noun_senses() -> dict[str, list[str]]:
     return senses
 
 
-def misleading(word: str, offset: str, synsets, counts) -> bool:
-    """Whether the corpus uses ``word`` only for other kinds of thing than the class ``offset``: none of the
-    senses it uses ``word`` in (all of them if it uses none) lies under the class's own kinds (the class and
-    its hypernyms up to ``TOO_GENERAL``): "lion" for a sea lion (an eared seal), "widow" for a black widow;
-    not "car" for a sports car."""
-    kinds = {offset}
-    at = offset
-    while synsets[at][1] and synsets[synsets[at][1][0]][0][0].lower() not in TOO_GENERAL:   # car (machine) is a kind
-        at = synsets[at][1][0]
-        kinds.add(at)
+def misleading(word: str, path: list[str], synsets, counts) -> bool:
+    """Whether the corpus uses ``word`` only for other kinds of thing than the class at the start of ``path``
+    (its first hypernyms up to the root): none of the senses it uses ``word`` in (all of them if it uses none)
+    lies under the class's own kinds (the class and its hypernyms before the first ``TOO_GENERAL`` one):
+    "lion" for a sea lion (an eared seal), "widow" for a black widow; not "car" for a sports car."""
+    end = next((i for i in range(1, len(path)) if synsets[path[i]][0][0].lower() in TOO_GENERAL), len(path))
+    kinds = set(path[:end])   # by first names: car, also called "machine", is a kind
     senses = noun_senses().get(word, [])
     used = [sense for sense in senses if counts.get((word, sense), 0) >= 1] or senses
     return bool(used) and not any(ancestors(sense, synsets) & kinds for sense in used)
