@@ -364,13 +364,23 @@ def measure_decoding(s: Settings) -> list[Row]:
 # ---------------------------------------------------------------- reporting
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+VECTOR_EXTENSIONS = (("avx512f", "AVX-512"), ("avx2", "AVX2"))   # the widest first
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's name and its widest vector extension, "AMD EPYC (AVX-512)" (``cpuinfo``: the text of
+    /proc/cpuinfo, read when None). Hosts that report one name can differ in it, and with it in speed and
+    in the order of floating-point sums: the paper configuration scored 0.579 on one "AMD EPYC" and 0.831
+    on another (docs/experiments/reference-runs.md)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    widest = next((label for flag, label in VECTOR_EXTENSIONS if flag in flags), None)
+    return f"{name} ({widest})" if widest else name
 
 
 def slug(name: str) -> str:
