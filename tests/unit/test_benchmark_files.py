@@ -40,7 +40,7 @@ def test_the_machine_is_its_name_and_widest_vector_extension(flags, expected):
 
 
 def test_hosts_of_one_name_and_other_vector_extensions_write_other_result_files():
-    """Two hosts that both report "AMD EPYC" trained the paper configuration in 1,576 s and 780 s a run, to
+    """Two hosts that both report "AMD EPYC" trained the paper configuration in 1,576 s and 800 s a run, to
     test CIDEr 0.579 and 0.831: a result file must say which kind of host made it."""
     assert slug(cpu_model(cpuinfo("AMD EPYC", "avx2 avx512f"))) == "amd-epyc-avx-512"
     assert slug(cpu_model(cpuinfo("AMD EPYC", "avx2"))) == "amd-epyc-avx2"
