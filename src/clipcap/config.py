@@ -267,6 +267,8 @@ class EntitiesConfig:
     novel_quantile: float = 0.1         # with retrieval: an image farther from its nearest training image than this
                                         # share of training images are from theirs is novel: its prompt holds its
                                         # entities without retrieved captions; training leaves them out as often
+    novel_share: float | None = None    # with retrieval: the share of training prompts shown without retrieved
+                                        # captions, as a novel image's are; null: novel_quantile
     familiar_quantile: float = 0.5      # with retrieval: an image at least as close to its nearest training image as
                                         # this share of training images keeps its retrieved captions
     novel_confidence: float | None = 0.5  # a farther one is novel too when its likeliest noun is at least this
@@ -284,6 +286,8 @@ class EntitiesConfig:
             raise ConfigError("entities.threshold must be in [0, 1]")
         if not 0 <= self.novel_quantile < 1:
             raise ConfigError("entities.novel_quantile must be in [0, 1)")
+        if self.novel_share is not None and not 0 <= self.novel_share < 1:
+            raise ConfigError("entities.novel_share must be in [0, 1), or null (novel_quantile)")
         if not self.novel_quantile <= self.familiar_quantile < 1:
             raise ConfigError("entities.familiar_quantile must be in [novel_quantile, 1)")
         if self.novel_confidence is not None and not 0 < self.novel_confidence <= 1:

@@ -263,7 +263,7 @@ def test_the_entity_source_is_built_from_params(tmp_path):
 
 @pytest.mark.parametrize(("field", "value"), [("drop", 1.0), ("drop", -0.1), ("threshold", 1.5), ("top_k", 0),
                                               ("temperature", 0.0), ("novel_confidence", 0.0),
-                                              ("novel_confidence", 1.5), ("novel_precision", 0.0),
+                                              ("novel_confidence", 1.5), ("novel_precision", 0.0), ("novel_share", 1.0),
                                               ("novel_precision", 1.5), ("familiar_quantile", 0.05),
                                               ("familiar_quantile", 1.0), ("in_prompt", "some")])
 def test_bad_entity_params_name_the_key(field, value):
@@ -271,12 +271,13 @@ def test_bad_entity_params_name_the_key(field, value):
         EntitiesConfig(**{field: value})
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates_on_named_ones(tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("k, share", [(0, None), (1, None), (1, 0.4)])
+def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates_on_named_ones(tmp_path, monkeypatch,
+                                                                                              k, share):
     """Training pairs carry the caption's own nouns through an EntityPrompts at entities.drop; the val
     pairs carry the entities the head names (as at inference); the saved captioner holds the head. With
-    retrieval, a share novel_quantile of training prompts go without retrieved captions and the head
-    stores the similarity below which an image is novel."""
+    retrieval, a share novel_share (null: novel_quantile) of training prompts go without retrieved captions
+    and the head stores the similarity below which an image is novel."""
     import clipcap.pipeline.stages.train as stage
     from clipcap.config import DatasetConfig, TrainConfig
     from clipcap.pipeline.entity_heads import calibrated_confidence
@@ -287,8 +288,8 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
                  mapper=MapperConfig(prefix_length=3, clip_length=2, num_layers=1, num_heads=2),
                  retrieval=RetrievalConfig(k=k, metric="cosine"), train=TrainConfig(epochs=1, batch_size=4),
                  entities=EntitiesConfig(source="tagger", drop=0.3, threshold=0.0, top_k=1, novel_quantile=0.25,
-                                         familiar_quantile=0.75, novel_confidence=0.7, novel_precision=0.4,
-                                         in_prompt="novel"))
+                                         novel_share=share, familiar_quantile=0.75, novel_confidence=0.7,
+                                         novel_precision=0.4, in_prompt="novel"))
     animals = ["cat", "dog", "hen", "fox"]
     rows = pd.DataFrame({"image_id": [f"i{n}" for n in range(20)],
                          "captions": [[f"A {animals[n % 4]} on a mat."] for n in range(20)]})
@@ -315,7 +316,7 @@ def test_the_train_stage_trains_on_each_captions_own_nouns_dropped_and_validates
         assert pairs.prompts.novel == 0.0 and head.settings.novel_similarity is None
         assert [tokenizer.decode(p) for p in val_pairs.prompts] == [prompt_text([], found) for found in named]
         return
-    assert pairs.prompts.novel == 0.25 and pairs.prompts.retrieved is not None
+    assert pairs.prompts.novel == (0.25 if share is None else share) and pairs.prompts.retrieved is not None
     assert -1.0 <= head.settings.novel_similarity < head.settings.familiar_similarity <= 1.0
     assert head.settings.in_prompt == "novel"      # and novel_confidence from the head on the training images:
     assert head.settings.novel_confidence == calibrated_confidence(head, embeddings, rows["captions"], 0.4)

@@ -70,18 +70,20 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
     retriever = training_retriever(cfg.retrieval, train_rows, train_emb, seed=cfg.train.seed,
                                    projection=start.projection)
     entity_head = build_entity_head(cfg, train_rows, train_emb)
-    novel = cfg.entities.novel_quantile if entity_head is not None and retriever is not None else 0.0
+    share = cfg.entities.novel_quantile if cfg.entities.novel_share is None else cfg.entities.novel_share
+    novel = share if entity_head is not None and retriever is not None else 0.0
     if entity_head is not None:
         entity_head.settings = inference_settings(entity_head, cfg.entities, retriever.datastore if retriever else None,
                                                   train_emb, train_rows["image_id"].tolist(), train_rows["captions"],
                                                   cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-    if novel:
+    if novel or (entity_head is not None and entity_head.settings.novel_similarity is not None):
         settings = entity_head.settings
-        log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
-                 "training images are)%s", settings.novel_similarity, novel,
-                 "" if settings.novel_confidence is None else
+        log.info("entities: an image less similar than %s to its nearest training image is novel (%s of the "
+                 "training images are)%s; %s of the training prompts go without retrieved captions, as its do",
+                 "-" if settings.novel_similarity is None else f"{settings.novel_similarity:.3f}",
+                 cfg.entities.novel_quantile, "" if settings.novel_confidence is None else
                  f", and one less similar than {settings.familiar_similarity:.3f} whose likeliest noun is at least "
-                 f"{settings.novel_confidence:.2f} probable and named by none of its retrieved captions")
+                 f"{settings.novel_confidence:.2f} probable and named by none of its retrieved captions", novel)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
