@@ -61,9 +61,9 @@ def save_timing(workdir: Path, seconds: float) -> dict:
 def refresh_entities(cfg, model: Path, artifacts: Path) -> None:
     """Set a kept captioner's entity head to ``cfg.entities``' inference settings, as training sets a new
     one's (``inference_settings``: the novelty thresholds from the training images of ``artifacts``, its
-    project folder) and, for the encoder's classifier, to the current ImageNet noun table and general nouns
+    project folder) and, for the encoder's classifier, to the current ImageNet noun table, general nouns and kinds
     (the head's weights are the classifier's, unchanged). Rewrites its config.json."""
-    from clipcap.modeling.entities import EntityHead, EntitySettings, imagenet_general, imagenet_nouns
+    from clipcap.modeling.entities import EntityHead, EntitySettings, imagenet_general, imagenet_kinds, imagenet_nouns
     from clipcap.modeling.retrieval import CaptionDatastore
     from clipcap.pipeline.entity_heads import inference_settings
     from clipcap.pipeline.splits import split_data
@@ -73,7 +73,8 @@ def refresh_entities(cfg, model: Path, artifacts: Path) -> None:
         return
     settings = EntitySettings(**config["entities"])
     if settings.source == "classifier":
-        settings = dataclasses.replace(settings, nouns=imagenet_nouns(), general=imagenet_general())
+        settings = dataclasses.replace(settings, nouns=imagenet_nouns(), general=imagenet_general(),
+                                       kinds=imagenet_kinds())
     store = CaptionDatastore.load(model) if config.get("retrieval", {}).get("k") else None
     (rows, embeddings), = split_data(Layout(artifacts), config["encoder"], "train")
     settings = inference_settings(EntityHead.load(model, settings.as_config()), cfg.entities, store, embeddings,

@@ -23,6 +23,10 @@ the head can name what no single class is sure of: ImageNet has no class for a p
 and 49 of things people wear (military uniform, suit, football helmet: a photo of one mostly shows it worn);
 a building seen from afar spreads over stupa, palace, monastery, boathouse. The classes of each are listed
 under ``general`` (class indices), and the head adds their probabilities.
+
+Each noun's ``kinds`` are the words that name it more broadly or more narrowly (``kind_words``: plane ->
+aircraft, jet; person -> girl, doctor): a neighbour's caption that uses one names what the head names, so the
+novelty rule does not call the image a new kind of thing (``clipcap.modeling.entities.novel_images``).
 """
 
 from __future__ import annotations
@@ -161,6 +165,47 @@ def general_classes(wnids: list[str], synsets) -> dict[str, list[int]]:
     return {noun: [index for index, found in enumerate(above) if found & offsets] for noun, offsets in roots.items()}
 
 
+def own_kinds(offset: str, synsets) -> set[str]:
+    """The class at ``offset`` and its hypernyms (all paths) up to the first ``TOO_GENERAL`` one."""
+    seen, todo = set(), [offset]
+    while todo:
+        at = todo.pop()
+        if at not in seen and not any(lemma.lower() in TOO_GENERAL for lemma in synsets[at][0]):
+            seen.add(at)
+            todo.extend(synsets[at][1])
+    return seen
+
+
+def phrase(lemma: str) -> str:
+    return lemma.replace("_", " ").lower()
+
+
+def kind_words(nouns: list[str], wnids: list[str], synsets, counts) -> dict[str, list[str]]:
+    """Each noun -> the words that name it more broadly or more narrowly: the names of its classes' own kinds
+    (``own_kinds``: plane -> aircraft, dog -> canine) whose first sense is that kind, and the words whose first
+    sense, used by the sense-tagged corpus, lies under the noun's own sense (person -> girl, doctor; dog ->
+    puppy). Its own sense: the synset on its classes' paths that bears the noun (airplane for an airliner's
+    "plane"), for a general noun its first sense. A neighbour's caption using one of them names the noun."""
+    senses = noun_senses()
+    first = {lemma: offsets[0] for lemma, offsets in senses.items()}
+    used = {lemma: at for lemma, at in first.items() if counts.get((lemma, at), 0) >= 1}
+    above = {lemma: ancestors(at, synsets) for lemma, at in used.items()}
+    classes = {}
+    for wnid, noun in zip(wnids, nouns):
+        classes.setdefault(noun, []).append(wnid[1:])
+    found = {}
+    for noun in [*dict.fromkeys(nouns), *GENERAL]:
+        if noun in GENERAL:
+            kinds, own = set(), {first_sense(noun)}
+        else:
+            kinds = set().union(*(own_kinds(at, synsets) for at in classes[noun]))
+            own = {at for at in kinds if noun in map(phrase, synsets[at][0])} or set(classes[noun])
+        broader = {phrase(lemma) for at in kinds for lemma in synsets[at][0] if first.get(lemma.lower()) == at}
+        narrower = {phrase(lemma) for lemma, seen in above.items() if seen & own}
+        found[noun] = sorted((broader | narrower) - {noun})
+    return found
+
+
 def main() -> None:
     import timm
 
@@ -170,8 +215,9 @@ def main() -> None:
     synsets, counts = read_synsets(), read_counts()
     nouns = [everyday_noun(wnid[1:], synsets, counts) for wnid in wnids]
     general = general_classes(wnids, synsets)
+    kinds = kind_words(nouns, wnids, synsets, counts)
     OUT.write_text(json.dumps({"source": "WordNet 3.0 via scripts/imagenet_nouns.py", "nouns": nouns,
-                               "general": general}, indent=0) + "\n")
+                               "general": general, "kinds": kinds}, indent=0) + "\n")
     print(f"wrote {OUT}: {len(nouns)} classes, {len(set(nouns))} nouns; general: "
           + ", ".join(f"{noun} {len(found)} classes" for noun, found in general.items()))
 

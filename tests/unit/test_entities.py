@@ -15,7 +15,8 @@ from clipcap.config import Config, ConfigError, EntitiesConfig, LMConfig, Mapper
 from clipcap.modeling.captioner import Captioner, save_captioner
 from clipcap.modeling.decode import GREEDY, caption_nll, generate_captions
 from clipcap.modeling.encoders import build_encoder, encode_images
-from clipcap.modeling.entities import (EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_nouns,
+from clipcap.modeling.entities import (EntityHead, EntitySettings, classifier_head, imagenet_general, imagenet_kinds,
+                                       imagenet_nouns,
                                        zero_shot_head)
 from clipcap.modeling.labels import encoder_labels
 from clipcap.modeling.lms import load_lm
@@ -67,6 +68,19 @@ def test_imagenet_general_nouns_gather_people_and_what_they_wear_and_buildings()
     assert {"stupa", "palace", "monastery", "church"} <= general["building"]
     assert "daisy" in general["flower"]
     assert not general["person"] & {"bobsled", "Egyptian cat", "espresso", "bell cote"}
+
+
+def test_imagenet_kinds_name_each_noun_more_broadly_or_narrowly():
+    """WordNet's words for a noun's own kinds (up to the too general ones: no "animal", "device") and for the
+    kinds under it that the corpus uses."""
+    kinds = {noun: set(words) for noun, words in imagenet_kinds().items()}
+    assert set(kinds) == set(imagenet_nouns()) | set(imagenet_general())
+    assert {"aircraft", "airplane", "jet"} <= kinds["plane"]
+    assert {"girl", "woman", "doctor", "child"} <= kinds["person"]
+    assert {"puppy", "terrier", "hound", "canid"} <= kinds["dog"] and {"motorcycle", "bike"} <= kinds["moped"]
+    assert {"cathedral", "castle", "barn"} <= kinds["building"] and "citrus" in kinds["lemon"]
+    assert not kinds["person"] & {"bear", "cat", "hat"} and not kinds["dog"] & {"animal", "cat", "wolf"}
+    assert not kinds["plane"] & {"device", "vehicle", "bird"} and all(noun not in kinds[noun] for noun in kinds)
 
 
 def test_threshold_and_top_k_choose_the_entities():
@@ -395,6 +409,12 @@ def test_a_confident_noun_no_retrieved_caption_names_makes_a_less_familiar_image
         assert novel_images(named, retrieved, near, off) == [False, False, False, False, True, False, False]
     # exactly as similar as novel_similarity: not novel by distance (and the head too unsure for the other rule)
     assert novel_images([Named([], "pear", 0.1)], [["A duck."]], [0.5], settings) == [False]
+    # a neighbour naming the noun more broadly ("Aircraft.") or narrowly ("Manga girl.") names it: not novel
+    sure = [Named(["plane"], "plane", 0.9), Named(["person"], "person", 0.9), Named(["person"], "person", 0.9)]
+    titles, near = [["Aircraft."], ["Manga girl."], ["A teddy bear."]], [0.7, 0.7, 0.7]
+    assert novel_images(sure, titles, near, settings) == [True, True, True]
+    kinds = dataclasses.replace(settings, kinds={"plane": ["aircraft", "jet"], "person": ["girl", "doctor"]})
+    assert novel_images(sure, titles, near, kinds) == [False, False, True]
 
 
 def test_a_novel_image_without_a_likely_noun_is_prompted_with_its_likeliest():

@@ -70,6 +70,8 @@ class EntitySettings:
     in_prompt: str = "all"            # with a datastore: which images' prompts name their entities: all | novel
     general: dict[str, list[int]] = field(default_factory=dict)  # softmax: a general noun -> the classes it
                                                                   # gathers (beside each class's own noun)
+    kinds: dict[str, list[str]] = field(default_factory=dict)  # a noun -> words naming it more broadly or more
+                                                               # narrowly (plane: aircraft; person: girl)
     vocabulary: list[str] = field(default_factory=list)  # the distinct nouns, in order (derived)
 
     def __post_init__(self) -> None:
@@ -178,19 +180,22 @@ def novel_images(named: list[Named], retrieved: list[list[str]], nearest: list[f
     """Which images are novel beside a datastore: their nearest entry (cosine ``nearest``) is less similar
     than ``settings.novel_similarity``; or it is less similar than ``settings.familiar_similarity``, their
     likeliest noun is at least ``settings.novel_confidence`` probable and none of their ``retrieved``
-    captions names it. Never, without a stored threshold; the second rule needs both of its settings."""
+    captions names it, by itself or by a word of its ``settings.kinds`` (a neighbour titled "Aircraft." names
+    the head's plane). Never, without a stored threshold; the second rule needs both of its settings."""
     if settings.novel_similarity is None:
         return [False] * len(named)
     confident, familiar = settings.novel_confidence, settings.familiar_similarity
     doubted = confident is not None and familiar is not None
     return [similarity < settings.novel_similarity
             or (doubted and similarity < familiar and found.probability >= confident
-                and not any(names_any(caption, [found.likeliest]) for caption in captions))
+                and not any(names_any(caption, [found.likeliest, *settings.kinds.get(found.likeliest, [])])
+                            for caption in captions))
             for found, captions, similarity in zip(named, retrieved, nearest)]
 
 
 def _imagenet_table() -> dict:
-    """imagenet_nouns.json: ``nouns`` (one per class) and ``general`` (general noun -> class indices)."""
+    """imagenet_nouns.json: ``nouns`` (one per class), ``general`` (general noun -> class indices) and ``kinds``
+    (noun -> words naming it more broadly or narrowly)."""
     return json.loads(resources.files("clipcap.modeling").joinpath("imagenet_nouns.json").read_text())
 
 
@@ -204,13 +209,20 @@ def imagenet_general() -> dict[str, list[int]]:
     return _imagenet_table()["general"]
 
 
+def imagenet_kinds() -> dict[str, list[str]]:
+    """Each everyday noun -> the words that name it more broadly or more narrowly (WordNet: plane -> aircraft,
+    person -> girl)."""
+    return _imagenet_table()["kinds"]
+
+
 def classifier_head(classifier: torch.nn.Linear, top_k: int = 3, threshold: float = 0.2) -> EntityHead:
     """The encoder's ImageNet classifier as an entity head (its probabilities summed per everyday noun)."""
     table = _imagenet_table()
     nouns = table["nouns"]
     if classifier.out_features != len(nouns):
         raise ValueError(f"an ImageNet classifier has {len(nouns)} classes, this one {classifier.out_features}")
-    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold, general=table["general"])
+    settings = EntitySettings("classifier", nouns, "softmax", 1.0, False, top_k, threshold, general=table["general"],
+                              kinds=table["kinds"])
     return EntityHead(settings, classifier.weight.detach(), classifier.bias.detach())
 
 
