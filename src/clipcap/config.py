@@ -272,7 +272,8 @@ class EntitiesConfig:
     familiar_quantile: float = 0.5      # with retrieval: an image at least as close to its nearest training image as
                                         # this share of training images keeps its retrieved captions
     novel_confidence: float | None = 0.5  # a farther one is novel too when its likeliest noun is at least this
-                                        # probable and named by none of its retrieved captions (null: off)
+                                        # probable and named by none of its retrieved captions, nor by a word
+                                        # for its kind (WordNet: aircraft for a plane) (null: off)
     novel_precision: float | None = None  # or set novel_confidence from the training images: the lowest
                                         # probability at which the head's likeliest noun is in the image's own
                                         # caption for at least this share of them (none: off); null: as given
