@@ -76,14 +76,15 @@ def run(cfg: Config, layout: Layout | None = None, resume: bool = False, trackin
         entity_head.settings = inference_settings(entity_head, cfg.entities, retriever.datastore if retriever else None,
                                                   train_emb, train_rows["image_id"].tolist(), train_rows["captions"],
                                                   cfg.retrieval.duplicate_similarity, seed=cfg.train.seed)
-    if novel or (entity_head is not None and entity_head.settings.novel_similarity is not None):
+    if entity_head is not None and entity_head.settings.novel_similarity is not None:
         settings = entity_head.settings
-        log.info("entities: an image less similar than %s to its nearest training image is novel (%s of the "
-                 "training images are)%s; %s of the training prompts go without retrieved captions, as its do",
-                 "-" if settings.novel_similarity is None else f"{settings.novel_similarity:.3f}",
-                 cfg.entities.novel_quantile, "" if settings.novel_confidence is None else
+        log.info("entities: an image less similar than %.3f to its nearest training image is novel (%s of the "
+                 "training images are)%s", settings.novel_similarity, cfg.entities.novel_quantile,
+                 "" if settings.novel_confidence is None else
                  f", and one less similar than {settings.familiar_similarity:.3f} whose likeliest noun is at least "
-                 f"{settings.novel_confidence:.2f} probable and named by none of its retrieved captions", novel)
+                 f"{settings.novel_confidence:.2f} probable and named by none of its retrieved captions")
+    if novel:
+        log.info("entities: %s of the training prompts go without retrieved captions, as a novel image's do", novel)
     max_tokens = cfg.train.max_caption_tokens
 
     def pairs(rows: pd.DataFrame, embeddings: torch.Tensor, training: bool = True) -> CaptionPairs:
