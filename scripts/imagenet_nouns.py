@@ -147,12 +147,13 @@ def first_sense(lemma: str) -> str:
     return noun_senses()[lemma][0]
 
 
-def ancestors(offset: str, synsets) -> set[str]:
-    """Every synset above ``offset`` in WordNet (all hypernym paths), itself included."""
+def ancestors(offset: str, synsets, below_general: bool = False) -> set[str]:
+    """Every synset above ``offset`` in WordNet (all hypernym paths), itself included; ``below_general``: only
+    those before the first ``TOO_GENERAL`` one on each path (the class's own kinds)."""
     seen, todo = set(), [offset]
     while todo:
         at = todo.pop()
-        if at not in seen:
+        if at not in seen and not (below_general and any(lemma.lower() in TOO_GENERAL for lemma in synsets[at][0])):
             seen.add(at)
             todo.extend(synsets[at][1])
     return seen
@@ -165,24 +166,13 @@ def general_classes(wnids: list[str], synsets) -> dict[str, list[int]]:
     return {noun: [index for index, found in enumerate(above) if found & offsets] for noun, offsets in roots.items()}
 
 
-def own_kinds(offset: str, synsets) -> set[str]:
-    """The class at ``offset`` and its hypernyms (all paths) up to the first ``TOO_GENERAL`` one."""
-    seen, todo = set(), [offset]
-    while todo:
-        at = todo.pop()
-        if at not in seen and not any(lemma.lower() in TOO_GENERAL for lemma in synsets[at][0]):
-            seen.add(at)
-            todo.extend(synsets[at][1])
-    return seen
-
-
 def phrase(lemma: str) -> str:
     return lemma.replace("_", " ").lower()
 
 
 def kind_words(nouns: list[str], wnids: list[str], synsets, counts) -> dict[str, list[str]]:
     """Each noun -> the words that name it more broadly or more narrowly: the names of its classes' own kinds
-    (``own_kinds``: plane -> aircraft, dog -> canid) whose first sense is that kind, and the words whose first
+    (``ancestors`` below the too general ones: plane -> aircraft, dog -> canid) whose first sense is that kind, and the words whose first
     sense, used by the sense-tagged corpus, lies under the noun's own sense (person -> girl, doctor; dog ->
     puppy). Its own sense: the synset on its classes' paths that bears the noun (airplane for an airliner's
     "plane"), for a general noun its first sense. A neighbour's caption using one of them names the noun."""
@@ -198,7 +188,7 @@ def kind_words(nouns: list[str], wnids: list[str], synsets, counts) -> dict[str,
         if noun in GENERAL:
             kinds, own = set(), {first_sense(noun)}
         else:
-            kinds = set().union(*(own_kinds(at, synsets) for at in classes[noun]))
+            kinds = set().union(*(ancestors(at, synsets, below_general=True) for at in classes[noun]))
             own = {at for at in kinds if noun in map(phrase, synsets[at][0])} or set(classes[noun])
         broader = {phrase(lemma) for at in kinds for lemma in synsets[at][0] if first.get(lemma.lower()) == at}
         narrower = {phrase(lemma) for lemma, seen in above.items() if seen & own}
