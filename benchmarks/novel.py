@@ -42,7 +42,7 @@ apply_offline_env()
 import pandas as pd  # noqa: E402
 import kept_runs  # noqa: E402  (benchmarks/kept_runs.py)
 from model_speed import cpu_model, save_report  # noqa: E402  (benchmarks/model_speed.py)
-from quality import summarise  # noqa: E402
+from quality import embedded, summarise  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -122,13 +122,14 @@ def main() -> None:
         for case in args.cases:
             dataset, category = case.split("/")
             cfg = load_with_overrides(args.params, dataset, args.overrides)
+            source = None if args.rescore else embedded(Layout.of(dataset).root, dataset)
             for seed in args.seeds:
                 seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 if args.rescore:
                     kept = kept_runs.kept_run(args.rescore, f"{dataset}-{category}-{seed}")
                     pending[case, seed] = pool.submit(kept_runs.rescore_one, seeded, kept, threads, args.split)
                     continue
-                pending[case, seed] = pool.submit(run_one, seeded, Layout.of(dataset).root, category,
+                pending[case, seed] = pool.submit(run_one, seeded, source, category,
                                                   (args.keep or Path(scratch)) / f"{dataset}-{category}-{seed}",
                                                   threads)
         for case in args.cases:

@@ -54,6 +54,16 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5th 
 SYSTEMS = {"model": "model", "baseline_retrieval": "retrieval", "baseline_most_frequent": "most_frequent"}
 
 
+def embedded(source: Path, dataset: str) -> Path:
+    """``source`` when it holds the clean manifest and stored embeddings the benchmarks train on, else an
+    error that says how to make them (before any run starts)."""
+    missing = [name for name in ("manifest.parquet", "embeddings") if not (source / name).exists()]
+    if missing:
+        raise SystemExit(f"{source} has no {' or '.join(missing)}: the benchmarks train on a dataset's clean "
+                         f"manifest and stored embeddings; make them first: `dvc repro embed@{dataset}`")
+    return source
+
+
 def run_one(cfg, source: Path, workdir: Path, threads: int | None = None) -> dict:
     """Train and evaluate ``cfg`` in ``workdir`` on the manifest and embeddings under ``source``
     (on ``threads`` CPU threads when given: several runs side by side each take a share)."""
@@ -117,6 +127,8 @@ def main() -> None:
     args = kept_runs.parse_arguments(parser)
     base = load_config(args.params, args.dataset)
     args.artifacts = args.artifacts or Layout.of(base.dataset.name).root
+    if not args.rescore:
+        embedded(args.artifacts, base.dataset.name)
     k0 = dataclasses.replace(base, retrieval=dataclasses.replace(base.retrieval, k=0),
                              entities=dataclasses.replace(base.entities, source="none"),
                              train=dataclasses.replace(base.train, epochs=args.k0_epochs or base.train.epochs))

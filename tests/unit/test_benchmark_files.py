@@ -83,3 +83,17 @@ def test_a_held_out_category_is_all_of_the_test_split_and_none_of_training():
     assert out.set_index("image_id").loc[["i3", "i4", "i6", "i7"], "split"].tolist() == ["train", "val"] * 2
     with pytest.raises(SystemExit, match="no category 'fruit'.*'animals', 'food', 'toys'"):
         held_out_manifest(manifest, "fruit")
+
+
+def test_a_benchmark_without_a_datasets_embeddings_says_which_stage_makes_them(tmp_path):
+    """Before any run starts: the folder, what it lacks and the command that makes it, not a worker's
+    traceback about a parquet file."""
+    from quality import embedded  # benchmarks/quality.py
+
+    with pytest.raises(SystemExit, match=r"has no manifest.parquet or embeddings.*`dvc repro embed@openclipart`"):
+        embedded(tmp_path, "openclipart")
+    (tmp_path / "manifest.parquet").touch()
+    with pytest.raises(SystemExit, match=r"has no embeddings: "):
+        embedded(tmp_path, "openclipart")
+    (tmp_path / "embeddings").mkdir()
+    assert embedded(tmp_path, "openclipart") == tmp_path
