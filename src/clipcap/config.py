@@ -266,8 +266,8 @@ class EntitiesConfig:
     tagger_steps: int = 300             # tagger: full-batch optimiser steps
     novel_quantile: float = 0.1         # with retrieval: an image farther from its nearest training image than this
                                         # share of training images are from theirs is novel: its prompt holds its
-                                        # entities without retrieved captions; training leaves them out as often
-    novel_share: float | None = None    # with retrieval: the share of training prompts shown without retrieved
+                                        # entities without retrieved captions
+    novel_share: float | None = 0.3     # with retrieval: the share of training prompts shown without retrieved
                                         # captions, as a novel image's are; null: novel_quantile
     familiar_quantile: float = 0.5      # with retrieval: an image at least as close to its nearest training image as
                                         # this share of training images keeps its retrieved captions
