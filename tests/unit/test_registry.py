@@ -333,3 +333,32 @@ def test_a_param_changed_since_training_is_kept_as_a_tag_not_a_failure(store):
     assert logged.params == {"register.min_delta": "0.0", "train.lr": "0.0003", "new": "1"}
     assert logged.tags["clipcap.param_at_register.register.min_delta"] == "0.5"
     assert not any(k.startswith("clipcap.param_at_register.train") for k in logged.tags)
+
+
+def test_two_first_runs_creating_the_experiment_at_once_both_go_on(tmp_path, monkeypatch):
+    """Two datasets' first scheduled runs each find no experiment and each create it: the second create
+    fails in the store (the name is unique), and that run goes on with the experiment the first made."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from clipcap.pipeline.registry import connect
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RegisterConfig(tracking_uri="sqlite:///mlflow.db", experiment="shared")
+    real_lookup = MlflowClient.get_experiment_by_name
+    looked_up = []
+
+    def lookup_before_the_other_run_creates_it(self, name):
+        looked_up.append(name)
+        if len(looked_up) == 1:                       # the other run creates it just after this look-up
+            MlflowClient().create_experiment(name, artifact_location=(tmp_path / "mlartifacts").as_uri())
+            return None
+        return real_lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_before_the_other_run_creates_it)
+    client = connect(cfg)
+    assert looked_up == ["shared", "shared"]
+    assert [e.name for e in client.search_experiments()].count("shared") == 1
+    with mlflow.start_run() as run:                   # the run logs into it
+        pass
+    assert client.get_experiment(run.info.experiment_id).name == "shared"

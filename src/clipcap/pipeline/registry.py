@@ -109,17 +109,23 @@ def _pinned(packages: tuple[str, ...]) -> list[str]:
 
 def connect(cfg: RegisterConfig, artifact_root: str | Path = "mlartifacts") -> MlflowClient:
     """Point MLflow at the configured store; create the experiment (with a local artifact root, unless a
-    tracking server decides where artifacts go). A database another process holds locked is one line
-    saying so (:func:`clipcap.pipeline.store_errors.store_errors`)."""
+    tracking server decides where artifacts go). Two first runs may both find no experiment and both create
+    it (two datasets' scheduled retrains on a team stack): the one that loses uses the winner's. A database
+    another process holds locked is one line saying so (:func:`clipcap.pipeline.store_errors.store_errors`)."""
     mlflow.set_tracking_uri(cfg.tracking_uri)
     with store_errors(cfg.tracking_uri):
         client = MlflowClient()
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
             server = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
-            client.create_experiment(cfg.experiment,
-                                     artifact_location=None if server else Path(artifact_root).resolve().as_uri())
-        else:
+            try:
+                client.create_experiment(cfg.experiment, artifact_location=None if server
+                                         else Path(artifact_root).resolve().as_uri())
+            except MlflowException:
+                experiment = client.get_experiment_by_name(cfg.experiment)   # created meanwhile by another run?
+                if experiment is None:
+                    raise
+        if experiment is not None:
             check_artifacts_here(cfg, experiment.artifact_location, artifact_root)
         mlflow.set_experiment(cfg.experiment)
     return client
