@@ -172,9 +172,9 @@ def phrase(lemma: str) -> str:
 
 def kind_words(nouns: list[str], wnids: list[str], synsets, counts) -> dict[str, list[str]]:
     """Each noun -> the words that name it more broadly or more narrowly: the names of its classes' own kinds
-    (``ancestors`` below the too general ones: plane -> aircraft, dog -> canid) whose first sense is that kind, and the words whose first
-    sense, used by the sense-tagged corpus, lies under the noun's own sense (person -> girl, doctor; dog ->
-    puppy). Its own sense: the synset on its classes' paths that bears the noun (airplane for an airliner's
+    (``ancestors`` below the too general ones: plane -> aircraft, dog -> canid) whose first sense is that
+    kind, and the words whose first sense, used by the sense-tagged corpus, lies under the noun's own sense
+    (person -> girl, doctor; dog -> puppy). Its own sense: the synset on its classes' paths that bears the noun (airplane for an airliner's
     "plane"), for a general noun its first sense. A neighbour's caption using one of them names the noun."""
     senses = noun_senses()
     first = {lemma: offsets[0] for lemma, offsets in senses.items()}
